@@ -1,0 +1,143 @@
+//! Guest RAM: its layout around the MMIO gap, allocation and registration with KVM.
+
+use kvm_bindings::kvm_userspace_memory_region;
+use kvm_ioctls::VmFd;
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+
+use crate::arch::layout::{MAX_MEM_MIB, MMIO_GAP_END, MMIO_GAP_START};
+
+/// The guest memory type used throughout the VMM.
+pub type GuestMemory = vm_memory::GuestMemoryMmap<()>;
+
+const MIB: u64 = 1 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum MemoryError {
+    #[error("guest memory size must be at least 1 MiB")]
+    Zero,
+    #[error("guest memory of {requested} MiB exceeds the limit of {limit} MiB")]
+    TooLarge { requested: u64, limit: u64 },
+    #[error("guest memory of {requested} MiB is more than this host's {host} MiB of RAM")]
+    MoreThanHost { requested: u64, host: u64 },
+    #[error("cannot allocate guest memory: {0}")]
+    Allocate(#[source] vm_memory::mmap::FromRangesError),
+    #[error("KVM_SET_USER_MEMORY_REGION for slot {slot} failed: {source}")]
+    Register {
+        slot: u32,
+        source: kvm_ioctls::Error,
+    },
+}
+
+/// RAM ranges (guest address, length in bytes) for a guest of `mem_bytes`: everything below the
+/// MMIO gap first, the rest from 4 GiB up.
+pub fn ram_ranges(mem_bytes: u64) -> Vec<(GuestAddress, u64)> {
+    let low = mem_bytes.min(MMIO_GAP_START);
+    let mut ranges = vec![(GuestAddress(0), low)];
+    if mem_bytes > MMIO_GAP_START {
+        ranges.push((GuestAddress(MMIO_GAP_END), mem_bytes - MMIO_GAP_START));
+    }
+    ranges
+}
+
+/// Validates a requested size in MiB against our limit and the host's physical RAM.
+pub fn check_size(mem_mib: u64) -> Result<u64, MemoryError> {
+    if mem_mib == 0 {
+        return Err(MemoryError::Zero);
+    }
+    if mem_mib > MAX_MEM_MIB {
+        return Err(MemoryError::TooLarge {
+            requested: mem_mib,
+            limit: MAX_MEM_MIB,
+        });
+    }
+    if let Some(host) = host_ram_mib() {
+        if mem_mib > host {
+            return Err(MemoryError::MoreThanHost {
+                requested: mem_mib,
+                host,
+            });
+        }
+    }
+    Ok(mem_mib * MIB)
+}
+
+fn host_ram_mib() -> Option<u64> {
+    // SAFETY: sysinfo only writes into the struct we pass.
+    let mut info: libc::sysinfo = unsafe { std::mem::zeroed() };
+    // SAFETY: valid pointer to a properly sized struct.
+    if unsafe { libc::sysinfo(&mut info) } != 0 {
+        return None;
+    }
+    Some((info.totalram as u64).saturating_mul(info.mem_unit as u64) / MIB)
+}
+
+/// Allocates anonymous guest RAM of `mem_mib` MiB.
+pub fn create(mem_mib: u64) -> Result<GuestMemory, MemoryError> {
+    let bytes = check_size(mem_mib)?;
+    let ranges: Vec<(GuestAddress, usize)> = ram_ranges(bytes)
+        .into_iter()
+        .map(|(a, l)| (a, l as usize))
+        .collect();
+    GuestMemory::from_ranges(&ranges).map_err(MemoryError::Allocate)
+}
+
+/// Registers every region of `mem` with KVM, slot numbers in region order.
+pub fn register(vm: &VmFd, mem: &GuestMemory, flags: u32) -> Result<(), MemoryError> {
+    for (slot, region) in mem.iter().enumerate() {
+        let slot = slot as u32;
+        let host = region
+            .get_host_address(vm_memory::MemoryRegionAddress(0))
+            .map_err(|_| MemoryError::Register {
+                slot,
+                source: kvm_ioctls::Error::new(libc::EINVAL),
+            })?;
+        let desc = kvm_userspace_memory_region {
+            slot,
+            flags,
+            guest_phys_addr: region.start_addr().0,
+            memory_size: region.len(),
+            userspace_addr: host as u64,
+        };
+        // SAFETY: the mapping stays alive as long as `mem`, which the VM holds for its lifetime.
+        unsafe { vm.set_user_memory_region(desc) }
+            .map_err(|source| MemoryError::Register { slot, source })?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn small_guest_is_one_low_range() {
+        assert_eq!(ram_ranges(256 * MIB), vec![(GuestAddress(0), 256 * MIB)]);
+    }
+
+    #[test]
+    fn large_guest_skips_the_mmio_gap() {
+        let r = ram_ranges(4096 * MIB);
+        assert_eq!(
+            r,
+            vec![
+                (GuestAddress(0), MMIO_GAP_START),
+                (GuestAddress(MMIO_GAP_END), 4096 * MIB - MMIO_GAP_START)
+            ]
+        );
+    }
+
+    #[test]
+    fn exactly_gap_start_has_no_high_range() {
+        assert_eq!(ram_ranges(MMIO_GAP_START).len(), 1);
+    }
+
+    #[test]
+    fn size_bounds() {
+        assert!(matches!(check_size(0), Err(MemoryError::Zero)));
+        assert!(matches!(
+            check_size(MAX_MEM_MIB + 1),
+            Err(MemoryError::TooLarge { .. })
+        ));
+        assert_eq!(check_size(1).unwrap(), MIB);
+    }
+}

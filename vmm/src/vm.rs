@@ -1,0 +1,444 @@
+//! Building and running a VM: KVM set-up, guest memory, boot, legacy devices and vCPU threads.
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::mpsc::{channel, Receiver, RecvTimeoutError};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use kvm_bindings::{kvm_pit_config, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{Cap, Kvm, VmFd};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::arch::boot::{self, BootSource};
+use crate::arch::cpuid::{self, CpuidConfig};
+use crate::arch::layout::{KVM_TSS_ADDRESS, MAX_VCPUS, SERIAL_IRQ};
+use crate::arch::mptable;
+use crate::devices::bus::{Bus, BusError};
+use crate::devices::legacy::{i8042, serial, Serial, I8042};
+use crate::memory::{self, GuestMemory};
+use crate::vcpu::{BootVcpuConfig, Vcpu, VcpuError, VcpuHandle, VmEvent};
+
+/// Where the guest's COM1 output goes.
+pub enum Console {
+    Stdout,
+    File(PathBuf),
+    Writer(Box<dyn Write + Send>),
+}
+
+/// What to boot and with how much.
+pub struct VmConfig {
+    pub kernel: PathBuf,
+    pub initrd: Option<PathBuf>,
+    pub cmdline: String,
+    pub mem_mib: u64,
+    pub vcpus: u8,
+    pub console: Console,
+}
+
+/// How a guest ended on its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GuestExit {
+    Reset,
+    Shutdown,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    #[error("cannot open /dev/kvm: {0} (is KVM available and are you allowed to use it?)")]
+    OpenKvm(#[source] kvm_ioctls::Error),
+    #[error("KVM API version {0} is not the supported version 12")]
+    ApiVersion(i32),
+    #[error("this host's KVM lacks a required capability: {0}")]
+    MissingCapability(&'static str),
+    #[error("vCPU count must be between 1 and {max}, got {0}", max = MAX_VCPUS)]
+    VcpuCount(u32),
+    #[error("this host's KVM allows at most {max} vCPUs, asked for {asked}")]
+    TooManyVcpus { asked: u8, max: usize },
+    #[error("KVM_CREATE_VM failed: {0}")]
+    CreateVm(#[source] kvm_ioctls::Error),
+    #[error("KVM set-up failed ({what}): {source}")]
+    Kvm {
+        what: &'static str,
+        source: kvm_ioctls::Error,
+    },
+    #[error(transparent)]
+    Memory(#[from] memory::MemoryError),
+    #[error(transparent)]
+    Boot(#[from] boot::BootError),
+    #[error(transparent)]
+    Mptable(#[from] mptable::MptableError),
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+    #[error("device bus: {0}")]
+    Bus(#[from] BusError),
+    #[error("cannot open console file {path}: {source}")]
+    Console {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot create an eventfd: {0}")]
+    EventFd(#[source] std::io::Error),
+    #[error("every vCPU thread is gone without an exit event")]
+    VcpusGone,
+}
+
+/// A VM whose vCPUs are running.
+pub struct Vm {
+    // vCPU handles are dropped (threads joined) before the VM fd and memory they use.
+    vcpus: Vec<VcpuHandle>,
+    events: Receiver<VmEvent>,
+    _fd: VmFd,
+    _kvm: Kvm,
+    memory: GuestMemory,
+}
+
+const REQUIRED_CAPS: [(Cap, &str); 6] = [
+    (Cap::Irqchip, "KVM_CAP_IRQCHIP"),
+    (Cap::Pit2, "KVM_CAP_PIT2"),
+    (Cap::UserMemory, "KVM_CAP_USER_MEMORY"),
+    (Cap::Ioeventfd, "KVM_CAP_IOEVENTFD"),
+    (Cap::Irqfd, "KVM_CAP_IRQFD"),
+    (Cap::ImmediateExit, "KVM_CAP_IMMEDIATE_EXIT"),
+];
+
+/// Opens KVM and checks it offers what we need.
+pub fn open_kvm() -> Result<Kvm, VmError> {
+    let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
+    let v = kvm.get_api_version();
+    if v != 12 {
+        return Err(VmError::ApiVersion(v));
+    }
+    for (cap, name) in REQUIRED_CAPS {
+        if !kvm.check_extension(cap) {
+            return Err(VmError::MissingCapability(name));
+        }
+    }
+    Ok(kvm)
+}
+
+/// Validates the vCPU count before anything is allocated.
+pub fn check_vcpus(n: u32) -> Result<u8, VmError> {
+    u8::try_from(n)
+        .ok()
+        .filter(|n| (1..=MAX_VCPUS).contains(n))
+        .ok_or(VmError::VcpuCount(n))
+}
+
+fn open_console(console: Console) -> Result<serial::SerialOut, VmError> {
+    Ok(match console {
+        Console::Stdout => Box::new(std::io::stdout()),
+        Console::Writer(w) => w,
+        Console::File(path) => {
+            let f: File = OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&path)
+                .map_err(|source| VmError::Console { path, source })?;
+            Box::new(f)
+        }
+    })
+}
+
+impl Vm {
+    /// Builds the VM from `config` and starts every vCPU.
+    pub fn boot(config: VmConfig) -> Result<Self, VmError> {
+        let vcpu_count = check_vcpus(u32::from(config.vcpus))?;
+        memory::check_size(config.mem_mib)?;
+        let kvm = open_kvm()?;
+        if usize::from(vcpu_count) > kvm.get_max_vcpus() {
+            return Err(VmError::TooManyVcpus {
+                asked: vcpu_count,
+                max: kvm.get_max_vcpus(),
+            });
+        }
+        let kvm_err = |what| move |source| VmError::Kvm { what, source };
+        let fd = kvm.create_vm().map_err(VmError::CreateVm)?;
+        fd.set_tss_address(KVM_TSS_ADDRESS as usize)
+            .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
+        fd.create_irq_chip()
+            .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
+        fd.create_pit2(kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        })
+        .map_err(kvm_err("KVM_CREATE_PIT2"))?;
+
+        let memory = memory::create(config.mem_mib)?;
+        memory::register(&fd, &memory, 0)?;
+        let loaded = boot::load(
+            &memory,
+            &BootSource {
+                kernel: &config.kernel,
+                initrd: config.initrd.as_deref(),
+                cmdline: &config.cmdline,
+            },
+        )?;
+        mptable::setup(&memory, vcpu_count)?;
+
+        let (event_tx, events) = channel();
+        let mut pio = Bus::new();
+        let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(VmError::EventFd)?;
+        fd.register_irqfd(&serial_irq, SERIAL_IRQ)
+            .map_err(kvm_err("KVM_IRQFD (serial)"))?;
+        let serial = Serial::new(serial_irq, open_console(config.console)?);
+        pio.insert(
+            Arc::new(Mutex::new(serial)),
+            serial::COM1_PORT,
+            serial::COM1_LEN,
+        )?;
+        let reset = ChannelTrigger(Mutex::new(event_tx.clone()));
+        pio.insert(
+            Arc::new(Mutex::new(I8042::new(reset))),
+            i8042::I8042_PORT,
+            i8042::I8042_LEN,
+        )?;
+        let pio = Arc::new(pio);
+        let mmio = Arc::new(Bus::new());
+
+        let supported = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
+        let hide_vmcall_features = cpuid::host_is_nested_pagetable_kvm();
+        let tsc_deadline = fd.check_extension(Cap::TscDeadlineTimer);
+        // Every vCPU exists before any runs: an IPI to a vCPU not yet created is lost.
+        let mut created = Vec::with_capacity(vcpu_count as usize);
+        for id in 0..vcpu_count {
+            let vcpu = Vcpu::new(&fd, id, pio.clone(), mmio.clone(), event_tx.clone())?;
+            vcpu.configure_boot(
+                &memory,
+                &BootVcpuConfig {
+                    supported_cpuid: &supported,
+                    cpuid: CpuidConfig {
+                        vcpu_id: id,
+                        vcpu_count,
+                        hide_vmcall_features,
+                        tsc_deadline,
+                    },
+                    entry: (id == 0).then_some(loaded.entry),
+                },
+            )?;
+            created.push(vcpu);
+        }
+        let mut vcpus = Vec::with_capacity(created.len());
+        for vcpu in created {
+            vcpus.push(vcpu.start(false)?);
+        }
+        Ok(Vm {
+            vcpus,
+            events,
+            _fd: fd,
+            _kvm: kvm,
+            memory,
+        })
+    }
+
+    pub fn memory(&self) -> &GuestMemory {
+        &self.memory
+    }
+
+    /// Pauses every vCPU; they stay out of KVM_RUN until `resume`.
+    pub fn pause(&self) -> Result<(), VmError> {
+        for v in &self.vcpus {
+            v.pause()?;
+        }
+        Ok(())
+    }
+
+    pub fn resume(&self) -> Result<(), VmError> {
+        for v in &self.vcpus {
+            v.resume()?;
+        }
+        Ok(())
+    }
+
+    /// Waits until the guest resets or powers off, or a vCPU fails; then stops every vCPU.
+    pub fn wait(self) -> Result<GuestExit, VmError> {
+        self.wait_timeout(None)
+            .map(|r| r.unwrap_or(GuestExit::Shutdown))
+    }
+
+    /// As `wait`, but gives up after `timeout` and returns `Ok(None)` with the VM stopped.
+    pub fn wait_timeout(mut self, timeout: Option<Duration>) -> Result<Option<GuestExit>, VmError> {
+        let event = match timeout {
+            None => self.events.recv().map_err(|_| VmError::VcpusGone),
+            Some(t) => match self.events.recv_timeout(t) {
+                Ok(e) => Ok(e),
+                Err(RecvTimeoutError::Timeout) => {
+                    self.stop();
+                    return Ok(None);
+                }
+                Err(RecvTimeoutError::Disconnected) => Err(VmError::VcpusGone),
+            },
+        };
+        self.stop();
+        match event? {
+            VmEvent::Reset => Ok(Some(GuestExit::Reset)),
+            VmEvent::Shutdown => Ok(Some(GuestExit::Shutdown)),
+            VmEvent::VcpuFailed { error, .. } => Err(VmError::Vcpu(error)),
+        }
+    }
+
+    fn stop(&mut self) {
+        for v in &mut self.vcpus {
+            v.finish();
+        }
+    }
+}
+
+/// Turns the i8042 reset line into a VM event.
+struct ChannelTrigger(Mutex<std::sync::mpsc::Sender<VmEvent>>);
+
+impl vm_superio::Trigger for ChannelTrigger {
+    type E = ();
+    fn trigger(&self) -> Result<(), ()> {
+        let tx = self.0.lock().map_err(|_| ())?;
+        tx.send(VmEvent::Reset).map_err(|_| ())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::arch::boot::tests::tiny_elf;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use vm_memory::{Bytes, GuestAddress};
+
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+    impl Write for Captured {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn kvm_or_skip() -> bool {
+        if std::path::Path::new("/dev/kvm").exists() {
+            return true;
+        }
+        eprintln!("skipped: /dev/kvm is not available on this host");
+        false
+    }
+
+    static N: AtomicU64 = AtomicU64::new(0);
+
+    fn boot_code(code: &[u8], vcpus: u8) -> (Result<Vm, VmError>, Captured, PathBuf) {
+        let path = std::env::temp_dir().join(format!(
+            "vmm-vm-{}-{}.elf",
+            std::process::id(),
+            N.fetch_add(1, Ordering::SeqCst)
+        ));
+        std::fs::write(&path, tiny_elf(code)).unwrap();
+        let out = Captured::default();
+        let vm = Vm::boot(VmConfig {
+            kernel: path.clone(),
+            initrd: None,
+            cmdline: String::new(),
+            mem_mib: 16,
+            vcpus,
+            console: Console::Writer(Box::new(out.clone())),
+        });
+        (vm, out, path)
+    }
+
+    const HELLO_THEN_RESET: &[u8] = &[
+        0x66, 0xba, 0xf8, 0x03, // mov dx, 0x3f8
+        0xb0, b'h', 0xee, // mov al, 'h'; out dx, al
+        0xb0, b'i', 0xee, 0xb0, b'\n', 0xee, //
+        0xb0, 0xfe, 0xe6, 0x64, // mov al, 0xfe; out 0x64, al
+        0xf4, 0xeb, 0xfd, // hlt; jmp .-1
+    ];
+
+    #[test]
+    fn guest_prints_on_com1_and_reset_ends_the_vm() {
+        if !kvm_or_skip() {
+            return;
+        }
+        for vcpus in [1, 2] {
+            let (vm, out, path) = boot_code(HELLO_THEN_RESET, vcpus);
+            let exit = vm
+                .unwrap()
+                .wait_timeout(Some(Duration::from_secs(20)))
+                .unwrap();
+            assert_eq!(exit, Some(GuestExit::Reset), "{vcpus} vCPUs");
+            assert_eq!(out.0.lock().unwrap().as_slice(), b"hi\n");
+            std::fs::remove_file(path).unwrap();
+        }
+    }
+
+    #[test]
+    fn triple_fault_is_a_clear_error_with_registers() {
+        if !kvm_or_skip() {
+            return;
+        }
+        // ud2 with an empty IDT: #UD -> #GP -> #DF -> triple fault.
+        let (vm, _, path) = boot_code(&[0x0f, 0x0b], 1);
+        let err = vm
+            .unwrap()
+            .wait_timeout(Some(Duration::from_secs(20)))
+            .unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            matches!(err, VmError::Vcpu(VcpuError::TripleFault { vcpu: 0, .. })),
+            "{msg}"
+        );
+        assert!(msg.contains("rip=0x10000"), "{msg}");
+        std::fs::remove_file(path).unwrap();
+    }
+
+    #[test]
+    fn paused_guest_makes_no_progress_until_resumed() {
+        if !kvm_or_skip() {
+            return;
+        }
+        // inc qword [0x5000]; jmp back
+        let code = [0x48, 0xff, 0x04, 0x25, 0x00, 0x50, 0x00, 0x00, 0xeb, 0xf6];
+        let (vm, _, path) = boot_code(&code, 1);
+        let vm = vm.unwrap();
+        let count = |vm: &Vm| vm.memory().read_obj::<u64>(GuestAddress(0x5000)).unwrap();
+        let wait_for_progress = |vm: &Vm, from: u64| {
+            for _ in 0..200 {
+                if count(vm) > from {
+                    return true;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            false
+        };
+        assert!(wait_for_progress(&vm, 0), "guest never ran");
+        vm.pause().unwrap();
+        let a = count(&vm);
+        std::thread::sleep(Duration::from_millis(200));
+        assert_eq!(count(&vm), a, "counter moved while paused");
+        vm.resume().unwrap();
+        assert!(wait_for_progress(&vm, a), "no progress after resume");
+        assert_eq!(
+            vm.wait_timeout(Some(Duration::from_millis(1))).unwrap(),
+            None
+        );
+        std::fs::remove_file(path).unwrap();
+    }
+
+    #[test]
+    fn bad_sizes_are_refused_before_kvm() {
+        for (mem, vcpus) in [(0u64, 1u8), (16, 0), (16, 9)] {
+            let r = Vm::boot(VmConfig {
+                kernel: "/nonexistent".into(),
+                initrd: None,
+                cmdline: String::new(),
+                mem_mib: mem,
+                vcpus,
+                console: Console::Writer(Box::new(std::io::sink())),
+            });
+            assert!(
+                matches!(r, Err(VmError::Memory(_)) | Err(VmError::VcpuCount(_))),
+                "{mem} MiB {vcpus} vCPUs"
+            );
+        }
+    }
+}
