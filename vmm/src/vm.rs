@@ -4,19 +4,18 @@ use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::mpsc::{channel, Receiver, RecvTimeoutError};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use kvm_bindings::{kvm_pit_config, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Cap, Kvm, VmFd};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::arch::boot::{self, BootSource};
 use crate::arch::cpuid::{self, CpuidConfig};
-use crate::arch::layout::{KVM_TSS_ADDRESS, MAX_VCPUS, SERIAL_IRQ};
+use crate::arch::layout::{KVM_TSS_ADDRESS, MAX_VCPUS};
 use crate::arch::mptable;
-use crate::devices::bus::{Bus, BusError};
-use crate::devices::legacy::{i8042, serial, Serial, I8042};
+use crate::devices::legacy::serial;
+use crate::devices::{DeviceError, DeviceManager};
 use crate::memory::{self, GuestMemory};
 use crate::vcpu::{BootVcpuConfig, Vcpu, VcpuError, VcpuHandle, VmEvent};
 
@@ -71,15 +70,13 @@ pub enum VmError {
     Mptable(#[from] mptable::MptableError),
     #[error(transparent)]
     Vcpu(#[from] VcpuError),
-    #[error("device bus: {0}")]
-    Bus(#[from] BusError),
+    #[error(transparent)]
+    Devices(#[from] DeviceError),
     #[error("cannot open console file {path}: {source}")]
     Console {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("cannot create an eventfd: {0}")]
-    EventFd(#[source] std::io::Error),
     #[error("every vCPU thread is gone without an exit event")]
     VcpusGone,
 }
@@ -88,6 +85,7 @@ pub enum VmError {
 pub struct Vm {
     // vCPU handles are dropped (threads joined) before the VM fd and memory they use.
     vcpus: Vec<VcpuHandle>,
+    devices: DeviceManager,
     events: Receiver<VmEvent>,
     _fd: VmFd,
     _kvm: Kvm,
@@ -167,35 +165,28 @@ impl Vm {
 
         let memory = memory::create(config.mem_mib)?;
         memory::register(&fd, &memory, 0)?;
+
+        let (event_tx, events) = channel();
+        let devices = DeviceManager::new(&fd, open_console(config.console)?, event_tx.clone())?;
+        let pio = Arc::new(devices.pio.clone());
+        let mmio = Arc::new(devices.mmio.clone());
+
+        let mut cmdline = config.cmdline.clone();
+        for word in devices.cmdline_extra() {
+            if !cmdline.is_empty() {
+                cmdline.push(' ');
+            }
+            cmdline.push_str(word);
+        }
         let loaded = boot::load(
             &memory,
             &BootSource {
                 kernel: &config.kernel,
                 initrd: config.initrd.as_deref(),
-                cmdline: &config.cmdline,
+                cmdline: &cmdline,
             },
         )?;
         mptable::setup(&memory, vcpu_count)?;
-
-        let (event_tx, events) = channel();
-        let mut pio = Bus::new();
-        let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(VmError::EventFd)?;
-        fd.register_irqfd(&serial_irq, SERIAL_IRQ)
-            .map_err(kvm_err("KVM_IRQFD (serial)"))?;
-        let serial = Serial::new(serial_irq, open_console(config.console)?);
-        pio.insert(
-            Arc::new(Mutex::new(serial)),
-            serial::COM1_PORT,
-            serial::COM1_LEN,
-        )?;
-        let reset = ChannelTrigger(Mutex::new(event_tx.clone()));
-        pio.insert(
-            Arc::new(Mutex::new(I8042::new(reset))),
-            i8042::I8042_PORT,
-            i8042::I8042_LEN,
-        )?;
-        let pio = Arc::new(pio);
-        let mmio = Arc::new(Bus::new());
 
         let supported = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
@@ -227,6 +218,7 @@ impl Vm {
         }
         Ok(Vm {
             vcpus,
+            devices,
             events,
             _fd: fd,
             _kvm: kvm,
@@ -284,17 +276,7 @@ impl Vm {
         for v in &mut self.vcpus {
             v.finish();
         }
-    }
-}
-
-/// Turns the i8042 reset line into a VM event.
-struct ChannelTrigger(Mutex<std::sync::mpsc::Sender<VmEvent>>);
-
-impl vm_superio::Trigger for ChannelTrigger {
-    type E = ();
-    fn trigger(&self) -> Result<(), ()> {
-        let tx = self.0.lock().map_err(|_| ())?;
-        tx.send(VmEvent::Reset).map_err(|_| ())
+        self.devices.flush_console();
     }
 }
 
@@ -303,6 +285,7 @@ mod tests {
     use super::*;
     use crate::arch::boot::tests::tiny_elf;
     use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Mutex;
     use vm_memory::{Bytes, GuestAddress};
 
     #[derive(Clone, Default)]

@@ -3,3 +3,6 @@
 
 pub mod bus;
 pub mod legacy;
+pub mod manager;
+
+pub use manager::{DeviceError, DeviceManager};

@@ -38,6 +38,10 @@ impl Serial {
     pub fn state(&self) -> vm_superio::serial::SerialState {
         self.inner.state()
     }
+
+    pub fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.writer_mut().flush()
+    }
 }
 
 impl BusDevice for Serial {
