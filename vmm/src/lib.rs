@@ -6,6 +6,7 @@
 pub mod arch;
 pub mod devices;
 pub mod memory;
+pub mod persist;
 pub mod vcpu;
 pub mod vm;
 

@@ -1,8 +1,14 @@
 //! Guest RAM: its layout around the MMIO gap, allocation and registration with KVM.
 
+use std::fs::File;
+use std::path::Path;
+
 use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::VmFd;
-use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+use vm_memory::mmap::MmapRegion;
+use vm_memory::{
+    Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, GuestRegionMmap,
+};
 
 use crate::arch::layout::{MAX_MEM_MIB, MMIO_GAP_END, MMIO_GAP_START};
 
@@ -26,6 +32,28 @@ pub enum MemoryError {
         slot: u32,
         source: kvm_ioctls::Error,
     },
+    #[error("memory file {path}: {source}")]
+    File {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("memory file {path} holds {actual} bytes, the guest needs {expected}")]
+    FileSize {
+        path: String,
+        actual: u64,
+        expected: u64,
+    },
+    #[error("cannot map memory file {path}: {reason}")]
+    Map { path: String, reason: String },
+}
+
+/// How guest RAM comes back from a memory file on restore.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RestoreMode {
+    /// Read the whole file into fresh anonymous memory.
+    Eager,
+    /// Map the file copy-on-write: pages load on first touch, and forks share the page cache.
+    PrivateMap,
 }
 
 /// RAM ranges (guest address, length in bytes) for a guest of `mem_bytes`: everything below the
@@ -79,6 +107,66 @@ pub fn create(mem_mib: u64) -> Result<GuestMemory, MemoryError> {
         .map(|(a, l)| (a, l as usize))
         .collect();
     GuestMemory::from_ranges(&ranges).map_err(MemoryError::Allocate)
+}
+
+/// Guest RAM from a memory file laid out as the regions of `ram_ranges` back to back.
+pub fn restore(mem_mib: u64, path: &Path, mode: RestoreMode) -> Result<GuestMemory, MemoryError> {
+    let bytes = check_size(mem_mib)?;
+    let file_err = |source| MemoryError::File {
+        path: path.display().to_string(),
+        source,
+    };
+    let file = File::open(path).map_err(file_err)?;
+    let actual = file.metadata().map_err(file_err)?.len();
+    if actual != bytes {
+        return Err(MemoryError::FileSize {
+            path: path.display().to_string(),
+            actual,
+            expected: bytes,
+        });
+    }
+    match mode {
+        RestoreMode::Eager => {
+            let mem = create(mem_mib)?;
+            let mut file = file;
+            // The file holds the regions back to back, in order, exactly as they were written.
+            for (addr, len) in ram_ranges(bytes) {
+                mem.read_exact_volatile_from(addr, &mut file, len as usize)
+                    .map_err(|e| MemoryError::Map {
+                        path: path.display().to_string(),
+                        reason: e.to_string(),
+                    })?;
+            }
+            Ok(mem)
+        }
+        RestoreMode::PrivateMap => {
+            let mut regions = Vec::new();
+            let mut offset = 0u64;
+            for (addr, len) in ram_ranges(bytes) {
+                let map = MmapRegion::build(
+                    Some(FileOffset::new(file.try_clone().map_err(file_err)?, offset)),
+                    len as usize,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_PRIVATE | libc::MAP_NORESERVE,
+                )
+                .map_err(|e| MemoryError::Map {
+                    path: path.display().to_string(),
+                    reason: e.to_string(),
+                })?;
+                regions.push(
+                    GuestRegionMmap::new(map, addr).ok_or_else(|| MemoryError::Map {
+                        path: path.display().to_string(),
+                        reason: "region wraps the address space".into(),
+                    })?,
+                );
+                offset += len;
+            }
+            GuestMemory::from_regions(regions).map_err(|e| MemoryError::Map {
+                path: path.display().to_string(),
+                reason: e.to_string(),
+            })
+        }
+    }
 }
 
 /// Registers every region of `mem` with KVM, slot numbers in region order.

@@ -16,6 +16,7 @@ use crate::arch::cpuid::{self, CpuidConfig};
 use crate::arch::{msr, regs};
 use crate::devices::bus::Bus;
 use crate::memory::GuestMemory;
+use crate::persist::{self, PersistError, VcpuState};
 
 /// What a vCPU thread reports to the VM when the guest stops or fails.
 #[derive(Debug)]
@@ -70,6 +71,10 @@ pub enum VcpuError {
     Gone(u8),
     #[error("vCPU {0} did not answer within {1:?}")]
     Timeout(u8, Duration),
+    #[error("vCPU {0} must be paused to save its state")]
+    NotPaused(u8),
+    #[error(transparent)]
+    Persist(#[from] PersistError),
 }
 
 /// The registers worth showing when a guest dies.
@@ -130,13 +135,17 @@ impl fmt::Display for RegsDump {
 pub enum VcpuRequest {
     Pause,
     Resume,
+    /// Save the vCPU's KVM state; only answered while paused.
+    SaveState,
     Finish,
 }
 
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum VcpuResponse {
     Paused,
     Resumed,
+    State(Box<Result<VcpuState, PersistError>>),
+    NotPaused,
 }
 
 thread_local! {
@@ -174,6 +183,8 @@ pub struct Vcpu {
     pio: Arc<Bus>,
     mmio: Arc<Bus>,
     events: Sender<VmEvent>,
+    /// MSRs saved with this vCPU's state.
+    msr_indices: Vec<u32>,
 }
 
 /// How to set up one vCPU at boot.
@@ -201,6 +212,7 @@ impl Vcpu {
             pio,
             mmio,
             events,
+            msr_indices: Vec::new(),
         })
     }
 
@@ -231,6 +243,19 @@ impl Vcpu {
                 .set_fpu(&regs::boot_fpu())
                 .map_err(self.cfg_err("FPU"))?;
         }
+        Ok(())
+    }
+
+    /// Decides which MSRs this vCPU saves (after CPUID is set: it decides which exist).
+    pub fn probe_msrs(&mut self, kvm: &kvm_ioctls::Kvm) -> Result<(), VcpuError> {
+        self.msr_indices = persist::saveable_msrs(kvm, &self.fd)?;
+        Ok(())
+    }
+
+    /// Restores saved KVM state into this fresh vCPU; it saves the same MSRs again later.
+    pub fn configure_restore(&mut self, state: &VcpuState) -> Result<(), VcpuError> {
+        persist::restore_vcpu(&self.fd, state)?;
+        self.msr_indices = state.msrs.iter().map(|m| m.index).collect();
         Ok(())
     }
 
@@ -302,8 +327,25 @@ impl Vcpu {
                         let _ = responses.send(VcpuResponse::Paused);
                     }
                     VcpuRequest::Resume => {
+                        if paused {
+                            // Tells a kvmclock guest it was stopped, so it does not report a
+                            // soft lockup; fails harmlessly when the guest has no kvmclock.
+                            let _ = self.fd.kvmclock_ctrl();
+                        }
                         paused = false;
                         let _ = responses.send(VcpuResponse::Resumed);
+                    }
+                    VcpuRequest::SaveState => {
+                        let r = if paused {
+                            VcpuResponse::State(Box::new(persist::save_vcpu(
+                                &self.fd,
+                                self.id,
+                                &self.msr_indices,
+                            )))
+                        } else {
+                            VcpuResponse::NotPaused
+                        };
+                        let _ = responses.send(r);
                     }
                     VcpuRequest::Finish => return self.detach(),
                 }
@@ -422,14 +464,13 @@ impl VcpuHandle {
         }
     }
 
-    fn request(&self, req: VcpuRequest, want: VcpuResponse) -> Result<(), VcpuError> {
+    fn request(&self, req: VcpuRequest) -> Result<VcpuResponse, VcpuError> {
         self.requests
             .send(req)
             .map_err(|_| VcpuError::Gone(self.id))?;
         self.kick();
         match self.responses.recv_timeout(ANSWER_TIMEOUT) {
-            Ok(r) if r == want => Ok(()),
-            Ok(_) => Err(VcpuError::Gone(self.id)),
+            Ok(r) => Ok(r),
             Err(RecvTimeoutError::Timeout) => Err(VcpuError::Timeout(self.id, ANSWER_TIMEOUT)),
             Err(RecvTimeoutError::Disconnected) => Err(VcpuError::Gone(self.id)),
         }
@@ -437,11 +478,26 @@ impl VcpuHandle {
 
     /// Takes the vCPU out of KVM_RUN and parks it; it stays parked until `resume`.
     pub fn pause(&self) -> Result<(), VcpuError> {
-        self.request(VcpuRequest::Pause, VcpuResponse::Paused)
+        match self.request(VcpuRequest::Pause)? {
+            VcpuResponse::Paused => Ok(()),
+            _ => Err(VcpuError::Gone(self.id)),
+        }
     }
 
     pub fn resume(&self) -> Result<(), VcpuError> {
-        self.request(VcpuRequest::Resume, VcpuResponse::Resumed)
+        match self.request(VcpuRequest::Resume)? {
+            VcpuResponse::Resumed => Ok(()),
+            _ => Err(VcpuError::Gone(self.id)),
+        }
+    }
+
+    /// The vCPU's KVM state; it must be paused.
+    pub fn save_state(&self) -> Result<VcpuState, VcpuError> {
+        match self.request(VcpuRequest::SaveState)? {
+            VcpuResponse::State(r) => Ok((*r)?),
+            VcpuResponse::NotPaused => Err(VcpuError::NotPaused(self.id)),
+            _ => Err(VcpuError::Gone(self.id)),
+        }
     }
 
     /// Stops the thread and waits for it.

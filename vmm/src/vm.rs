@@ -3,7 +3,7 @@
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::PathBuf;
-use std::sync::mpsc::{channel, Receiver, RecvTimeoutError};
+use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,9 +15,12 @@ use crate::arch::cpuid::{self, CpuidConfig};
 use crate::arch::layout::{KVM_TSS_ADDRESS, MAX_VCPUS};
 use crate::arch::mptable;
 use crate::devices::legacy::serial;
+use crate::devices::manager::DevicesState;
 use crate::devices::{DeviceError, DeviceManager};
-use crate::memory::{self, GuestMemory};
+use crate::memory::{self, GuestMemory, RestoreMode};
+use crate::persist::{self, VcpuState, VmKvmState};
 use crate::vcpu::{BootVcpuConfig, Vcpu, VcpuError, VcpuHandle, VmEvent};
+use serde::{Deserialize, Serialize};
 
 /// Where the guest's COM1 output goes.
 pub enum Console {
@@ -87,9 +90,10 @@ pub struct Vm {
     vcpus: Vec<VcpuHandle>,
     devices: DeviceManager,
     events: Receiver<VmEvent>,
-    _fd: VmFd,
+    fd: VmFd,
     _kvm: Kvm,
     memory: GuestMemory,
+    mem_mib: u64,
 }
 
 const REQUIRED_CAPS: [(Cap, &str); 6] = [
@@ -139,11 +143,42 @@ fn open_console(console: Console) -> Result<serial::SerialOut, VmError> {
     })
 }
 
-impl Vm {
-    /// Builds the VM from `config` and starts every vCPU.
-    pub fn boot(config: VmConfig) -> Result<Self, VmError> {
-        let vcpu_count = check_vcpus(u32::from(config.vcpus))?;
-        memory::check_size(config.mem_mib)?;
+/// A VM's complete KVM and device state (guest memory is saved separately, by the caller).
+#[derive(Debug, Serialize, Deserialize)]
+pub struct VmState {
+    pub mem_mib: u64,
+    pub kvm: VmKvmState,
+    pub vcpus: Vec<VcpuState>,
+    pub devices: DevicesState,
+}
+
+/// What to restore a VM from.
+pub struct RestoreConfig {
+    pub state: VmState,
+    /// Guest RAM as written by a capture: the regions back to back.
+    pub memory_file: PathBuf,
+    pub memory_mode: RestoreMode,
+    pub console: Console,
+    /// Leave the vCPUs parked after restore.
+    pub paused: bool,
+}
+
+/// The parts boot and restore share, built the same way for both.
+struct Parts {
+    kvm: Kvm,
+    fd: VmFd,
+    devices: DeviceManager,
+    event_tx: Sender<VmEvent>,
+    events: Receiver<VmEvent>,
+}
+
+impl Parts {
+    fn new(
+        vcpu_count: u8,
+        memory: &GuestMemory,
+        console: Console,
+        devices_state: Option<&DevicesState>,
+    ) -> Result<Self, VmError> {
         let kvm = open_kvm()?;
         if usize::from(vcpu_count) > kvm.get_max_vcpus() {
             return Err(VmError::TooManyVcpus {
@@ -151,7 +186,6 @@ impl Vm {
                 max: kvm.get_max_vcpus(),
             });
         }
-        let kvm_err = |what| move |source| VmError::Kvm { what, source };
         let fd = kvm.create_vm().map_err(VmError::CreateVm)?;
         fd.set_tss_address(KVM_TSS_ADDRESS as usize)
             .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
@@ -162,17 +196,71 @@ impl Vm {
             ..Default::default()
         })
         .map_err(kvm_err("KVM_CREATE_PIT2"))?;
-
-        let memory = memory::create(config.mem_mib)?;
-        memory::register(&fd, &memory, 0)?;
-
+        memory::register(&fd, memory, 0)?;
         let (event_tx, events) = channel();
-        let devices = DeviceManager::new(&fd, open_console(config.console)?, event_tx.clone())?;
-        let pio = Arc::new(devices.pio.clone());
-        let mmio = Arc::new(devices.mmio.clone());
+        let console = open_console(console)?;
+        let devices = match devices_state {
+            None => DeviceManager::new(&fd, console, event_tx.clone())?,
+            Some(s) => DeviceManager::restore(&fd, console, event_tx.clone(), s)?,
+        };
+        Ok(Self {
+            kvm,
+            fd,
+            devices,
+            event_tx,
+            events,
+        })
+    }
+
+    /// Creates every vCPU before any runs: an IPI to a vCPU not yet created is lost.
+    fn create_vcpus(&self, count: u8) -> Result<Vec<Vcpu>, VmError> {
+        let pio = Arc::new(self.devices.pio.clone());
+        let mmio = Arc::new(self.devices.mmio.clone());
+        (0..count)
+            .map(|id| {
+                Vcpu::new(
+                    &self.fd,
+                    id,
+                    pio.clone(),
+                    mmio.clone(),
+                    self.event_tx.clone(),
+                )
+                .map_err(VmError::from)
+            })
+            .collect()
+    }
+
+    fn start(self, created: Vec<Vcpu>, memory: GuestMemory, paused: bool) -> Result<Vm, VmError> {
+        let mut vcpus = Vec::with_capacity(created.len());
+        for vcpu in created {
+            vcpus.push(vcpu.start(paused)?);
+        }
+        Ok(Vm {
+            vcpus,
+            devices: self.devices,
+            events: self.events,
+            fd: self.fd,
+            _kvm: self.kvm,
+            memory,
+            mem_mib: 0,
+        })
+    }
+}
+
+fn kvm_err(what: &'static str) -> impl Fn(kvm_ioctls::Error) -> VmError {
+    move |source| VmError::Kvm { what, source }
+}
+
+impl Vm {
+    /// Builds the VM from `config` and starts every vCPU.
+    pub fn boot(config: VmConfig) -> Result<Self, VmError> {
+        let vcpu_count = check_vcpus(u32::from(config.vcpus))?;
+        memory::check_size(config.mem_mib)?;
+        let memory = memory::create(config.mem_mib)?;
+        let parts = Parts::new(vcpu_count, &memory, config.console, None)?;
 
         let mut cmdline = config.cmdline.clone();
-        for word in devices.cmdline_extra() {
+        for word in parts.devices.cmdline_extra() {
             if !cmdline.is_empty() {
                 cmdline.push(' ');
             }
@@ -188,15 +276,15 @@ impl Vm {
         )?;
         mptable::setup(&memory, vcpu_count)?;
 
-        let supported = kvm
+        let supported = parts
+            .kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
         let hide_vmcall_features = cpuid::host_is_nested_pagetable_kvm();
-        let tsc_deadline = fd.check_extension(Cap::TscDeadlineTimer);
-        // Every vCPU exists before any runs: an IPI to a vCPU not yet created is lost.
-        let mut created = Vec::with_capacity(vcpu_count as usize);
-        for id in 0..vcpu_count {
-            let vcpu = Vcpu::new(&fd, id, pio.clone(), mmio.clone(), event_tx.clone())?;
+        let tsc_deadline = parts.fd.check_extension(Cap::TscDeadlineTimer);
+        let mut created = parts.create_vcpus(vcpu_count)?;
+        for vcpu in created.iter_mut() {
+            let id = vcpu.id;
             vcpu.configure_boot(
                 &memory,
                 &BootVcpuConfig {
@@ -210,19 +298,45 @@ impl Vm {
                     entry: (id == 0).then_some(loaded.entry),
                 },
             )?;
-            created.push(vcpu);
+            vcpu.probe_msrs(&parts.kvm)?;
         }
-        let mut vcpus = Vec::with_capacity(created.len());
-        for vcpu in created {
-            vcpus.push(vcpu.start(false)?);
+        let mut vm = parts.start(created, memory, false)?;
+        vm.mem_mib = config.mem_mib;
+        Ok(vm)
+    }
+
+    /// Rebuilds a VM from saved state and a memory file, then starts it (or leaves it paused).
+    pub fn restore(config: RestoreConfig) -> Result<Self, VmError> {
+        let state = &config.state;
+        let vcpu_count = u8::try_from(state.vcpus.len())
+            .ok()
+            .filter(|n| (1..=MAX_VCPUS).contains(n))
+            .ok_or(VmError::VcpuCount(state.vcpus.len() as u32))?;
+        let memory = memory::restore(state.mem_mib, &config.memory_file, config.memory_mode)?;
+        let parts = Parts::new(vcpu_count, &memory, config.console, Some(&state.devices))?;
+        persist::restore_vm(&parts.fd, &state.kvm).map_err(VcpuError::from)?;
+        let mut created = parts.create_vcpus(vcpu_count)?;
+        for (vcpu, saved) in created.iter_mut().zip(&state.vcpus) {
+            vcpu.configure_restore(saved)?;
         }
-        Ok(Vm {
+        let mut vm = parts.start(created, memory, config.paused)?;
+        vm.mem_mib = state.mem_mib;
+        Ok(vm)
+    }
+
+    /// The whole VM's state; every vCPU must be paused.
+    pub fn save_state(&self) -> Result<VmState, VmError> {
+        let vcpus = self
+            .vcpus
+            .iter()
+            .map(|v| v.save_state())
+            .collect::<Result<Vec<_>, _>>()?;
+        let kvm = persist::save_vm(&self.fd).map_err(VcpuError::from)?;
+        Ok(VmState {
+            mem_mib: self.mem_mib,
+            kvm,
             vcpus,
-            devices,
-            events,
-            _fd: fd,
-            _kvm: kvm,
-            memory,
+            devices: self.devices.state(),
         })
     }
 
@@ -423,5 +537,161 @@ mod tests {
                 "{mem} MiB {vcpus} vCPUs"
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod restore_tests {
+    use super::*;
+    use crate::arch::boot::tests::tiny_elf;
+    use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+
+    const COUNTER: GuestAddress = GuestAddress(0x5000);
+    // inc qword [0x5000]; jmp back
+    const COUNT_LOOP: [u8; 10] = [0x48, 0xff, 0x04, 0x25, 0x00, 0x50, 0x00, 0x00, 0xeb, 0xf6];
+
+    fn tmp(name: &str) -> PathBuf {
+        std::env::temp_dir().join(format!("vmm-restore-{}-{name}", std::process::id()))
+    }
+
+    fn boot_counter(vcpus: u8) -> (Vm, PathBuf) {
+        let k = tmp(&format!("count-{vcpus}.elf"));
+        std::fs::write(&k, tiny_elf(&COUNT_LOOP)).unwrap();
+        let vm = Vm::boot(VmConfig {
+            kernel: k.clone(),
+            initrd: None,
+            cmdline: String::new(),
+            mem_mib: 16,
+            vcpus,
+            console: Console::Writer(Box::new(std::io::sink())),
+        })
+        .unwrap();
+        (vm, k)
+    }
+
+    fn count(vm: &Vm) -> u64 {
+        vm.memory().read_obj(COUNTER).unwrap()
+    }
+
+    fn wait_above(vm: &Vm, floor: u64) -> u64 {
+        for _ in 0..500 {
+            let c = count(vm);
+            if c > floor {
+                return c;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        panic!("counter stuck at {}", count(vm));
+    }
+
+    fn dump_memory(vm: &Vm, path: &std::path::Path) {
+        let mut f = File::create(path).unwrap();
+        for r in vm.memory().iter() {
+            let mut buf = vec![0u8; r.len() as usize];
+            vm.memory().read_slice(&mut buf, r.start_addr()).unwrap();
+            f.write_all(&buf).unwrap();
+        }
+    }
+
+    #[test]
+    fn restored_guest_continues_from_the_saved_count_in_every_mode() {
+        if !std::path::Path::new("/dev/kvm").exists() {
+            eprintln!("skipped: /dev/kvm is not available on this host");
+            return;
+        }
+        let (vm, k) = boot_counter(1);
+        wait_above(&vm, 1000);
+        vm.pause().unwrap();
+        let saved_count = count(&vm);
+        let state = vm.save_state().unwrap();
+        let mem = tmp("mem.bin");
+        dump_memory(&vm, &mem);
+        let encoded = postcard::to_allocvec(&state).unwrap();
+        // The source runs on, far past the snapshot.
+        vm.resume().unwrap();
+        wait_above(&vm, saved_count + 1_000_000);
+        drop(vm);
+
+        for mode in [RestoreMode::Eager, RestoreMode::PrivateMap] {
+            let state: VmState = postcard::from_bytes(&encoded).unwrap();
+            let rip = state.vcpus[0].regs.rip;
+            let restored = Vm::restore(RestoreConfig {
+                state,
+                memory_file: mem.clone(),
+                memory_mode: mode,
+                console: Console::Writer(Box::new(std::io::sink())),
+                paused: true,
+            })
+            .unwrap();
+            assert_eq!(count(&restored), saved_count, "{mode:?}: memory as saved");
+            let again = restored.save_state().unwrap();
+            assert_eq!(again.vcpus[0].regs.rip, rip, "{mode:?}: same instruction");
+            restored.resume().unwrap();
+            let c = wait_above(&restored, saved_count);
+            assert!(
+                c < saved_count + 1_000_000,
+                "{mode:?}: continued from the snapshot, not the source"
+            );
+        }
+        std::fs::remove_file(mem).unwrap();
+        std::fs::remove_file(k).unwrap();
+    }
+
+    #[test]
+    fn vcpu_state_round_trips_byte_identical() {
+        if !std::path::Path::new("/dev/kvm").exists() {
+            eprintln!("skipped: /dev/kvm is not available on this host");
+            return;
+        }
+        let (vm, k) = boot_counter(2);
+        wait_above(&vm, 100);
+        vm.pause().unwrap();
+        let first = vm.save_state().unwrap();
+        let mem = tmp("mem-rt.bin");
+        dump_memory(&vm, &mem);
+        drop(vm);
+        let encoded = postcard::to_allocvec(&first).unwrap();
+        let restored = Vm::restore(RestoreConfig {
+            state: postcard::from_bytes(&encoded).unwrap(),
+            memory_file: mem.clone(),
+            memory_mode: RestoreMode::Eager,
+            console: Console::Writer(Box::new(std::io::sink())),
+            paused: true,
+        })
+        .unwrap();
+        let second = restored.save_state().unwrap();
+        for (a, b) in first.vcpus.iter().zip(&second.vcpus) {
+            let enc = |v: &VcpuState| {
+                let mut v: VcpuState =
+                    postcard::from_bytes(&postcard::to_allocvec(v).unwrap()).unwrap();
+                // The TSC keeps counting on the host between the two saves: compare all but it.
+                for m in v
+                    .msrs
+                    .iter_mut()
+                    .filter(|m| m.index == crate::arch::msr::MSR_IA32_TSC)
+                {
+                    m.data = 0;
+                }
+                postcard::to_allocvec(&v).unwrap()
+            };
+            assert_eq!(a.msrs.len(), b.msrs.len());
+            for (x, y) in a.msrs.iter().zip(&b.msrs) {
+                if x.index != crate::arch::msr::MSR_IA32_TSC {
+                    assert_eq!((x.index, x.data), (y.index, y.data), "vCPU {} MSR", a.id);
+                }
+            }
+            assert_eq!(
+                enc(a),
+                enc(b),
+                "vCPU {} state differs after a round trip",
+                a.id
+            );
+        }
+        assert_eq!(
+            postcard::to_allocvec(&first.devices).unwrap(),
+            postcard::to_allocvec(&second.devices).unwrap()
+        );
+        std::fs::remove_file(mem).unwrap();
+        std::fs::remove_file(k).unwrap();
     }
 }

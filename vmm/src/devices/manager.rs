@@ -8,9 +8,10 @@ use kvm_ioctls::VmFd;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::bus::{Bus, BusError};
-use super::legacy::{i8042, serial, Serial, I8042};
+use super::legacy::{i8042, serial, Serial, SerialState, I8042};
 use crate::arch::layout::SERIAL_IRQ;
 use crate::vcpu::VmEvent;
+use serde::{Deserialize, Serialize};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DeviceError {
@@ -18,11 +19,19 @@ pub enum DeviceError {
     Bus(#[from] BusError),
     #[error("cannot create an eventfd: {0}")]
     EventFd(#[source] std::io::Error),
+    #[error(transparent)]
+    SerialState(#[from] serial::SerialStateError),
     #[error("cannot register {what} with KVM: {source}")]
     Kvm {
         what: &'static str,
         source: kvm_ioctls::Error,
     },
+}
+
+/// Every device's state, as saved in a snapshot.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DevicesState {
+    pub serial: SerialState,
 }
 
 /// The devices of one VM.
@@ -41,6 +50,33 @@ impl DeviceManager {
         console: serial::SerialOut,
         events: Sender<VmEvent>,
     ) -> Result<Self, DeviceError> {
+        Self::build(vm, console, events, None)
+    }
+
+    /// The same devices, their state taken from a snapshot.
+    pub fn restore(
+        vm: &VmFd,
+        console: serial::SerialOut,
+        events: Sender<VmEvent>,
+        state: &DevicesState,
+    ) -> Result<Self, DeviceError> {
+        Self::build(vm, console, events, Some(state))
+    }
+
+    pub fn state(&self) -> DevicesState {
+        let serial = match self.serial.lock() {
+            Ok(s) => s.state(),
+            Err(p) => p.into_inner().state(),
+        };
+        DevicesState { serial }
+    }
+
+    fn build(
+        vm: &VmFd,
+        console: serial::SerialOut,
+        events: Sender<VmEvent>,
+        state: Option<&DevicesState>,
+    ) -> Result<Self, DeviceError> {
         let mut pio = Bus::new();
         let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(DeviceError::EventFd)?;
         vm.register_irqfd(&serial_irq, SERIAL_IRQ)
@@ -48,7 +84,11 @@ impl DeviceManager {
                 what: "the serial irqfd",
                 source,
             })?;
-        let serial = Arc::new(Mutex::new(Serial::new(serial_irq, console)));
+        let serial = match state {
+            Some(s) => Serial::from_state(&s.serial, serial_irq, console)?,
+            None => Serial::new(serial_irq, console),
+        };
+        let serial = Arc::new(Mutex::new(serial));
         pio.insert(serial.clone(), serial::COM1_PORT, serial::COM1_LEN)?;
         pio.insert(
             Arc::new(Mutex::new(I8042::new(ChannelTrigger(Mutex::new(events))))),

@@ -2,6 +2,7 @@
 
 use std::io::Write;
 
+use serde::{Deserialize, Serialize};
 use vm_superio::serial::NoEvents;
 use vm_superio::Trigger;
 use vmm_sys_util::eventfd::EventFd;
@@ -24,6 +25,59 @@ impl Trigger for EventFdTrigger {
 
 pub type SerialOut = Box<dyn Write + Send>;
 
+/// The UART's registers and receive FIFO, as saved in a snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SerialState {
+    pub baud_divisor_low: u8,
+    pub baud_divisor_high: u8,
+    pub interrupt_enable: u8,
+    pub interrupt_identification: u8,
+    pub line_control: u8,
+    pub line_status: u8,
+    pub modem_control: u8,
+    pub modem_status: u8,
+    pub scratch: u8,
+    pub in_buffer: Vec<u8>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("invalid saved serial state: {0}")]
+pub struct SerialStateError(String);
+
+impl From<vm_superio::serial::SerialState> for SerialState {
+    fn from(s: vm_superio::serial::SerialState) -> Self {
+        Self {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer,
+        }
+    }
+}
+
+impl From<SerialState> for vm_superio::serial::SerialState {
+    fn from(s: SerialState) -> Self {
+        Self {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer,
+        }
+    }
+}
+
 pub struct Serial {
     inner: vm_superio::Serial<EventFdTrigger, NoEvents, SerialOut>,
 }
@@ -35,8 +89,24 @@ impl Serial {
         }
     }
 
-    pub fn state(&self) -> vm_superio::serial::SerialState {
-        self.inner.state()
+    /// Rebuilds the UART from saved registers; a FIFO longer than the hardware's is refused.
+    pub fn from_state(
+        state: &SerialState,
+        irq: EventFd,
+        out: SerialOut,
+    ) -> Result<Self, SerialStateError> {
+        let inner = vm_superio::Serial::from_state(
+            &state.clone().into(),
+            EventFdTrigger(irq),
+            NoEvents,
+            out,
+        )
+        .map_err(|e| SerialStateError(format!("{e:?}")))?;
+        Ok(Self { inner })
+    }
+
+    pub fn state(&self) -> SerialState {
+        self.inner.state().into()
     }
 
     pub fn flush(&mut self) -> std::io::Result<()> {
@@ -98,6 +168,27 @@ mod tests {
         assert_eq!(two, [0xff, 0xff]);
         s.write(0, &[b'x', b'y']);
         assert_eq!(out.0.lock().unwrap().len(), 3);
+    }
+
+    #[test]
+    fn state_round_trips_and_rejects_an_overfull_fifo() {
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let mut s = Serial::new(irq.try_clone().unwrap(), Box::new(std::io::sink()));
+        s.write(3, &[0x83]); // DLAB on
+        s.write(0, &[0x01]); // divisor low
+        s.write(3, &[0x03]); // 8N1, DLAB off
+        s.write(7, &[0x5a]); // scratch
+        let saved = s.state();
+        let r = Serial::from_state(&saved, irq.try_clone().unwrap(), Box::new(std::io::sink()))
+            .unwrap();
+        assert_eq!(r.state(), saved);
+        assert_eq!(
+            (saved.baud_divisor_low, saved.line_control, saved.scratch),
+            (1, 3, 0x5a)
+        );
+        let mut bad = saved;
+        bad.in_buffer = vec![0; 1 << 20];
+        assert!(Serial::from_state(&bad, irq, Box::new(std::io::sink())).is_err());
     }
 
     #[test]
