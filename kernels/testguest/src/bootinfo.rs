@@ -1,0 +1,201 @@
+//! Boot information: Linux `boot_params` (64-bit boot protocol) or PVH `hvm_start_info`,
+//! reduced to a RAM map and a command line; plus command-line parsing.
+
+use crate::fail;
+
+#[allow(dead_code)]
+pub const KIND_LINUX: u64 = 0;
+pub const KIND_PVH: u64 = 1;
+
+const PVH_MAGIC: u32 = 0x336e_c578;
+const MAX_RAM: usize = 64;
+
+#[derive(Clone, Copy)]
+pub struct Range {
+    pub start: u64,
+    pub end: u64,
+}
+
+pub struct BootInfo {
+    pub ram: [Range; MAX_RAM],
+    pub nram: usize,
+    pub cmdline: &'static [u8],
+    /// ACPI RSDP from PVH start info (0 if unknown).
+    pub rsdp: u64,
+}
+
+unsafe fn rd<T: Copy>(addr: u64) -> T {
+    (addr as *const T).read_unaligned()
+}
+
+impl BootInfo {
+    /// Parse what the loader handed us. Only the first GiB is mapped at this point.
+    pub fn parse(info: u64, kind: u64) -> BootInfo {
+        let mut bi = BootInfo { ram: [Range { start: 0, end: 0 }; MAX_RAM], nram: 0, cmdline: &[], rsdp: 0 };
+        if info == 0 || info >= crate::BOOT_MAPPED {
+            fail(format_args!("boot info at {:#x} is not in the first GiB", info));
+        }
+        let cmdline_addr: u64;
+        unsafe {
+            if kind == KIND_PVH {
+                let magic: u32 = rd(info);
+                if magic != PVH_MAGIC {
+                    fail(format_args!("bad hvm_start_info magic {:#x}", magic));
+                }
+                let version: u32 = rd(info + 4);
+                cmdline_addr = rd(info + 24);
+                bi.rsdp = rd(info + 32);
+                let (map, n): (u64, u32) =
+                    if version >= 1 { (rd(info + 40), rd(info + 48)) } else { (0, 0) };
+                if map == 0 || n == 0 {
+                    fail(format_args!("PVH start info has no memory map"));
+                }
+                for i in 0..n as u64 {
+                    let e = map + 24 * i;
+                    bi.add(rd(e), rd(e + 8), rd(e + 16));
+                }
+            } else {
+                let lo: u32 = rd(info + 0x228);
+                let hi: u32 = rd(info + 0x0c8);
+                cmdline_addr = (hi as u64) << 32 | lo as u64;
+                let n: u8 = rd(info + 0x1e8);
+                for i in 0..n as u64 {
+                    let e = info + 0x2d0 + 20 * i;
+                    bi.add(rd(e), rd(e + 8), rd(e + 16));
+                }
+            }
+        }
+        if bi.nram == 0 {
+            fail(format_args!("no RAM in the memory map"));
+        }
+        // Sort (the maps are tiny) and merge adjacent ranges.
+        for i in 1..bi.nram {
+            let mut j = i;
+            while j > 0 && bi.ram[j - 1].start > bi.ram[j].start {
+                bi.ram.swap(j - 1, j);
+                j -= 1;
+            }
+        }
+        let mut w = 0;
+        for i in 1..bi.nram {
+            if bi.ram[i].start <= bi.ram[w].end {
+                bi.ram[w].end = bi.ram[w].end.max(bi.ram[i].end);
+            } else {
+                w += 1;
+                bi.ram[w] = bi.ram[i];
+            }
+        }
+        bi.nram = w + 1;
+        if cmdline_addr != 0 {
+            if cmdline_addr >= crate::BOOT_MAPPED {
+                fail(format_args!("command line at {:#x} is not in the first GiB", cmdline_addr));
+            }
+            let p = cmdline_addr as *const u8;
+            let mut len = 0;
+            while len < 4096 && unsafe { p.add(len).read_volatile() } != 0 {
+                len += 1;
+            }
+            bi.cmdline = unsafe { core::slice::from_raw_parts(p, len) };
+        }
+        bi
+    }
+
+    fn add(&mut self, addr: u64, size: u64, typ: u32) {
+        if typ == 1 && size != 0 && self.nram < MAX_RAM {
+            self.ram[self.nram] = Range { start: addr, end: addr.saturating_add(size) };
+            self.nram += 1;
+        }
+    }
+
+    pub fn ram(&self) -> &[Range] {
+        &self.ram[..self.nram]
+    }
+
+    pub fn is_ram(&self, start: u64, end: u64) -> bool {
+        self.ram().iter().any(|r| r.start <= start && end <= r.end)
+    }
+
+    pub fn overlaps_ram(&self, start: u64, end: u64) -> bool {
+        self.ram().iter().any(|r| r.start < end && start < r.end)
+    }
+
+    pub fn ram_top(&self) -> u64 {
+        self.ram[self.nram - 1].end
+    }
+}
+
+// ---------------------------------------------------------------- command line
+
+pub struct Config {
+    pub mode: [u8; 32],
+    pub mode_len: usize,
+    pub mem_mib: u64,
+    pub count: u64,
+    pub tick_ms: u64,
+    pub layout: bool,
+    pub gbpages: bool,
+}
+
+impl Config {
+    pub fn mode(&self) -> &str {
+        core::str::from_utf8(&self.mode[..self.mode_len]).unwrap_or("?")
+    }
+
+    /// `key=value` words separated by spaces; unknown keys are ignored.
+    pub fn parse(cmdline: &[u8]) -> Config {
+        let mut c = Config {
+            mode: [0; 32],
+            mode_len: 7,
+            mem_mib: 1,
+            count: 0,
+            tick_ms: 10,
+            layout: false,
+            gbpages: true,
+        };
+        c.mode[..7].copy_from_slice(b"counter");
+        for word in cmdline.split(|&b| b == b' ' || b == b'\t' || b == b'\n') {
+            let Some(eq) = word.iter().position(|&b| b == b'=') else { continue };
+            let (key, val) = (&word[..eq], &word[eq + 1..]);
+            match key {
+                b"mode" => {
+                    let n = val.len().min(c.mode.len());
+                    c.mode[..n].copy_from_slice(&val[..n]);
+                    c.mode_len = n;
+                }
+                b"mem" => c.mem_mib = number(key, val),
+                b"count" => c.count = number(key, val),
+                b"tick_ms" => c.tick_ms = number(key, val),
+                b"layout" => c.layout = number(key, val) != 0,
+                b"gbpages" => c.gbpages = number(key, val) != 0,
+                _ => {}
+            }
+        }
+        c
+    }
+}
+
+fn number(key: &[u8], val: &[u8]) -> u64 {
+    let mut n: u64 = 0;
+    let ok = !val.is_empty()
+        && val.iter().all(|&b| {
+            let d = b.wrapping_sub(b'0');
+            if d > 9 {
+                return false;
+            }
+            match n.checked_mul(10).and_then(|x| x.checked_add(d as u64)) {
+                Some(x) => {
+                    n = x;
+                    true
+                }
+                None => false,
+            }
+        });
+    if !ok {
+        fail(format_args!(
+            "bad number {}={}",
+            core::str::from_utf8(key).unwrap_or("?"),
+            core::str::from_utf8(val).unwrap_or("?")
+        ));
+    }
+    n
+}

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# The whole test suite, exactly as CI runs it: formatting, lints, unit and end-to-end tests
+# (including the Linux-guest boot test with the kernel variant this host can run).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+echo "== cargo fmt --check"
+cargo fmt --all -- --check
+echo "== cargo clippy"
+cargo clippy --workspace --all-targets -- -D warnings
+echo "== duplicate rust-vmm crates"
+scripts/check-deps.sh
+
+# The Linux end-to-end tests need a guest kernel and initramfs; build (or find cached) ones unless
+# the caller points at their own or opts out.
+if [[ -z "${MICROAGENT_SKIP_LINUX:-}" && -z "${MICROAGENT_TEST_KERNEL:-}" ]]; then
+    variant=production
+    if ! grep -qw -e vmx -e svm /proc/cpuinfo; then
+        variant=nested-test  # nested page-table KVM: see kernels/linux/README.md
+    fi
+    echo "== guest kernel ($variant)"
+    MICROAGENT_TEST_KERNEL=$(kernels/linux/build.sh --variant "$variant" --print-path)
+    export MICROAGENT_TEST_KERNEL
+fi
+
+echo "== cargo test"
+cargo test --workspace --release -- --test-threads=2
