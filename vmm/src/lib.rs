@@ -7,6 +7,7 @@ pub mod arch;
 pub mod devices;
 pub mod memory;
 pub mod persist;
+pub mod snapshots;
 pub mod vcpu;
 pub mod vm;
 

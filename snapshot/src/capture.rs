@@ -1,0 +1,221 @@
+//! Capture: state first (in memory: a host that cannot save it fails before anything is written),
+//! then every file into a temporary directory, fsynced, the manifest last, one rename into place.
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use crate::digest::{self, FileDigest};
+use crate::error::{io, SnapshotError};
+use crate::hostcpu::HostCpu;
+use crate::manifest::{
+    is_safe_name, rfc3339, FileEntry, KernelRef, Kind, Manifest, FORMAT_VERSION, MANIFEST, MEMORY,
+    ROOTFS, VMSTATE,
+};
+use crate::{faults, memfile, rootfs, vmstate, SavedVm, Snapshottable};
+
+pub const TMP_PREFIX: &str = ".tmp-";
+
+/// What to capture besides the VM itself.
+#[derive(Debug, Clone)]
+pub struct CaptureRequest<'a> {
+    /// The directory holding this workspace's snapshots; the snapshot becomes `<dir>/<tag>`.
+    pub dir: &'a Path,
+    pub tag: &'a str,
+    pub kernel: &'a Path,
+    pub cmdline: &'a str,
+    pub rootfs: Option<&'a Path>,
+    pub image: Option<&'a str>,
+    pub workspace: Option<&'a str>,
+    pub note: Option<&'a str>,
+}
+
+/// Progress of a long capture.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Progress {
+    Memory { done: u64, total: u64 },
+    Rootfs,
+    Done,
+}
+
+/// Captures `vm` (which must be paused) as snapshot `req.tag`.
+pub fn capture<V: Snapshottable>(
+    vm: &V,
+    req: &CaptureRequest<'_>,
+    progress: &mut dyn FnMut(Progress),
+) -> Result<Manifest, SnapshotError> {
+    if !is_safe_name(req.tag) {
+        return Err(SnapshotError::InvalidTag(req.tag.to_string()));
+    }
+    let final_dir = req.dir.join(req.tag);
+    if final_dir.exists() {
+        return Err(SnapshotError::Exists(req.tag.to_string()));
+    }
+    let kernel_sha = digest::sha256_file(req.kernel).map_err(|source| SnapshotError::Kernel {
+        path: req.kernel.to_path_buf(),
+        source,
+    })?;
+    if let Some(r) = req.rootfs {
+        std::fs::metadata(r).map_err(|source| SnapshotError::Rootfs {
+            path: r.to_path_buf(),
+            source,
+        })?;
+    }
+    let SavedVm {
+        state,
+        vcpus,
+        mem_mib,
+        cpuid,
+    } = vm.save().map_err(|e| SnapshotError::Save(Box::new(e)))?;
+    let state_bytes = vmstate::encode(&state).map_err(SnapshotError::Encode)?;
+
+    std::fs::create_dir_all(req.dir).map_err(io("cannot create", req.dir))?;
+    let tmp = req
+        .dir
+        .join(format!("{TMP_PREFIX}{}-{}", req.tag, std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir(&tmp).map_err(io("cannot create", &tmp))?;
+    let guard = RemoveOnDrop(Some(tmp.clone()));
+    faults::checkpoint();
+
+    let mut files = Vec::new();
+    let mut d = FileDigest::new();
+    d.update(&state_bytes);
+    write_file(&tmp.join(VMSTATE), &state_bytes)?;
+    files.push(FileEntry {
+        name: VMSTATE.into(),
+        size: state_bytes.len() as u64,
+        digest: d.finish(),
+    });
+    faults::checkpoint();
+
+    let mem_path = tmp.join(MEMORY);
+    let mem_file = create(&mem_path)?;
+    let written = memfile::write_memory(vm.guest_memory(), &mem_file, |done, total| {
+        progress(Progress::Memory { done, total })
+    })
+    .map_err(io("cannot write", &mem_path))?;
+    mem_file.sync_all().map_err(io("cannot fsync", &mem_path))?;
+    files.push(FileEntry {
+        name: MEMORY.into(),
+        size: written.size,
+        digest: written.digest,
+    });
+    faults::checkpoint();
+
+    if let Some(src) = req.rootfs {
+        progress(Progress::Rootfs);
+        let dst = tmp.join(ROOTFS);
+        rootfs::copy_image(src, &dst).map_err(io("cannot copy rootfs to", &dst))?;
+        File::open(&dst)
+            .and_then(|f| f.sync_all())
+            .map_err(io("cannot fsync", &dst))?;
+        let (digest, size) = digest::file_digest(&dst).map_err(io("cannot read", &dst))?;
+        files.push(FileEntry {
+            name: ROOTFS.into(),
+            size,
+            digest,
+        });
+        faults::checkpoint();
+    }
+
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let manifest = Manifest {
+        format_version: FORMAT_VERSION,
+        tag: req.tag.to_string(),
+        kind: Kind::Full,
+        parent: None,
+        created: rfc3339(now),
+        created_unix: now,
+        workspace: req.workspace.map(str::to_string),
+        image: req.image.map(str::to_string),
+        vcpus,
+        mem_mib,
+        kernel: KernelRef {
+            path: req.kernel.display().to_string(),
+            sha256: kernel_sha,
+        },
+        cmdline: req.cmdline.to_string(),
+        host_cpu: HostCpu::current(),
+        cpuid,
+        files,
+        note: req.note.map(str::to_string),
+        checksum: String::new(),
+    };
+    write_file(&tmp.join(MANIFEST), &manifest.to_json())?;
+    fsync_dir(&tmp)?;
+    faults::checkpoint();
+
+    std::fs::rename(&tmp, &final_dir).map_err(io("cannot rename into place", &final_dir))?;
+    guard.disarm();
+    fsync_dir(req.dir)?;
+    faults::checkpoint();
+    progress(Progress::Done);
+    Ok(manifest)
+}
+
+fn create(path: &Path) -> Result<File, SnapshotError> {
+    OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(path)
+        .map_err(io("cannot create", path))
+}
+
+fn write_file(path: &Path, bytes: &[u8]) -> Result<(), SnapshotError> {
+    let mut f = create(path)?;
+    f.write_all(bytes).map_err(io("cannot write", path))?;
+    f.sync_all().map_err(io("cannot fsync", path))
+}
+
+pub(crate) fn fsync_dir(dir: &Path) -> Result<(), SnapshotError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io("cannot fsync", dir))
+}
+
+/// Removes a half-written snapshot directory unless disarmed.
+struct RemoveOnDrop(Option<PathBuf>);
+
+impl RemoveOnDrop {
+    fn disarm(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        if let Some(p) = self.0.take() {
+            let _ = std::fs::remove_dir_all(p);
+        }
+    }
+}
+
+/// Removes temporary directories left by captures whose process is gone (a crash or kill -9).
+/// Returns how many were removed.
+pub fn sweep_leftovers(dir: &Path) -> usize {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    let mut removed = 0;
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(rest) = name.strip_prefix(TMP_PREFIX) else {
+            continue;
+        };
+        let pid = rest.rsplit('-').next().and_then(|p| p.parse::<i32>().ok());
+        let alive = match pid {
+            // SAFETY: signal 0 only checks that the process exists.
+            Some(p) if p > 0 => unsafe { libc::kill(p, 0) == 0 },
+            _ => false,
+        };
+        if !alive && std::fs::remove_dir_all(e.path()).is_ok() {
+            removed += 1;
+        }
+    }
+    removed
+}

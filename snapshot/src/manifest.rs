@@ -1,0 +1,360 @@
+//! `manifest.json`: what a snapshot is and every file it holds, written last during capture.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::hostcpu::HostCpu;
+
+/// Bump on any incompatible change of the snapshot directory format.
+pub const FORMAT_VERSION: u32 = 1;
+pub const MANIFEST: &str = "manifest.json";
+pub const VMSTATE: &str = "vmstate.bin";
+pub const MEMORY: &str = "memory.bin";
+pub const ROOTFS: &str = "rootfs.ext4";
+/// A manifest is a few KiB; anything near this is not one of ours.
+const MAX_MANIFEST_BYTES: u64 = 4 << 20;
+const MAX_FILES: usize = 16;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    /// Memory, state and rootfs.
+    Full,
+    /// Only the pages dirtied since `parent`.
+    Diff,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KernelRef {
+    pub path: String,
+    pub sha256: String,
+}
+
+/// One CPUID leaf as the guest saw it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CpuidLeaf {
+    pub function: u32,
+    pub index: u32,
+    pub eax: u32,
+    pub ebx: u32,
+    pub ecx: u32,
+    pub edx: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileEntry {
+    pub name: String,
+    pub size: u64,
+    pub digest: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub format_version: u32,
+    pub tag: String,
+    pub kind: Kind,
+    #[serde(default)]
+    pub parent: Option<String>,
+    /// RFC 3339, UTC.
+    pub created: String,
+    /// Seconds since the Unix epoch, for sorting and retention.
+    pub created_unix: u64,
+    #[serde(default)]
+    pub workspace: Option<String>,
+    #[serde(default)]
+    pub image: Option<String>,
+    pub vcpus: u8,
+    pub mem_mib: u64,
+    pub kernel: KernelRef,
+    pub cmdline: String,
+    pub host_cpu: HostCpu,
+    pub cpuid: Vec<CpuidLeaf>,
+    pub files: Vec<FileEntry>,
+    #[serde(default)]
+    pub note: Option<String>,
+    /// Digest of this manifest with this field empty: any edit or flipped byte is detected.
+    #[serde(default)]
+    pub checksum: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ManifestError {
+    #[error("no manifest.json: not a complete snapshot")]
+    Missing,
+    #[error("cannot read manifest.json: {0}")]
+    Read(#[source] std::io::Error),
+    #[error("manifest.json is {0} bytes, larger than any manifest")]
+    TooLarge(u64),
+    #[error("manifest.json is not valid: {0}")]
+    Parse(String),
+    #[error(
+        "snapshot format version {found} is not supported (this build reads version {supported})"
+    )]
+    UnknownVersion { found: u32, supported: u32 },
+    #[error("manifest.json is not valid: {0}")]
+    Invalid(String),
+}
+
+/// Names that may appear in a manifest: plain file names, no separators, no dot-dot.
+pub fn is_safe_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 128
+        && name != "."
+        && name != ".."
+        && !name.starts_with('.')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':' | '+'))
+}
+
+impl Manifest {
+    pub fn file(&self, name: &str) -> Option<&FileEntry> {
+        self.files.iter().find(|f| f.name == name)
+    }
+
+    /// The JSON form, with `checksum` filled in.
+    pub fn to_json(&self) -> Vec<u8> {
+        let mut m = self.clone();
+        m.checksum = m.compute_checksum();
+        m.json_bytes()
+    }
+
+    fn json_bytes(&self) -> Vec<u8> {
+        // Serializing plain data to JSON cannot fail.
+        let mut v = serde_json::to_vec_pretty(self).unwrap_or_default();
+        v.push(b'\n');
+        v
+    }
+
+    fn compute_checksum(&self) -> String {
+        let mut m = self.clone();
+        m.checksum = String::new();
+        let mut d = crate::digest::FileDigest::new();
+        d.update(&m.json_bytes());
+        d.finish()
+    }
+}
+
+const CHECKSUM_KEY: &[u8] = b"\"checksum\": \"";
+
+/// The digest of the manifest file's own bytes with the checksum value blanked, exactly as it
+/// was computed when written: every byte outside that value is covered.
+fn raw_checksum(bytes: &[u8]) -> String {
+    let Some(start) = bytes
+        .windows(CHECKSUM_KEY.len())
+        .rposition(|w| w == CHECKSUM_KEY)
+        .map(|p| p + CHECKSUM_KEY.len())
+    else {
+        return String::from("absent");
+    };
+    let Some(len) = bytes[start..].iter().position(|b| *b == b'"') else {
+        return String::from("absent");
+    };
+    let mut d = crate::digest::FileDigest::new();
+    d.update(&bytes[..start]);
+    d.update(&bytes[start + len..]);
+    d.finish()
+}
+
+impl Manifest {
+    pub fn load(dir: &Path) -> Result<Self, ManifestError> {
+        let path = dir.join(MANIFEST);
+        let meta = match std::fs::metadata(&path) {
+            Ok(m) => m,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(ManifestError::Missing)
+            }
+            Err(e) => return Err(ManifestError::Read(e)),
+        };
+        if meta.len() > MAX_MANIFEST_BYTES {
+            return Err(ManifestError::TooLarge(meta.len()));
+        }
+        let bytes = std::fs::read(&path).map_err(ManifestError::Read)?;
+        Self::parse(&bytes)
+    }
+
+    pub fn parse(bytes: &[u8]) -> Result<Self, ManifestError> {
+        // Look at the version first, so a future format is refused as such, not as garbage.
+        #[derive(Deserialize)]
+        struct VersionOnly {
+            format_version: u32,
+        }
+        let v: VersionOnly =
+            serde_json::from_slice(bytes).map_err(|e| ManifestError::Parse(e.to_string()))?;
+        if v.format_version != FORMAT_VERSION {
+            return Err(ManifestError::UnknownVersion {
+                found: v.format_version,
+                supported: FORMAT_VERSION,
+            });
+        }
+        let m: Manifest =
+            serde_json::from_slice(bytes).map_err(|e| ManifestError::Parse(e.to_string()))?;
+        if m.checksum != raw_checksum(bytes) {
+            return Err(ManifestError::Invalid(
+                "checksum mismatch: the manifest was altered".into(),
+            ));
+        }
+        m.validate()?;
+        Ok(m)
+    }
+
+    fn validate(&self) -> Result<(), ManifestError> {
+        let bad = |s: String| Err(ManifestError::Invalid(s));
+        if !is_safe_name(&self.tag) {
+            return bad(format!("tag {:?} is not a plain name", self.tag));
+        }
+        if self.files.len() > MAX_FILES {
+            return bad(format!("{} files listed", self.files.len()));
+        }
+        for f in &self.files {
+            if !is_safe_name(&f.name) {
+                return bad(format!("file name {:?} is not a plain name", f.name));
+            }
+        }
+        for needed in [VMSTATE, MEMORY] {
+            if self.file(needed).is_none() {
+                return bad(format!("{needed} is not listed"));
+            }
+        }
+        if self.kind == Kind::Diff && self.parent.is_none() {
+            return bad("a diff snapshot without a parent".into());
+        }
+        if let Some(p) = &self.parent {
+            if !is_safe_name(p) {
+                return bad(format!("parent {p:?} is not a plain name"));
+            }
+        }
+        if self.vcpus == 0 || self.mem_mib == 0 {
+            return bad("zero vCPUs or memory".into());
+        }
+        if self.kernel.sha256.len() != 64
+            || !self.kernel.sha256.chars().all(|c| c.is_ascii_hexdigit())
+        {
+            return bad("kernel sha256 is not 64 hex digits".into());
+        }
+        Ok(())
+    }
+}
+
+/// RFC 3339 UTC time for seconds since the epoch (civil-from-days, Howard Hinnant's algorithm).
+pub fn rfc3339(unix: u64) -> String {
+    let days = (unix / 86_400) as i64;
+    let secs = unix % 86_400;
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        secs / 3600,
+        (secs / 60) % 60,
+        secs % 60
+    )
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    pub(crate) fn sample() -> Manifest {
+        Manifest {
+            format_version: FORMAT_VERSION,
+            tag: "t1".into(),
+            kind: Kind::Full,
+            parent: None,
+            created: rfc3339(1_781_166_764),
+            created_unix: 1_781_166_764,
+            workspace: Some("w".into()),
+            image: None,
+            vcpus: 2,
+            mem_mib: 512,
+            kernel: KernelRef {
+                path: "/k".into(),
+                sha256: "a".repeat(64),
+            },
+            cmdline: "console=ttyS0".into(),
+            host_cpu: HostCpu {
+                vendor: "GenuineIntel".into(),
+                model: "x".into(),
+            },
+            cpuid: vec![],
+            files: vec![
+                FileEntry {
+                    name: VMSTATE.into(),
+                    size: 1,
+                    digest: "d".into(),
+                },
+                FileEntry {
+                    name: MEMORY.into(),
+                    size: 1,
+                    digest: "d".into(),
+                },
+            ],
+            note: None,
+            checksum: String::new(),
+        }
+    }
+
+    #[test]
+    fn rfc3339_known_dates() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339(1_781_166_764), "2026-06-11T08:32:44Z");
+        assert_eq!(rfc3339(951_782_400), "2000-02-29T00:00:00Z");
+    }
+
+    #[test]
+    fn any_edit_is_detected() {
+        let json = sample().to_json();
+        for i in 0..json.len() {
+            let mut bad = json.clone();
+            bad[i] ^= 0x01;
+            assert!(
+                Manifest::parse(&bad).is_err(),
+                "flip at {i}: {:?}",
+                String::from_utf8_lossy(&bad)
+            );
+        }
+    }
+
+    #[test]
+    fn round_trip_and_unknown_version() {
+        let m = sample();
+        let mut parsed = Manifest::parse(&m.to_json()).unwrap();
+        parsed.checksum.clear();
+        assert_eq!(parsed, m);
+        let mut v = m.clone();
+        v.format_version = 7;
+        match Manifest::parse(&v.to_json()) {
+            Err(ManifestError::UnknownVersion {
+                found: 7,
+                supported,
+            }) => {
+                assert_eq!(supported, FORMAT_VERSION)
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn hostile_names_are_refused() {
+        for name in ["../etc/passwd", "a/b", "..", ".hidden", "", "x\u{0}y"] {
+            let mut m = sample();
+            m.files[0].name = name.into();
+            assert!(Manifest::parse(&m.to_json()).is_err(), "{name:?}");
+            let mut m = sample();
+            m.tag = name.into();
+            assert!(Manifest::parse(&m.to_json()).is_err(), "tag {name:?}");
+        }
+        let mut m = sample();
+        m.files.retain(|f| f.name != MEMORY);
+        assert!(Manifest::parse(&m.to_json()).is_err());
+        assert!(Manifest::parse(b"{\"format_version\": 1").is_err());
+        assert!(Manifest::parse(b"\xff\xfe").is_err());
+    }
+}

@@ -1,0 +1,122 @@
+//! `memory.bin`: guest RAM, its regions back to back. Zero pages are left as holes, so the file
+//! is sparse and restores read them back as zeros.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+
+use vm_memory::{Address, Bytes, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+
+use crate::digest::FileDigest;
+use crate::faults;
+
+pub const PAGE: usize = 4096;
+const CHUNK: usize = 4 << 20;
+
+/// What a memory write produced.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemoryWritten {
+    /// Logical size: all of guest RAM.
+    pub size: u64,
+    /// Bytes actually written (non-zero pages).
+    pub data_bytes: u64,
+    pub digest: String,
+}
+
+fn is_zero(page: &[u8]) -> bool {
+    // 16 bytes at a time: the compiler turns this into wide compares.
+    let mut chunks = page.chunks_exact(16);
+    chunks
+        .by_ref()
+        .all(|c| u128::from_ne_bytes(c.try_into().unwrap_or([1; 16])) == 0)
+        && chunks.remainder().iter().all(|b| *b == 0)
+}
+
+/// Writes all of `mem` to `file` (which must be empty), skipping zero pages; calls `progress`
+/// with bytes done so far.
+pub fn write_memory(
+    mem: &GuestMemoryMmap<()>,
+    file: &File,
+    mut progress: impl FnMut(u64, u64),
+) -> std::io::Result<MemoryWritten> {
+    let total: u64 = mem.iter().map(|r| r.len()).sum();
+    let mut digest = FileDigest::new();
+    let mut buf = vec![0u8; CHUNK];
+    let mut file_off = 0u64;
+    let mut data_bytes = 0u64;
+    for region in mem.iter() {
+        let mut done = 0u64;
+        while done < region.len() {
+            let n = (region.len() - done).min(CHUNK as u64) as usize;
+            let chunk = &mut buf[..n];
+            mem.read_slice(chunk, region.start_addr().unchecked_add(done))
+                .map_err(|e| std::io::Error::other(e.to_string()))?;
+            digest.update(chunk);
+            // Coalesce runs of non-zero pages into single writes.
+            let mut page = 0;
+            while page < n {
+                if is_zero(&chunk[page..(page + PAGE).min(n)]) {
+                    page += PAGE;
+                    continue;
+                }
+                let start = page;
+                while page < n && !is_zero(&chunk[page..(page + PAGE).min(n)]) {
+                    page += PAGE;
+                }
+                let end = page.min(n);
+                file.write_all_at(&chunk[start..end], file_off + done + start as u64)?;
+                data_bytes += (end - start) as u64;
+            }
+            done += n as u64;
+            progress(file_off + done, total);
+            faults::checkpoint();
+        }
+        file_off += region.len();
+    }
+    file.set_len(total)?;
+    Ok(MemoryWritten {
+        size: total,
+        data_bytes,
+        digest: digest.finish(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::MetadataExt;
+    use vm_memory::GuestAddress;
+
+    #[test]
+    fn sparse_file_holds_exactly_the_guest_bytes() {
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[
+            (GuestAddress(0), 8 << 20),
+            (GuestAddress(1 << 32), 4 << 20),
+        ])
+        .unwrap();
+        mem.write_obj(0xdead_beefu64, GuestAddress(0x1000)).unwrap();
+        mem.write_slice(&[0xab; 3 * PAGE], GuestAddress(5 << 20))
+            .unwrap();
+        mem.write_obj(7u8, GuestAddress((1 << 32) + (4 << 20) - 1))
+            .unwrap();
+        let path = std::env::temp_dir().join(format!("snap-mem-{}", std::process::id()));
+        let f = File::create(&path).unwrap();
+        let mut calls = 0;
+        let w = write_memory(&mem, &f, |_, _| calls += 1).unwrap();
+        assert_eq!(w.size, 12 << 20);
+        assert_eq!(w.data_bytes, 5 * PAGE as u64);
+        assert!(calls >= 3);
+        let bytes = std::fs::read(&path).unwrap();
+        assert_eq!(bytes.len(), 12 << 20);
+        assert_eq!(&bytes[0x1000..0x1008], &0xdead_beefu64.to_ne_bytes());
+        assert!(bytes[(5 << 20)..(5 << 20) + 3 * PAGE]
+            .iter()
+            .all(|b| *b == 0xab));
+        assert_eq!(bytes[(12 << 20) - 1], 7);
+        assert_eq!(bytes.iter().filter(|b| **b != 0).count(), 4 + 3 * PAGE + 1);
+        // Holes: far fewer blocks allocated than the logical size.
+        let blocks = std::fs::metadata(&path).unwrap().blocks() * 512;
+        assert!(blocks < 1 << 20, "{blocks} bytes allocated");
+        assert_eq!(crate::digest::file_digest(&path).unwrap().0, w.digest);
+        std::fs::remove_file(path).unwrap();
+    }
+}

@@ -1,0 +1,144 @@
+//! Opening a snapshot for restore: the manifest, then every check that can refuse it, each with
+//! a reason a script can act on.
+
+use std::path::{Path, PathBuf};
+
+use serde::de::DeserializeOwned;
+
+use crate::digest;
+use crate::error::{io, Refusal, SnapshotError};
+use crate::hostcpu::HostCpu;
+use crate::manifest::{Manifest, ManifestError, MEMORY, ROOTFS, VMSTATE};
+use crate::vmstate;
+
+/// A complete snapshot directory with a valid manifest.
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    pub dir: PathBuf,
+    pub manifest: Manifest,
+}
+
+/// What `verify` checks beyond the manifest and file sizes.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct VerifyOptions<'a> {
+    /// The kernel the restored VM would claim to run: its sha256 must match.
+    pub kernel: Option<&'a Path>,
+    /// Re-read every file and compare digests.
+    pub contents: bool,
+}
+
+impl Snapshot {
+    /// Opens `dir`; refuses a missing or invalid manifest.
+    pub fn open(dir: &Path) -> Result<Self, SnapshotError> {
+        if !dir.is_dir() {
+            return Err(SnapshotError::NotFound(dir.display().to_string()));
+        }
+        let manifest = Manifest::load(dir).map_err(|e| match e {
+            ManifestError::Missing => SnapshotError::NotFound(dir.display().to_string()),
+            e => Refusal::Manifest(e).into(),
+        })?;
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            manifest,
+        })
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+
+    pub fn memory_path(&self) -> PathBuf {
+        self.path(MEMORY)
+    }
+
+    /// The rootfs copy, when the snapshot has one.
+    pub fn rootfs_path(&self) -> Option<PathBuf> {
+        self.manifest.file(ROOTFS).map(|_| self.path(ROOTFS))
+    }
+
+    /// Refuses the snapshot if the kernel, the CPU vendor, a file's size or (with `contents`) a
+    /// file's digest differs from the manifest.
+    pub fn verify(&self, opts: &VerifyOptions<'_>) -> Result<(), SnapshotError> {
+        let host = HostCpu::current();
+        if host.vendor != self.manifest.host_cpu.vendor {
+            return Err(Refusal::CpuVendor {
+                saved: self.manifest.host_cpu.vendor.clone(),
+                host: host.vendor,
+            }
+            .into());
+        }
+        if let Some(kernel) = opts.kernel {
+            let actual = digest::sha256_file(kernel).map_err(|source| SnapshotError::Kernel {
+                path: kernel.to_path_buf(),
+                source,
+            })?;
+            if actual != self.manifest.kernel.sha256 {
+                return Err(Refusal::KernelMismatch {
+                    path: kernel.display().to_string(),
+                    expected: self.manifest.kernel.sha256.clone(),
+                    actual,
+                }
+                .into());
+            }
+        }
+        for f in &self.manifest.files {
+            let p = self.path(&f.name);
+            let meta = match std::fs::metadata(&p) {
+                Ok(m) => m,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    return Err(Refusal::MissingFile(f.name.clone()).into())
+                }
+                Err(e) => return Err(io("cannot stat", &p)(e)),
+            };
+            if meta.len() != f.size {
+                return Err(Refusal::Size {
+                    file: f.name.clone(),
+                    expected: f.size,
+                    actual: meta.len(),
+                }
+                .into());
+            }
+            if opts.contents {
+                let (actual, _) = digest::file_digest(&p).map_err(io("cannot read", &p))?;
+                if actual != f.digest {
+                    return Err(Refusal::Digest {
+                        file: f.name.clone(),
+                        expected: f.digest.clone(),
+                        actual,
+                    }
+                    .into());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Decodes `vmstate.bin` (magic, version and CRC checked).
+    pub fn load_state<S: DeserializeOwned>(&self) -> Result<S, SnapshotError> {
+        let p = self.path(VMSTATE);
+        let max = vmstate::MAX_PAYLOAD + 64;
+        let len = std::fs::metadata(&p).map_err(io("cannot stat", &p))?.len();
+        if len > max {
+            return Err(Refusal::State(vmstate::StateError::BadLength(len)).into());
+        }
+        let bytes = std::fs::read(&p).map_err(io("cannot read", &p))?;
+        vmstate::decode(&bytes).map_err(|e| Refusal::State(e).into())
+    }
+}
+
+/// Every complete snapshot in `dir`, oldest first. Directories without a valid manifest
+/// (leftovers, foreign files) are skipped.
+pub fn list(dir: &Path) -> Vec<Snapshot> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut out: Vec<Snapshot> = entries
+        .flatten()
+        .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
+        .filter_map(|e| Snapshot::open(&e.path()).ok())
+        .collect();
+    out.sort_by(|a, b| {
+        (a.manifest.created_unix, &a.manifest.tag).cmp(&(b.manifest.created_unix, &b.manifest.tag))
+    });
+    out
+}
