@@ -1,0 +1,196 @@
+//! Booting the bare-metal test guest in-process and reading what it prints.
+#![allow(dead_code)]
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use vmm::memory::RestoreMode;
+use vmm::snapshots::SnapshotRestore;
+use vmm::{Console, Vm, VmConfig};
+
+pub fn kvm_or_skip(test: &str) -> bool {
+    if Path::new("/dev/kvm").exists() {
+        return true;
+    }
+    eprintln!("{test}: skipped: /dev/kvm is not available on this host");
+    false
+}
+
+/// A console that keeps everything the guest printed.
+#[derive(Clone, Default)]
+pub struct Output(pub Arc<Mutex<Vec<u8>>>);
+
+impl Write for Output {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Output {
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+
+    /// The latest `cpu<i> count=<n>` per vCPU.
+    pub fn last_counts(&self, vcpus: usize) -> Vec<Option<u64>> {
+        let mut out = vec![None; vcpus];
+        for (cpu, n) in counts(&self.text()) {
+            if (cpu as usize) < vcpus {
+                out[cpu as usize] = Some(n);
+            }
+        }
+        out
+    }
+
+    /// The first count each vCPU printed.
+    pub fn first_counts(&self, vcpus: usize) -> Vec<Option<u64>> {
+        let mut out = vec![None; vcpus];
+        for (cpu, n) in counts(&self.text()) {
+            if (cpu as usize) < vcpus && out[cpu as usize].is_none() {
+                out[cpu as usize] = Some(n);
+            }
+        }
+        out
+    }
+
+    /// Waits until every vCPU printed a count above `floor[i]`.
+    pub fn wait_counts_above(&self, floor: &[u64], timeout: Duration) -> Vec<u64> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let last = self.last_counts(floor.len());
+            if last
+                .iter()
+                .zip(floor)
+                .all(|(l, f)| l.is_some_and(|l| l > *f))
+            {
+                return last.into_iter().map(|l| l.unwrap_or(0)).collect();
+            }
+            assert!(
+                !self.text().contains("ERROR"),
+                "guest error:\n{}",
+                self.text()
+            );
+            assert!(
+                Instant::now() < deadline,
+                "counts did not pass {floor:?} in {timeout:?}:\n{}",
+                self.text()
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// The guest-physical address of each vCPU's counter (`layout=1` lines).
+    pub fn state_addrs(&self, vcpus: usize) -> Vec<u64> {
+        let text = self.text();
+        (0..vcpus)
+            .map(|cpu| {
+                let prefix = format!("testguest: layout cpu={cpu} ");
+                let line = text
+                    .lines()
+                    .find(|l| l.starts_with(&prefix))
+                    .unwrap_or_else(|| panic!("no layout line for cpu{cpu}:\n{text}"));
+                let v = line
+                    .split_whitespace()
+                    .find_map(|w| w.strip_prefix("state=0x"))
+                    .unwrap();
+                u64::from_str_radix(v, 16).unwrap()
+            })
+            .collect()
+    }
+}
+
+pub fn counts(out: &str) -> Vec<(u32, u64)> {
+    out.lines()
+        .filter_map(|l| {
+            let rest = l.strip_prefix("cpu")?;
+            let (cpu, count) = rest.split_once(" count=")?;
+            Some((cpu.parse().ok()?, count.trim().parse().ok()?))
+        })
+        .collect()
+}
+
+static N: AtomicU64 = AtomicU64::new(0);
+
+/// A fresh scratch directory for one test.
+pub fn scratch(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!(
+        "vmm-it-{}-{}-{name}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::SeqCst)
+    ));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// Writes the embedded test guest to `dir/testguest.elf`.
+pub fn testguest(dir: &Path) -> PathBuf {
+    let p = dir.join("testguest.elf");
+    std::fs::write(&p, testguest_elf::ELF).unwrap();
+    p
+}
+
+pub const CMDLINE: &str = "mode=counter mem=2 tick_ms=2 layout=1";
+
+pub fn boot(kernel: &Path, vcpus: u8, mem_mib: u64, cmdline: &str) -> (Vm, Output) {
+    let out = Output::default();
+    let vm = Vm::boot(VmConfig {
+        kernel: kernel.to_path_buf(),
+        initrd: None,
+        cmdline: cmdline.to_string(),
+        mem_mib,
+        vcpus,
+        console: Console::Writer(Box::new(out.clone())),
+    })
+    .unwrap();
+    (vm, out)
+}
+
+pub fn restore(
+    snap: &snapshot::Snapshot,
+    kernel: &Path,
+    mode: RestoreMode,
+    paused: bool,
+) -> (Vm, Output) {
+    let out = Output::default();
+    let vm = Vm::restore_snapshot(SnapshotRestore {
+        snapshot: snap,
+        kernel: Some(kernel),
+        verify_contents: true,
+        memory_mode: mode,
+        console: Console::Writer(Box::new(out.clone())),
+        paused,
+    })
+    .unwrap();
+    (vm, out)
+}
+
+/// Each vCPU's counter straight from guest memory.
+pub fn memory_counts(vm: &Vm, addrs: &[u64]) -> Vec<u64> {
+    use vm_memory::{Bytes, GuestAddress};
+    addrs
+        .iter()
+        .map(|a| vm.memory().read_obj::<u64>(GuestAddress(*a)).unwrap())
+        .collect()
+}
+
+/// Each vCPU's counter as saved in a snapshot's memory file.
+pub fn file_counts(snap: &snapshot::Snapshot, addrs: &[u64]) -> Vec<u64> {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::File::open(snap.memory_path()).unwrap();
+    addrs
+        .iter()
+        .map(|a| {
+            let mut b = [0u8; 8];
+            f.read_exact_at(&mut b, *a).unwrap();
+            u64::from_le_bytes(b)
+        })
+        .collect()
+}

@@ -1,0 +1,166 @@
+//! Exact snapshot tests with the bare-metal test guest in counter mode: a restored guest goes on
+//! from the saved count with consistent memory (the guest checks every word of its region every
+//! round and prints ERROR otherwise), and forks never see each other's writes.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use snapshot::{capture, CaptureRequest, Snapshot, VerifyOptions};
+use vmm::memory::RestoreMode;
+
+const T: Duration = Duration::from_secs(30);
+
+fn take(vm: &vmm::Vm, dir: &std::path::Path, tag: &str, kernel: &std::path::Path) -> Snapshot {
+    capture(
+        vm,
+        &CaptureRequest {
+            dir,
+            tag,
+            kernel,
+            cmdline: CMDLINE,
+            rootfs: None,
+            image: None,
+            workspace: Some("test"),
+            note: None,
+        },
+        &mut |_| {},
+    )
+    .unwrap();
+    Snapshot::open(&dir.join(tag)).unwrap()
+}
+
+fn restore_continues_exactly(vcpus: u8, mode: RestoreMode) {
+    let dir = scratch(&format!("exact-{vcpus}-{mode:?}"));
+    let kernel = testguest(&dir);
+    let (src, src_out) = boot(&kernel, vcpus, 64, CMDLINE);
+    let n = vcpus as usize;
+    src_out.wait_counts_above(&vec![50; n], T);
+    let addrs = src_out.state_addrs(n);
+
+    src.pause().unwrap();
+    let at_pause = memory_counts(&src, &addrs);
+    let snap = take(&src, &dir.join("snapshots"), "s1", &kernel);
+    let saved = file_counts(&snap, &addrs);
+    assert_eq!(
+        saved, at_pause,
+        "the snapshot holds the counts of the moment it was taken"
+    );
+
+    // The source runs on well past the snapshot.
+    src.resume().unwrap();
+    let later = src_out.wait_counts_above(&saved.iter().map(|c| c + 500).collect::<Vec<_>>(), T);
+    drop(src);
+
+    let (vm, out) = restore(&snap, &kernel, mode, true);
+    assert_eq!(
+        memory_counts(&vm, &addrs),
+        saved,
+        "restored memory is the snapshot's"
+    );
+    vm.resume().unwrap();
+    out.wait_counts_above(&saved, T);
+    let first = out.first_counts(n);
+    for cpu in 0..n {
+        let f = first[cpu].unwrap();
+        // The guest prints a count right after storing it, so a snapshot taken between the
+        // two shows its saved count as the first line after restore.
+        assert!(
+            f >= saved[cpu],
+            "cpu{cpu} restarted below the snapshot: {f} < {}",
+            saved[cpu]
+        );
+        assert!(
+            f < later[cpu],
+            "cpu{cpu} continued from where the source got to ({f} >= {}), not from the snapshot",
+            later[cpu]
+        );
+    }
+    // A few hundred more verified rounds on every vCPU without an ERROR line.
+    out.wait_counts_above(&saved.iter().map(|c| c + 200).collect::<Vec<_>>(), T);
+    assert!(!out.text().contains("ERROR"), "{}", out.text());
+    drop(vm);
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn restore_continues_from_saved_count_1_vcpu() {
+    if !kvm_or_skip("restore_continues_from_saved_count_1_vcpu") {
+        return;
+    }
+    restore_continues_exactly(1, RestoreMode::Eager);
+    restore_continues_exactly(1, RestoreMode::PrivateMap);
+}
+
+#[test]
+fn restore_continues_from_saved_count_2_vcpus() {
+    if !kvm_or_skip("restore_continues_from_saved_count_2_vcpus") {
+        return;
+    }
+    restore_continues_exactly(2, RestoreMode::Eager);
+    restore_continues_exactly(2, RestoreMode::PrivateMap);
+}
+
+#[test]
+fn forks_and_source_diverge_and_five_forks_run_at_once() {
+    if !kvm_or_skip("forks_and_source_diverge_and_five_forks_run_at_once") {
+        return;
+    }
+    let dir = scratch("forks");
+    let kernel = testguest(&dir);
+    let (src, src_out) = boot(&kernel, 2, 64, CMDLINE);
+    src_out.wait_counts_above(&[20, 20], T);
+    let addrs = src_out.state_addrs(2);
+    src.pause().unwrap();
+    let snap = take(&src, &dir.join("snapshots"), "base", &kernel);
+    let saved = file_counts(&snap, &addrs);
+    src.resume().unwrap();
+
+    let forks: Vec<_> = (0..5)
+        .map(|i| {
+            let mode = if i % 2 == 0 {
+                RestoreMode::PrivateMap
+            } else {
+                RestoreMode::Eager
+            };
+            restore(&snap, &kernel, mode, false)
+        })
+        .collect();
+    let target: Vec<u64> = saved.iter().map(|c| c + 300).collect();
+    for (_, out) in &forks {
+        out.wait_counts_above(&target, T);
+    }
+    src_out.wait_counts_above(&target, T);
+
+    // Every fork started from the snapshot and checked its memory every round.
+    for (i, (_, out)) in forks.iter().enumerate() {
+        let first = out.first_counts(2);
+        for cpu in 0..2 {
+            assert!(first[cpu].unwrap() >= saved[cpu], "fork {i} cpu{cpu}");
+        }
+        assert!(!out.text().contains("ERROR"), "fork {i}:\n{}", out.text());
+    }
+    // Pause everything and compare counters in memory: each VM has its own.
+    src.pause().unwrap();
+    let mut all = vec![memory_counts(&src, &addrs)];
+    for (vm, _) in &forks {
+        vm.pause().unwrap();
+        all.push(memory_counts(vm, &addrs));
+    }
+    for i in 0..all.len() {
+        for j in i + 1..all.len() {
+            assert_ne!(all[i], all[j], "VMs {i} and {j} share counters");
+        }
+    }
+    // Copy-on-write: nothing a fork wrote reached the snapshot's files.
+    snap.verify(&VerifyOptions {
+        kernel: Some(&kernel),
+        contents: true,
+    })
+    .unwrap();
+    assert_eq!(file_counts(&snap, &addrs), saved);
+    drop(forks);
+    drop(src);
+    std::fs::remove_dir_all(dir).unwrap();
+}
