@@ -295,7 +295,7 @@ impl Vcpu {
             id,
             thread: Some(thread),
             requests: req_tx,
-            responses: resp_rx,
+            responses: std::sync::Mutex::new(resp_rx),
         })
     }
 
@@ -450,7 +450,8 @@ pub struct VcpuHandle {
     pub id: u8,
     thread: Option<JoinHandle<()>>,
     requests: Sender<VcpuRequest>,
-    responses: Receiver<VcpuResponse>,
+    // Held across send and receive, so concurrent callers get their own answers.
+    responses: std::sync::Mutex<Receiver<VcpuResponse>>,
 }
 
 /// How long a vCPU may take to leave KVM_RUN after a kick. Generous: nested KVM exits are slow.
@@ -465,11 +466,12 @@ impl VcpuHandle {
     }
 
     fn request(&self, req: VcpuRequest) -> Result<VcpuResponse, VcpuError> {
+        let responses = self.responses.lock().unwrap_or_else(|e| e.into_inner());
         self.requests
             .send(req)
             .map_err(|_| VcpuError::Gone(self.id))?;
         self.kick();
-        match self.responses.recv_timeout(ANSWER_TIMEOUT) {
+        match responses.recv_timeout(ANSWER_TIMEOUT) {
             Ok(r) => Ok(r),
             Err(RecvTimeoutError::Timeout) => Err(VcpuError::Timeout(self.id, ANSWER_TIMEOUT)),
             Err(RecvTimeoutError::Disconnected) => Err(VcpuError::Gone(self.id)),

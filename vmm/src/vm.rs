@@ -4,7 +4,7 @@ use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use kvm_bindings::{kvm_pit_config, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
@@ -82,6 +82,8 @@ pub enum VmError {
     },
     #[error("every vCPU thread is gone without an exit event")]
     VcpusGone,
+    #[error("the guest is still running")]
+    WaitTimeout,
 }
 
 /// A VM whose vCPUs are running.
@@ -89,7 +91,7 @@ pub struct Vm {
     // vCPU handles are dropped (threads joined) before the VM fd and memory they use.
     vcpus: Vec<VcpuHandle>,
     devices: DeviceManager,
-    events: Receiver<VmEvent>,
+    events: Mutex<Receiver<VmEvent>>,
     fd: VmFd,
     _kvm: Kvm,
     memory: GuestMemory,
@@ -238,7 +240,7 @@ impl Parts {
         Ok(Vm {
             vcpus,
             devices: self.devices,
-            events: self.events,
+            events: Mutex::new(self.events),
             fd: self.fd,
             _kvm: self.kvm,
             memory,
@@ -367,19 +369,35 @@ impl Vm {
 
     /// As `wait`, but gives up after `timeout` and returns `Ok(None)` with the VM stopped.
     pub fn wait_timeout(mut self, timeout: Option<Duration>) -> Result<Option<GuestExit>, VmError> {
-        let event = match timeout {
-            None => self.events.recv().map_err(|_| VmError::VcpusGone),
-            Some(t) => match self.events.recv_timeout(t) {
-                Ok(e) => Ok(e),
-                Err(RecvTimeoutError::Timeout) => {
-                    self.stop();
-                    return Ok(None);
-                }
-                Err(RecvTimeoutError::Disconnected) => Err(VmError::VcpusGone),
-            },
+        let r = match timeout {
+            None => self.next_exit(None).map(Some),
+            Some(t) => self.poll_exit(t),
         };
         self.stop();
-        match event? {
+        r.map(|o| o.flatten())
+    }
+
+    /// Waits up to `timeout` for the guest to end, without stopping the VM: `Ok(None)` if it
+    /// is still running. For a VMM process that serves requests while the guest runs.
+    pub fn poll_exit(&self, timeout: Duration) -> Result<Option<Option<GuestExit>>, VmError> {
+        match self.next_exit(Some(timeout)) {
+            Ok(e) => Ok(Some(e)),
+            Err(VmError::WaitTimeout) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn next_exit(&self, timeout: Option<Duration>) -> Result<Option<GuestExit>, VmError> {
+        let events = self.events.lock().unwrap_or_else(|e| e.into_inner());
+        let event = match timeout {
+            None => events.recv().map_err(|_| VmError::VcpusGone)?,
+            Some(t) => match events.recv_timeout(t) {
+                Ok(e) => e,
+                Err(RecvTimeoutError::Timeout) => return Err(VmError::WaitTimeout),
+                Err(RecvTimeoutError::Disconnected) => return Err(VmError::VcpusGone),
+            },
+        };
+        match event {
             VmEvent::Reset => Ok(Some(GuestExit::Reset)),
             VmEvent::Shutdown => Ok(Some(GuestExit::Shutdown)),
             VmEvent::VcpuFailed { error, .. } => Err(VmError::Vcpu(error)),
@@ -693,5 +711,15 @@ mod restore_tests {
         );
         std::fs::remove_file(mem).unwrap();
         std::fs::remove_file(k).unwrap();
+    }
+}
+
+#[cfg(test)]
+mod sync_tests {
+    /// The VMM process serves its control socket from another thread than the one that waits.
+    #[test]
+    fn vm_is_shareable_across_threads() {
+        fn assert_sync<T: Send + Sync>() {}
+        assert_sync::<super::Vm>();
     }
 }
