@@ -102,6 +102,8 @@ ap_entry64:
     leaq AP_SLOTS(%rip), %rbx
     addq %rax, %rbx
     movq 8(%rbx), %rsp          /* kernel stack */
+    testq %rsp, %rsp            /* no slot: not an enabled CPU of ours, park */
+    jz 2f
     movl $4, ({progress})
     lidt IDTR(%rip)
     movzwl 16(%rbx), %eax       /* TSS selector */
@@ -114,6 +116,10 @@ ap_entry64:
     pushq %rax
     movq (%rbx), %rdi           /* cpu index */
     iretq
+2:
+    cli
+    hlt
+    jmp 2b
 
 /* ---------------------------------------------------------------- exceptions */
 .macro isr_noerr n

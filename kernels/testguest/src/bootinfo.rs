@@ -3,7 +3,6 @@
 
 use crate::fail;
 
-#[allow(dead_code)]
 pub const KIND_LINUX: u64 = 0;
 pub const KIND_PVH: u64 = 1;
 
@@ -126,6 +125,10 @@ impl BootInfo {
 
 // ---------------------------------------------------------------- command line
 
+pub const CRASH_PF: u8 = 1;
+pub const CRASH_UD: u8 = 2;
+pub const CRASH_PANIC: u8 = 3;
+
 pub struct Config {
     pub mode: [u8; 32],
     pub mode_len: usize,
@@ -134,6 +137,8 @@ pub struct Config {
     pub tick_ms: u64,
     pub layout: bool,
     pub gbpages: bool,
+    /// `crash=pf|ud|panic`: fail on purpose after the ready line (tests the error paths).
+    pub crash: u8,
 }
 
 impl Config {
@@ -151,6 +156,7 @@ impl Config {
             tick_ms: 10,
             layout: false,
             gbpages: true,
+            crash: 0,
         };
         c.mode[..7].copy_from_slice(b"counter");
         for word in cmdline.split(|&b| b == b' ' || b == b'\t' || b == b'\n') {
@@ -167,6 +173,14 @@ impl Config {
                 b"tick_ms" => c.tick_ms = number(key, val),
                 b"layout" => c.layout = number(key, val) != 0,
                 b"gbpages" => c.gbpages = number(key, val) != 0,
+                b"crash" => {
+                    c.crash = match val {
+                        b"pf" => CRASH_PF,
+                        b"ud" => CRASH_UD,
+                        b"panic" => CRASH_PANIC,
+                        _ => 0,
+                    }
+                }
                 _ => {}
             }
         }

@@ -97,28 +97,57 @@ fn tsc_khz_from_cpuid() -> Option<u64> {
 
 /// Measured against PIT channel 2 over ~10 ms (a few hundred reads of port 0x61, whose bit 5
 /// is channel 2's output; KVM's in-kernel PIT emulates it with KVM_PIT_SPEAKER_DUMMY).
+///
+/// Every port access is a VM exit and the CPL0 loop is emulated here, so a run can be
+/// stretched by the host: each run brackets the start and the end of the interval with TSC
+/// reads, and a run whose brackets are wider than 1% is repeated (best of 4 kept).
 fn calibrate_pit() -> Option<u64> {
+    let mut best: Option<(u64, u64)> = None; // (uncertainty, ticks per 10 ms)
+    for _ in 0..4 {
+        let Some(m) = pit_run() else { return None };
+        if best.is_none_or(|b| m.0 < b.0) {
+            best = Some(m);
+        }
+        if m.0 * 100 <= m.1 {
+            break;
+        }
+    }
+    let (_, ticks) = best?;
+    let per_ms = ticks / 10;
+    (100_000..20_000_000).contains(&per_ms).then_some(per_ms) // 100 MHz .. 20 GHz
+}
+
+/// One 10 ms PIT interval: (uncertainty, estimate), both in TSC ticks.
+fn pit_run() -> Option<(u64, u64)> {
     const LATCH: u64 = 11932; // 10 ms at 1.193182 MHz
     let v = inb(0x61);
     outb(0x61, (v & !0x02) | 0x01); // gate high, speaker off
     outb(0x43, 0xB0); // channel 2, lobyte/hibyte, mode 0, binary
     outb(0x42, LATCH as u8);
-    outb(0x42, (LATCH >> 8) as u8);
-    let t0 = rdtsc();
+    let s0 = rdtsc();
+    outb(0x42, (LATCH >> 8) as u8); // counting starts with this write
+    let s1 = rdtsc();
     let mut polls = 0u32;
-    while inb(0x61) & 0x20 == 0 {
+    let mut last_low = s1; // the last read that still saw OUT low started after this
+    loop {
+        let a = rdtsc();
+        let out = inb(0x61) & 0x20;
+        let b = rdtsc();
+        if out != 0 {
+            // OUT went high in [last_low, b]; counting started in [s0, s1].
+            if polls < 3 {
+                return None; // high at once: channel 2 is not counting
+            }
+            let lo = last_low - s1;
+            let hi = b - s0;
+            return Some((hi - lo, (lo + hi) / 2));
+        }
+        last_low = a;
         polls += 1;
         if polls > 20_000 {
             return None;
         }
     }
-    let t1 = rdtsc();
-    let per_ms = (t1 - t0) / 10;
-    // OUT high immediately means the PIT is not counting; sanity-check 100 MHz..20 GHz.
-    if polls < 3 || !(100_000..20_000_000).contains(&per_ms) {
-        return None;
-    }
-    Some(per_ms)
 }
 
 pub fn ap_up(cpu: usize) {
@@ -191,7 +220,7 @@ fn fail_mismatch(cpu: u64, count: u64, addr: u64, expected: u64, found: u64) -> 
         ),
     );
     crate::serial::emit_emergency(&l);
-    cpu::reset()
+    cpu::crash()
 }
 
 /// The counter loop of vCPU `cpu` (0 = BSP). Never returns.

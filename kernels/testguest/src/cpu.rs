@@ -21,6 +21,7 @@ pub const KC_SET_CR3: u64 = 1;
 pub const KC_SEND_IPI: u64 = 2;
 pub const KC_LAPIC_ID: u64 = 3;
 pub const KC_RESET: u64 = 4;
+pub const KC_CRASH: u64 = 7;
 pub const KC_SERIAL_WRITE: u64 = 5;
 pub const KC_CALIBRATE_TSC: u64 = 6;
 /// rax value that marks a `ud2` as a kcall ("kcall" in ASCII).
@@ -204,6 +205,7 @@ extern "C" fn kcall_dispatch(op: u64, a: u64, b: u64) -> u64 {
         }
         KC_LAPIC_ID => (lapic_read(0x20) >> 24) as u64,
         KC_RESET => reset(),
+        KC_CRASH => triple_fault(),
         KC_SERIAL_WRITE => {
             serial::write_raw(unsafe { core::slice::from_raw_parts(a as *const u8, b as usize) });
             0
@@ -222,6 +224,15 @@ pub fn reset() -> ! {
         kcall(KC_RESET, 0, 0);
     }
     outb(0x64, 0xFE);
+    triple_fault()
+}
+
+/// Stop the machine as a failure: a triple fault, which the VMM reports as a guest crash
+/// (non-zero exit), so an ERROR line can never pass for a clean run.
+pub fn crash() -> ! {
+    if cpl() != 0 {
+        kcall(KC_CRASH, 0, 0);
+    }
     triple_fault()
 }
 
@@ -247,7 +258,7 @@ pub struct ExceptionFrame {
 
 static IN_EXCEPTION: AtomicU32 = AtomicU32::new(0);
 
-/// CPL0: report the exception and reset.
+/// CPL0: report the exception and crash.
 #[no_mangle]
 extern "C" fn exception_handler(f: &ExceptionFrame) -> ! {
     let cr2: u64;
@@ -267,5 +278,5 @@ extern "C" fn exception_handler(f: &ExceptionFrame) -> ! {
         );
         serial::emit_emergency(&l);
     }
-    reset()
+    triple_fault()
 }

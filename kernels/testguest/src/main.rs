@@ -25,6 +25,8 @@ pub const BOOT_MAPPED: u64 = 1 << 30;
 /// Written once at CPL0 by the BSP.
 static mut BOOT_INFO: u64 = 0;
 static mut BOOT_KIND: u64 = 0;
+/// TSC at the first Rust instruction (for the `layout=1` info line).
+static mut TSC_ENTRY: u64 = 0;
 
 /// Bump allocator over the RAM right after the image (page tables, AP stacks, regions).
 static BUMP: AtomicU64 = AtomicU64::new(0);
@@ -40,12 +42,12 @@ pub fn alloc(size: u64, align: u64) -> u64 {
     a
 }
 
-/// Print `testguest: ERROR <msg>` and reset.
+/// Print `testguest: ERROR <msg>` and crash (a triple fault: the VM exits non-zero).
 pub fn fail(msg: core::fmt::Arguments) -> ! {
     let mut l = serial::Line::new();
     let _ = write!(l, "testguest: ERROR {}\n", msg);
     serial::emit_emergency(&l);
-    cpu::reset()
+    cpu::crash()
 }
 
 #[panic_handler]
@@ -57,14 +59,16 @@ fn panic(info: &core::panic::PanicInfo) -> ! {
     }
     let _ = l.write_str("\n");
     serial::emit_emergency(&l);
-    cpu::reset()
+    cpu::crash()
 }
 
 /// BSP at CPL0, from `common64` (our GDT and the boot page tables are loaded).
 #[no_mangle]
 extern "C" fn bsp_init0(info: u64, kind: u64) -> ! {
+    let tsc = cpu::rdtsc();
     serial::init();
     unsafe {
+        TSC_ENTRY = tsc;
         BOOT_INFO = info;
         BOOT_KIND = kind;
     }
@@ -83,7 +87,7 @@ pub struct Run {
 }
 
 pub static mut RUN: Run = Run {
-    cfg: Config { mode: [0; 32], mode_len: 0, mem_mib: 0, count: 0, tick_ms: 0, layout: false, gbpages: false },
+    cfg: Config { mode: [0; 32], mode_len: 0, mem_mib: 0, count: 0, tick_ms: 0, layout: false, gbpages: false, crash: 0 },
     ncpus: 1,
     tsc_per_ms: 0,
 };
@@ -134,18 +138,30 @@ extern "C" fn bsp_main() -> ! {
 
     let run = run();
     if run.cfg.layout {
+        let since_entry = cpu::rdtsc() - unsafe { TSC_ENTRY };
         println!(
-            "testguest: info cpus_from={} tsc_khz={} gbpages={} user_io={}",
+            "testguest: info boot={} cpus_from={} tsc_khz={} gbpages={} user_io={} entry_to_here_us={}",
+            match unsafe { BOOT_KIND } { bootinfo::KIND_LINUX => "linux64", _ => "pvh" },
             cpu_source,
             run.tsc_per_ms,
             gb as u8,
-            if cpu::io_direct() { "direct" } else { "kcall" }
+            if cpu::io_direct() { "direct" } else { "kcall" },
+            if run.tsc_per_ms != 0 { since_entry * 1000 / run.tsc_per_ms } else { 0 }
         );
         for i in 0..cpus.n {
             counter::print_layout(i);
         }
     }
     println!("testguest: ready vcpus={} mode={} mem={}", cpus.n, run.cfg.mode(), run.cfg.mem_mib);
+    match run.cfg.crash {
+        bootinfo::CRASH_PF => unsafe {
+            // Above all RAM and the 4 GiB device window: not mapped.
+            ((bi.ram_top().max(1 << 32) + (1 << 30)) as *mut u64).write_volatile(1)
+        },
+        bootinfo::CRASH_UD => unsafe { core::arch::asm!("ud2") },
+        bootinfo::CRASH_PANIC => panic!("crash=panic requested"),
+        _ => {}
+    }
     counter::go();
     counter::run(0)
 }

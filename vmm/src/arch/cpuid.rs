@@ -110,10 +110,8 @@ fn normalize_entry(
             }
             e.edx = id;
         }
-        LEAF_KVM_FEATURES => {
-            if cfg.hide_vmcall_features {
-                e.eax &= !VMCALL_FEATURES;
-            }
+        LEAF_KVM_FEATURES if cfg.hide_vmcall_features => {
+            e.eax &= !VMCALL_FEATURES;
         }
         LEAF_EXT_SIZES => {
             // ECX[7:0]: cores - 1; [15:12]: APIC id bits for cores.
@@ -159,7 +157,7 @@ mod tests {
         let mut l1 = entry(LEAF_FEATURES, 0);
         l1.ebx = 0xffff_ffff;
         let mut l4 = entry(LEAF_CACHE, 3);
-        l4.eax = 0xffff_ffff & !(0x7 << 5) | (3 << 5);
+        l4.eax = !(0x7 << 5) | (3 << 5);
         let mut kvm = entry(LEAF_KVM_FEATURES, 0);
         kvm.eax = 0xffff_ffff;
         let mut pmu = entry(LEAF_PMU, 0);

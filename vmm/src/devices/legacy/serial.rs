@@ -166,7 +166,7 @@ mod tests {
         let mut two = [0u8; 2];
         s.read(0, &mut two);
         assert_eq!(two, [0xff, 0xff]);
-        s.write(0, &[b'x', b'y']);
+        s.write(0, b"xy");
         assert_eq!(out.0.lock().unwrap().len(), 3);
     }
 
