@@ -2,7 +2,7 @@
 # Fails when a rust-vmm crate appears in two versions: their types do not mix across versions.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-dups=$(cargo tree -d --workspace -e normal --prefix none 2>/dev/null \
+dups=$(cargo tree -d --workspace -e normal --depth 0 --prefix none 2>/dev/null \
     | grep -E '^(kvm-ioctls|kvm-bindings|vm-memory|vmm-sys-util|virtio-queue|virtio-bindings|linux-loader|vm-superio|event-manager|vhost|userfaultfd) v' \
     | sort -u || true)
 if [[ -n "$dups" ]]; then

@@ -60,6 +60,7 @@ pub fn run(args: RunArgs) -> Result<(), Failure> {
         mem_mib: args.mem,
         vcpus,
         console,
+        devices: Default::default(),
     })
     .map_err(vm_failure)?;
     match vm.wait().map_err(vm_failure)? {

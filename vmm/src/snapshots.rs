@@ -60,6 +60,8 @@ pub struct SnapshotRestore<'a> {
     pub memory_mode: RestoreMode,
     pub console: Console,
     pub paused: bool,
+    /// A fork's own device host sides (see `RestoreConfig::devices`).
+    pub devices: Option<crate::devices::DeviceConfig>,
 }
 
 impl Vm {
@@ -76,6 +78,7 @@ impl Vm {
             memory_mode: r.memory_mode,
             console: r.console,
             paused: r.paused,
+            devices: r.devices,
         })?)
     }
 }

@@ -16,7 +16,7 @@ use crate::arch::layout::{KVM_TSS_ADDRESS, MAX_VCPUS};
 use crate::arch::mptable;
 use crate::devices::legacy::serial;
 use crate::devices::manager::DevicesState;
-use crate::devices::{DeviceError, DeviceManager};
+use crate::devices::{DeviceConfig, DeviceError, DeviceManager};
 use crate::memory::{self, GuestMemory, RestoreMode};
 use crate::persist::{self, VcpuState, VmKvmState};
 use crate::vcpu::{BootVcpuConfig, Vcpu, VcpuError, VcpuHandle, VmEvent};
@@ -37,6 +37,8 @@ pub struct VmConfig {
     pub mem_mib: u64,
     pub vcpus: u8,
     pub console: Console,
+    /// Virtio devices (none by default).
+    pub devices: DeviceConfig,
 }
 
 /// How a guest ended on its own.
@@ -163,6 +165,9 @@ pub struct RestoreConfig {
     pub console: Console,
     /// Leave the vCPUs parked after restore.
     pub paused: bool,
+    /// For a fork: the same devices with host sides of its own (disk copy, vsock socket,
+    /// network). `None` re-creates the saved configuration.
+    pub devices: Option<DeviceConfig>,
 }
 
 /// The parts boot and restore share, built the same way for both.
@@ -180,6 +185,7 @@ impl Parts {
         memory: &GuestMemory,
         console: Console,
         devices_state: Option<&DevicesState>,
+        devices_config: &DeviceConfig,
     ) -> Result<Self, VmError> {
         let kvm = open_kvm()?;
         if usize::from(vcpu_count) > kvm.get_max_vcpus() {
@@ -202,8 +208,15 @@ impl Parts {
         let (event_tx, events) = channel();
         let console = open_console(console)?;
         let devices = match devices_state {
-            None => DeviceManager::new(&fd, console, event_tx.clone())?,
-            Some(s) => DeviceManager::restore(&fd, console, event_tx.clone(), s)?,
+            None => DeviceManager::new(&fd, memory, console, event_tx.clone(), devices_config)?,
+            Some(s) => DeviceManager::restore_with_config(
+                &fd,
+                memory,
+                console,
+                event_tx.clone(),
+                s,
+                devices_config,
+            )?,
         };
         Ok(Self {
             kvm,
@@ -259,7 +272,7 @@ impl Vm {
         let vcpu_count = check_vcpus(u32::from(config.vcpus))?;
         memory::check_size(config.mem_mib)?;
         let memory = memory::create(config.mem_mib)?;
-        let parts = Parts::new(vcpu_count, &memory, config.console, None)?;
+        let parts = Parts::new(vcpu_count, &memory, config.console, None, &config.devices)?;
 
         let mut cmdline = config.cmdline.clone();
         for word in parts.devices.cmdline_extra() {
@@ -315,11 +328,23 @@ impl Vm {
             .filter(|n| (1..=MAX_VCPUS).contains(n))
             .ok_or(VmError::VcpuCount(state.vcpus.len() as u32))?;
         let memory = memory::restore(state.mem_mib, &config.memory_file, config.memory_mode)?;
-        let parts = Parts::new(vcpu_count, &memory, config.console, Some(&state.devices))?;
+        let parts = Parts::new(
+            vcpu_count,
+            &memory,
+            config.console,
+            Some(&state.devices),
+            config.devices.as_ref().unwrap_or(&state.devices.config),
+        )?;
         persist::restore_vm(&parts.fd, &state.kvm).map_err(VcpuError::from)?;
         let mut created = parts.create_vcpus(vcpu_count)?;
         for (vcpu, saved) in created.iter_mut().zip(&state.vcpus) {
             vcpu.configure_restore(saved)?;
+        }
+        // The host ends of the guest's vsock connections did not survive: tell the guest, which
+        // drops its connections and keeps its listeners; clients reconnect.
+        parts.devices.vsock_transport_reset();
+        if config.paused {
+            parts.devices.pause()?;
         }
         let mut vm = parts.start(created, memory, config.paused)?;
         vm.mem_mib = state.mem_mib;
@@ -347,14 +372,18 @@ impl Vm {
     }
 
     /// Pauses every vCPU; they stay out of KVM_RUN until `resume`.
+    /// Parks every vCPU, then the device loop: after this nothing changes guest memory or device
+    /// state until `resume`.
     pub fn pause(&self) -> Result<(), VmError> {
         for v in &self.vcpus {
             v.pause()?;
         }
+        self.devices.pause()?;
         Ok(())
     }
 
     pub fn resume(&self) -> Result<(), VmError> {
+        self.devices.resume();
         for v in &self.vcpus {
             v.resume()?;
         }
@@ -457,6 +486,7 @@ mod tests {
             mem_mib: 16,
             vcpus,
             console: Console::Writer(Box::new(out.clone())),
+            devices: Default::default(),
         });
         (vm, out, path)
     }
@@ -549,6 +579,7 @@ mod tests {
                 mem_mib: mem,
                 vcpus,
                 console: Console::Writer(Box::new(std::io::sink())),
+                devices: Default::default(),
             });
             assert!(
                 matches!(r, Err(VmError::Memory(_)) | Err(VmError::VcpuCount(_))),
@@ -582,6 +613,7 @@ mod restore_tests {
             mem_mib: 16,
             vcpus,
             console: Console::Writer(Box::new(std::io::sink())),
+            devices: Default::default(),
         })
         .unwrap();
         (vm, k)
@@ -639,6 +671,7 @@ mod restore_tests {
                 memory_mode: mode,
                 console: Console::Writer(Box::new(std::io::sink())),
                 paused: true,
+                devices: None,
             })
             .unwrap();
             assert_eq!(count(&restored), saved_count, "{mode:?}: memory as saved");
@@ -675,6 +708,7 @@ mod restore_tests {
             memory_mode: RestoreMode::Eager,
             console: Console::Writer(Box::new(std::io::sink())),
             paused: true,
+            devices: None,
         })
         .unwrap();
         let second = restored.save_state().unwrap();

@@ -213,6 +213,7 @@ fn flipped_bytes_and_a_different_kernel_are_refused() {
                     memory_mode: RestoreMode::PrivateMap,
                     console: vmm::Console::Writer(Box::new(std::io::sink())),
                     paused: true,
+                    devices: None,
                 });
                 assert!(r.is_err(), "{file} flipped at {off} restored");
             }

@@ -148,6 +148,7 @@ pub fn boot(kernel: &Path, vcpus: u8, mem_mib: u64, cmdline: &str) -> (Vm, Outpu
         mem_mib,
         vcpus,
         console: Console::Writer(Box::new(out.clone())),
+        devices: Default::default(),
     })
     .unwrap();
     (vm, out)
@@ -167,6 +168,7 @@ pub fn restore(
         memory_mode: mode,
         console: Console::Writer(Box::new(out.clone())),
         paused,
+        devices: None,
     })
     .unwrap();
     (vm, out)

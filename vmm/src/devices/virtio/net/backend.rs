@@ -1,0 +1,314 @@
+//! Where a virtio-net device's frames go: a `passt` process (qemu stream protocol over a Unix
+//! socket pair: 4-byte big-endian length, then the frame) or a tap interface.
+
+use std::fs::{File, OpenOptions};
+use std::io::{ErrorKind, Read, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::io::{AsRawFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+/// Largest Ethernet frame we move (64 KiB IP packet plus link header).
+pub const MAX_FRAME: usize = 65_550;
+/// Output bytes we hold for a passt that does not read fast enough; frames beyond are dropped
+/// (like a full NIC ring).
+const MAX_PENDING_OUT: usize = 1 << 20;
+/// Input bytes we read ahead from passt.
+const READ_CHUNK: usize = 128 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    #[error("passt is not installed (Debian package `passt`): no `passt` in PATH")]
+    PasstNotInPath,
+    #[error("passt binary {0} does not exist")]
+    PasstMissing(PathBuf),
+    #[error("cannot start passt ({path}): {source}")]
+    PasstSpawn {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("passt ({path}) exited at start-up: {status}")]
+    PasstExited {
+        path: PathBuf,
+        status: std::process::ExitStatus,
+    },
+    #[error("cannot create the socket pair for passt: {0}")]
+    SocketPair(#[source] std::io::Error),
+    #[error("tap name {0:?} is empty or longer than 15 bytes")]
+    TapName(String),
+    #[error("cannot open /dev/net/tun: {0}")]
+    OpenTun(#[source] std::io::Error),
+    #[error("cannot attach to tap {name}: {source}")]
+    TunSetIff {
+        name: String,
+        source: std::io::Error,
+    },
+}
+
+/// Finds `passt` in PATH.
+pub fn find_passt() -> Result<PathBuf, BackendError> {
+    let path = std::env::var_os("PATH").unwrap_or_else(|| "/usr/bin:/bin".into());
+    std::env::split_paths(&path)
+        .map(|d| d.join("passt"))
+        .find(|p| p.is_file())
+        .ok_or(BackendError::PasstNotInPath)
+}
+
+pub enum Backend {
+    Passt(Passt),
+    Tap(Tap),
+}
+
+impl Backend {
+    pub fn fd(&self) -> RawFd {
+        match self {
+            Backend::Passt(p) => p.stream.as_raw_fd(),
+            Backend::Tap(t) => t.file.as_raw_fd(),
+        }
+    }
+
+    /// The next frame from the network into `buf`; `Ok(None)` when nothing is there now.
+    pub fn recv(&mut self, buf: &mut Vec<u8>) -> std::io::Result<Option<usize>> {
+        match self {
+            Backend::Passt(p) => p.recv(buf),
+            Backend::Tap(t) => t.recv(buf),
+        }
+    }
+
+    /// Sends a frame; `Ok(false)` when it was dropped because the back end is full.
+    pub fn send(&mut self, frame: &[u8]) -> std::io::Result<bool> {
+        match self {
+            Backend::Passt(p) => p.send(frame),
+            Backend::Tap(t) => t.send(frame),
+        }
+    }
+
+    /// Writes out anything held back (on EPOLLOUT).
+    pub fn flush(&mut self) -> std::io::Result<()> {
+        match self {
+            Backend::Passt(p) => p.flush(),
+            Backend::Tap(_) => Ok(()),
+        }
+    }
+}
+
+/// A passt process of our own.
+pub struct Passt {
+    stream: UnixStream,
+    child: Child,
+    rbuf: Vec<u8>,
+    rpos: usize,
+    wbuf: Vec<u8>,
+}
+
+impl Passt {
+    /// Starts `binary` (or `passt` from PATH) with one end of a socket pair (`--fd`), in the
+    /// foreground so it dies with us.
+    pub fn spawn(binary: Option<&Path>, args: &[String]) -> Result<Self, BackendError> {
+        let path = match binary {
+            Some(p) if p.is_file() => p.to_path_buf(),
+            Some(p) => return Err(BackendError::PasstMissing(p.to_path_buf())),
+            None => find_passt()?,
+        };
+        let (ours, theirs) = UnixStream::pair().map_err(BackendError::SocketPair)?;
+        let fd = theirs.as_raw_fd();
+        let mut cmd = Command::new(&path);
+        cmd.args(["--foreground", "--quiet", "--fd", &fd.to_string()])
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        // SAFETY: only async-signal-safe calls (fcntl) between fork and exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                // Let the child keep its end of the pair across exec.
+                if libc::fcntl(fd, libc::F_SETFD, 0) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let mut child = cmd.spawn().map_err(|source| BackendError::PasstSpawn {
+            path: path.clone(),
+            source,
+        })?;
+        drop(theirs);
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(BackendError::PasstExited { path, status });
+        }
+        ours.set_nonblocking(true)
+            .map_err(BackendError::SocketPair)?;
+        Ok(Self {
+            stream: ours,
+            child,
+            rbuf: Vec::new(),
+            rpos: 0,
+            wbuf: Vec::new(),
+        })
+    }
+
+    /// The passt process id (for diagnostics and tests).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn take_frame(&mut self, buf: &mut Vec<u8>) -> Option<usize> {
+        let avail = &self.rbuf[self.rpos..];
+        if avail.len() < 4 {
+            return None;
+        }
+        let len = u32::from_be_bytes([avail[0], avail[1], avail[2], avail[3]]) as usize;
+        if avail.len() < 4 + len {
+            return None;
+        }
+        buf.clear();
+        buf.extend_from_slice(&avail[4..4 + len]);
+        self.rpos += 4 + len;
+        if self.rpos == self.rbuf.len() {
+            self.rbuf.clear();
+            self.rpos = 0;
+        }
+        Some(len)
+    }
+
+    fn recv(&mut self, buf: &mut Vec<u8>) -> std::io::Result<Option<usize>> {
+        loop {
+            if let Some(n) = self.take_frame(buf) {
+                if n > MAX_FRAME {
+                    continue; // too large for any guest buffer: drop
+                }
+                return Ok(Some(n));
+            }
+            // Compact, then read more.
+            if self.rpos > 0 {
+                self.rbuf.drain(..self.rpos);
+                self.rpos = 0;
+            }
+            let start = self.rbuf.len();
+            self.rbuf.resize(start + READ_CHUNK, 0);
+            match self.stream.read(&mut self.rbuf[start..]) {
+                Ok(0) => {
+                    self.rbuf.truncate(start);
+                    return Err(ErrorKind::UnexpectedEof.into());
+                }
+                Ok(n) => self.rbuf.truncate(start + n),
+                Err(e) => {
+                    self.rbuf.truncate(start);
+                    match e.kind() {
+                        ErrorKind::WouldBlock => return Ok(None),
+                        ErrorKind::Interrupted => {}
+                        _ => return Err(e),
+                    }
+                }
+            }
+        }
+    }
+
+    fn send(&mut self, frame: &[u8]) -> std::io::Result<bool> {
+        if self.wbuf.len() + 4 + frame.len() > MAX_PENDING_OUT {
+            self.flush()?;
+            if self.wbuf.len() + 4 + frame.len() > MAX_PENDING_OUT {
+                return Ok(false);
+            }
+        }
+        self.wbuf
+            .extend_from_slice(&(frame.len() as u32).to_be_bytes());
+        self.wbuf.extend_from_slice(frame);
+        self.flush()?;
+        Ok(true)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        let mut done = 0;
+        let r = loop {
+            if done == self.wbuf.len() {
+                break Ok(());
+            }
+            match self.stream.write(&self.wbuf[done..]) {
+                Ok(n) => done += n,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => break Ok(()),
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => break Err(e),
+            }
+        };
+        self.wbuf.drain(..done);
+        r
+    }
+}
+
+impl Drop for Passt {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A tap interface (IFF_TAP | IFF_NO_PI: plain Ethernet frames, no offloads).
+pub struct Tap {
+    file: File,
+    name: String,
+}
+
+const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
+
+impl Tap {
+    pub fn open(name: &str) -> Result<Self, BackendError> {
+        if name.is_empty() || name.len() > 15 || name.contains('\0') {
+            return Err(BackendError::TapName(name.to_string()));
+        }
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+            .open("/dev/net/tun")
+            .map_err(BackendError::OpenTun)?;
+        // struct ifreq: 16-byte name, then the flags (short) in a 24-byte union.
+        let mut ifr = [0u8; 40];
+        ifr[..name.len()].copy_from_slice(name.as_bytes());
+        let flags = (libc::IFF_TAP | libc::IFF_NO_PI) as u16;
+        ifr[16..18].copy_from_slice(&flags.to_ne_bytes());
+        // SAFETY: TUNSETIFF reads (and may update) a 40-byte struct ifreq we own.
+        let r = unsafe { libc::ioctl(file.as_raw_fd(), TUNSETIFF, ifr.as_mut_ptr()) };
+        if r < 0 {
+            return Err(BackendError::TunSetIff {
+                name: name.to_string(),
+                source: std::io::Error::last_os_error(),
+            });
+        }
+        Ok(Self {
+            file,
+            name: name.to_string(),
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn recv(&mut self, buf: &mut Vec<u8>) -> std::io::Result<Option<usize>> {
+        buf.resize(MAX_FRAME, 0);
+        loop {
+            match self.file.read(buf) {
+                Ok(n) => {
+                    buf.truncate(n);
+                    return Ok(Some(n));
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(None),
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    fn send(&mut self, frame: &[u8]) -> std::io::Result<bool> {
+        match self.file.write(frame) {
+            Ok(_) => Ok(true),
+            Err(e) if e.kind() == ErrorKind::WouldBlock => Ok(false),
+            // The interface is down or has no carrier: the frame is lost, as on a wire.
+            Err(e) if e.raw_os_error() == Some(libc::EIO) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+}

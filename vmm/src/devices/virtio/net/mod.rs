@@ -1,0 +1,329 @@
+//! virtio-net (virtio 1.x §5.1) with a passt or tap back end. No offloads: every frame carries
+//! the 12-byte `virtio_net_hdr_v1` with no checksum or GSO work asked of anyone.
+
+pub mod backend;
+
+use std::io::ErrorKind;
+
+use event_manager::{EventOps, Events, MutEventSubscriber};
+use serde::{Deserialize, Serialize};
+use virtio_bindings::virtio_net::{VIRTIO_NET_F_MAC, VIRTIO_NET_F_STATUS, VIRTIO_NET_S_LINK_UP};
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use self::backend::{Backend, BackendError, Passt, Tap, MAX_FRAME};
+use super::chain::{self, BufReader, BufWriter};
+use super::{
+    drain_queue, queue_eventfds, read_config_bytes, ActivateError, ActiveQueues, VirtioDevice,
+    COMMON_FEATURES, TYPE_NET,
+};
+use crate::devices::config::{MacAddr, NetBackendConfig, NetConfig};
+
+pub const QUEUE_SIZE: u16 = 256;
+const RXQ: usize = 0;
+const TXQ: usize = 1;
+/// virtio_net_hdr_v1 (with num_buffers): always present with VIRTIO_F_VERSION_1.
+pub const NET_HDR_LEN: usize = 12;
+
+const EV_RXQ: u32 = 0;
+const EV_TXQ: u32 = 1;
+const EV_BACKEND: u32 = 2;
+const EV_CONTROL: u32 = 3;
+
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    #[error(transparent)]
+    Backend(#[from] BackendError),
+    #[error("cannot create an eventfd: {0}")]
+    EventFd(#[source] std::io::Error),
+}
+
+/// What a snapshot keeps of a net device. The back end (passt process, tap) is re-created, and
+/// the guest's connections through it are gone after a restore.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetState {
+    pub mac: MacAddr,
+    pub avail_features: u64,
+}
+
+/// Frame counters (for tests and diagnostics).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct NetStats {
+    pub rx_frames: u64,
+    pub tx_frames: u64,
+    pub rx_dropped: u64,
+    pub tx_dropped: u64,
+}
+
+pub struct Net {
+    mac: MacAddr,
+    backend: Backend,
+    avail_features: u64,
+    config: [u8; 8],
+    queue_evts: Vec<EventFd>,
+    control_evt: EventFd,
+    active: Option<ActiveQueues>,
+    /// A frame read from the back end that no guest buffer has taken yet.
+    pending_rx: Option<Vec<u8>>,
+    backend_readable: bool,
+    frame: Vec<u8>,
+    stats: NetStats,
+}
+
+impl Net {
+    /// Starts the back end now, so a missing passt or tap is an error at start-up.
+    pub fn new(config: &NetConfig) -> Result<Self, NetError> {
+        let backend = match &config.backend {
+            NetBackendConfig::Passt { binary, args } => {
+                Backend::Passt(Passt::spawn(binary.as_deref(), args)?)
+            }
+            NetBackendConfig::Tap { name } => Backend::Tap(Tap::open(name)?),
+        };
+        Self::with_backend(config.mac, backend)
+    }
+
+    pub fn with_backend(mac: MacAddr, backend: Backend) -> Result<Self, NetError> {
+        let mut cfg = [0u8; 8];
+        cfg[..6].copy_from_slice(&mac.0);
+        cfg[6..8].copy_from_slice(&(VIRTIO_NET_S_LINK_UP as u16).to_le_bytes());
+        Ok(Self {
+            mac,
+            backend,
+            avail_features: COMMON_FEATURES | 1 << VIRTIO_NET_F_MAC | 1 << VIRTIO_NET_F_STATUS,
+            config: cfg,
+            queue_evts: queue_eventfds(2).map_err(NetError::EventFd)?,
+            control_evt: EventFd::new(EFD_NONBLOCK).map_err(NetError::EventFd)?,
+            active: None,
+            pending_rx: None,
+            backend_readable: true,
+            frame: Vec::with_capacity(MAX_FRAME),
+            stats: NetStats::default(),
+        })
+    }
+
+    pub fn from_state(config: &NetConfig, state: &NetState) -> Result<Self, NetError> {
+        let mut n = Self::new(&NetConfig {
+            backend: config.backend.clone(),
+            mac: state.mac,
+        })?;
+        n.avail_features = state.avail_features;
+        Ok(n)
+    }
+
+    pub fn state(&self) -> NetState {
+        NetState {
+            mac: self.mac,
+            avail_features: self.avail_features,
+        }
+    }
+
+    pub fn stats(&self) -> NetStats {
+        self.stats
+    }
+
+    pub fn backend(&self) -> &Backend {
+        &self.backend
+    }
+
+    /// Sends the guest's frames to the back end.
+    pub fn process_tx(&mut self) -> bool {
+        let Some(a) = self.active.as_mut() else {
+            return false;
+        };
+        let mem = &a.mem;
+        let frame = &mut self.frame;
+        let backend = &mut self.backend;
+        let stats = &mut self.stats;
+        let drained = drain_queue(&mut a.queues[TXQ], mem, |c| {
+            let ok = chain::collect(c, mem, usize::from(QUEUE_SIZE))
+                .ok()
+                .filter(|c| c.writable.is_empty())
+                .filter(|c| {
+                    let n = c.readable_len();
+                    n > NET_HDR_LEN as u64 && n <= (NET_HDR_LEN + MAX_FRAME) as u64
+                })
+                .and_then(|c| {
+                    let mut r = BufReader::new(mem, &c.readable);
+                    frame.resize(c.readable_len() as usize, 0);
+                    r.read_exact(frame).ok()
+                })
+                .is_some();
+            let sent = ok && matches!(backend.send(&frame[NET_HDR_LEN..]), Ok(true));
+            if sent {
+                stats.tx_frames += 1;
+            } else {
+                stats.tx_dropped += 1;
+            }
+            Some(0)
+        });
+        if drained.notify {
+            a.interrupt.signal_used_queue();
+        }
+        drained.notify
+    }
+
+    /// Moves frames from the back end into the guest's RX buffers while both have some.
+    pub fn process_rx(&mut self) -> bool {
+        let Some(a) = self.active.as_mut() else {
+            return false;
+        };
+        let mem = &a.mem;
+        let q = &mut a.queues[RXQ];
+        let mut used_any = false;
+        let mut rechecked = false;
+        loop {
+            let frame = match self.pending_rx.take() {
+                Some(f) => f,
+                None => {
+                    if !self.backend_readable {
+                        break;
+                    }
+                    let mut f = Vec::with_capacity(2048);
+                    match self.backend.recv(&mut f) {
+                        Ok(Some(_)) => f,
+                        Ok(None) => {
+                            self.backend_readable = false;
+                            break;
+                        }
+                        Err(e) => {
+                            if e.kind() == ErrorKind::UnexpectedEof {
+                                eprintln!("virtio-net: the network back end closed");
+                            }
+                            self.backend_readable = false;
+                            break;
+                        }
+                    }
+                }
+            };
+            let Some(c) = q.pop_descriptor_chain(mem) else {
+                self.pending_rx = Some(frame);
+                // Ask for a kick when buffers come, and look once more (only once: a bogus
+                // avail index must not spin us).
+                if !rechecked && matches!(q.enable_notification(mem), Ok(true)) {
+                    rechecked = true;
+                    continue;
+                }
+                break;
+            };
+            let head = c.head_index();
+            let checked = chain::collect(c, mem, usize::from(QUEUE_SIZE))
+                .ok()
+                .filter(|c| c.readable.is_empty());
+            let Some(c) = checked else {
+                let _ = q.add_used(mem, head, 0);
+                used_any = true;
+                self.pending_rx = Some(frame);
+                continue;
+            };
+            if c.writable_len() < (NET_HDR_LEN + frame.len()) as u64 {
+                // This buffer is too small for the frame: the frame is lost, the buffer reused.
+                q.go_to_previous_position();
+                self.stats.rx_dropped += 1;
+                continue;
+            }
+            let mut hdr = [0u8; NET_HDR_LEN];
+            hdr[10] = 1; // num_buffers
+            let mut w = BufWriter::new(mem, &c.writable);
+            let len = if w.write_all(&hdr).is_ok() && w.write_all(&frame).is_ok() {
+                self.stats.rx_frames += 1;
+                w.written() as u32
+            } else {
+                0
+            };
+            let _ = q.add_used(mem, head, len);
+            used_any = true;
+        }
+        let notify = used_any && q.needs_notification(mem).unwrap_or(true);
+        if notify {
+            a.interrupt.signal_used_queue();
+        }
+        notify
+    }
+}
+
+impl VirtioDevice for Net {
+    fn device_type(&self) -> u32 {
+        TYPE_NET
+    }
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE; 2]
+    }
+    fn avail_features(&self) -> u64 {
+        self.avail_features
+    }
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        read_config_bytes(&self.config, offset, data)
+    }
+    fn queue_events(&self) -> &[EventFd] {
+        &self.queue_evts
+    }
+    fn activate(&mut self, active: ActiveQueues) -> Result<(), ActivateError> {
+        if active.queues.len() != 2 {
+            return Err(ActivateError::QueueCount {
+                expected: 2,
+                got: active.queues.len(),
+            });
+        }
+        self.active = Some(active);
+        let _ = self.control_evt.write(1);
+        Ok(())
+    }
+    fn active_queues(&self) -> Option<&[Queue]> {
+        self.active.as_ref().map(|a| a.queues.as_slice())
+    }
+    fn reset(&mut self) {
+        self.active = None;
+        self.pending_rx = None;
+    }
+}
+
+impl MutEventSubscriber for Net {
+    fn init(&mut self, ops: &mut EventOps) {
+        let evs = [
+            Events::with_data(&self.queue_evts[RXQ], EV_RXQ, EventSet::IN),
+            Events::with_data(&self.queue_evts[TXQ], EV_TXQ, EventSet::IN),
+            Events::with_data(&self.control_evt, EV_CONTROL, EventSet::IN),
+            Events::with_data_raw(
+                self.backend.fd(),
+                EV_BACKEND,
+                EventSet::IN | EventSet::OUT | EventSet::EDGE_TRIGGERED,
+            ),
+        ];
+        for e in evs {
+            if let Err(e) = ops.add(e) {
+                eprintln!("virtio-net: cannot watch an event source: {e:?}");
+            }
+        }
+    }
+
+    fn process(&mut self, events: Events, _ops: &mut EventOps) {
+        match events.data() {
+            EV_RXQ => {
+                let _ = self.queue_evts[RXQ].read();
+            }
+            EV_TXQ => {
+                let _ = self.queue_evts[TXQ].read();
+                self.process_tx();
+            }
+            EV_CONTROL => {
+                let _ = self.control_evt.read();
+                self.process_tx();
+            }
+            EV_BACKEND => {
+                let set = events.event_set();
+                if set.contains(EventSet::OUT) {
+                    let _ = self.backend.flush();
+                }
+                if set.intersects(EventSet::IN | EventSet::HANG_UP | EventSet::ERROR) {
+                    self.backend_readable = true;
+                }
+            }
+            _ => {}
+        }
+        self.process_rx();
+    }
+}
+
+#[cfg(test)]
+mod tests;
