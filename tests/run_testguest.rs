@@ -109,3 +109,33 @@ fn console_goes_to_a_file_when_asked() {
     assert_eq!(done_counts(&text), Some(vec![3]), "{text}");
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+#[test]
+fn a_guest_that_crashes_is_exit_7_with_registers() {
+    if !kvm_or_skip("a_guest_that_crashes_is_exit_7_with_registers") {
+        return;
+    }
+    // crash=pf makes the test guest take a page fault; its handler triple-faults the VM.
+    let out = microagent(
+        &[
+            "run",
+            "--kernel",
+            "builtin:testguest",
+            "--cmdline",
+            "count=1000000 crash=pf",
+        ],
+        Duration::from_secs(60),
+    );
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(7), "{err}");
+    assert!(
+        stdout(&out).contains("testguest: exception 14"),
+        "{}",
+        stdout(&out)
+    );
+    assert!(
+        err.contains("triple fault") && err.contains("rip=0x"),
+        "{err}"
+    );
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+}

@@ -23,6 +23,14 @@ pub enum BuiltinError {
     Stage(#[from] std::io::Error),
 }
 
+/// The bytes of a built-in kernel named `builtin:<name>`.
+pub fn bytes(kernel: &str) -> Result<&'static [u8], BuiltinError> {
+    match kernel.strip_prefix(PREFIX) {
+        Some("testguest") => Ok(testguest_elf::ELF),
+        _ => Err(BuiltinError::Unknown(kernel.to_string())),
+    }
+}
+
 pub fn resolve(kernel: &str) -> Result<KernelImage, BuiltinError> {
     let Some(name) = kernel.strip_prefix(PREFIX) else {
         return Ok(KernelImage {
@@ -30,10 +38,7 @@ pub fn resolve(kernel: &str) -> Result<KernelImage, BuiltinError> {
             _memfd: None,
         });
     };
-    let bytes = match name {
-        "testguest" => testguest_elf::ELF,
-        _ => return Err(BuiltinError::Unknown(kernel.to_string())),
-    };
+    let bytes = bytes(kernel)?;
     let memfd = memfd(name)?;
     (&memfd).write_all(bytes)?;
     Ok(KernelImage {

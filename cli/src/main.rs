@@ -1,41 +1,117 @@
 //! `microagent`: boot, snapshot and fork KVM microVMs.
 
+mod api;
 mod builtin;
+mod commands;
+mod duration;
 mod exit;
+mod home;
+mod image;
+mod output;
+mod process;
 mod run;
+mod snapshot_cmd;
+mod vmm_process;
+mod workspace;
 
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+
+use exit::{Code, Failure};
+use output::{code_from_name, Out};
 
 #[derive(Parser)]
 #[command(
     name = "microagent",
     version,
     about = "KVM microVMs that boot once, snapshot, roll back and fork",
+    long_about = "KVM microVMs that boot once, snapshot, roll back and fork.\n\n\
+        State lives in $MICROAGENT_HOME, else $XDG_STATE_HOME/microagent, else ~/.local/state/microagent.",
     after_help = exit::HELP
 )]
 struct Cli {
+    /// Machine-readable output: one JSON document on stdout, errors as JSON on stderr.
+    #[arg(long, global = true)]
+    json: bool,
     #[command(subcommand)]
     command: Command,
 }
 
 #[derive(Subcommand)]
 enum Command {
+    /// Create a workspace, or fork one from a snapshot (--from-snapshot NAME:TAG [--count N]).
+    #[command(after_help = exit::HELP)]
+    Create(commands::CreateArgs),
+    /// Start a workspace's VM, or roll it back to a snapshot (--from-snapshot TAG).
+    #[command(after_help = exit::HELP)]
+    Start(commands::StartArgs),
+    /// Stop a workspace's VM.
+    #[command(after_help = exit::HELP)]
+    Halt { name: String },
+    /// Save a running workspace's memory and stop its VMM; the next `start` resumes it.
+    #[command(after_help = exit::HELP)]
+    Hibernate { name: String },
+    /// Delete a workspace, its disk and all its snapshots.
+    #[command(after_help = exit::HELP)]
+    Delete {
+        name: String,
+        /// Confirm: the workspace and its snapshots are gone for good.
+        #[arg(long)]
+        yes: bool,
+    },
+    /// List workspaces and their state.
+    #[command(after_help = exit::HELP)]
+    List,
+    /// Show one workspace.
+    #[command(after_help = exit::HELP)]
+    Status { name: String },
+    /// Print a workspace's serial console log.
+    #[command(after_help = exit::HELP)]
+    Console { name: String },
+    /// Snapshots: create, list, delete, inspect.
+    #[command(subcommand, after_help = exit::HELP)]
+    Snapshot(snapshot_cmd::SnapshotCommand),
+    /// OCI images: list, pull (and build the root filesystem), rm.
+    #[command(subcommand, after_help = exit::HELP)]
+    Image(image::ImageCommand),
     /// Boot a kernel in the foreground until the guest resets or powers off.
     #[command(after_help = exit::HELP)]
     Run(run::RunArgs),
+    /// The VMM process of a running workspace (started by `start`; not for direct use).
+    #[command(name = "__vmm", hide = true)]
+    Vmm(vmm_process::VmmArgs),
+}
+
+/// Maps a snapshot error to the exit code a script can act on.
+pub fn snapshot_failure(e: snapshot::SnapshotError) -> Failure {
+    Failure::new(code_from_name(e.code()), e.to_string())
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let out = Out { json: cli.json };
     let result = match cli.command {
         Command::Run(args) => run::run(args),
+        Command::Vmm(args) => vmm_process::run(args),
+        other => home::state_root().and_then(|root| match other {
+            Command::Create(a) => commands::create(&root, a, out),
+            Command::Start(a) => commands::start(&root, a, out),
+            Command::Halt { name } => commands::halt(&root, &name, out),
+            Command::Hibernate { name } => commands::hibernate(&root, &name, out),
+            Command::Delete { name, yes } => commands::delete(&root, &name, yes, out),
+            Command::List => commands::list(&root, out),
+            Command::Status { name } => commands::status(&root, &name, out),
+            Command::Console { name } => commands::console(&root, &name),
+            Command::Snapshot(c) => snapshot_cmd::run(&root, c, out),
+            Command::Image(c) => image::run(&root, c, out),
+            Command::Run(_) | Command::Vmm(_) => Err(Failure::new(Code::Error, "unreachable")),
+        }),
     };
     match result {
-        Ok(()) => exit::Code::Ok.into(),
+        Ok(()) => Code::Ok.into(),
         Err(f) => {
-            eprintln!("microagent: {}", f.message);
+            out.error(&f);
             f.code.into()
         }
     }

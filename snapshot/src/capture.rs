@@ -195,7 +195,7 @@ impl Drop for RemoveOnDrop {
     }
 }
 
-/// Removes temporary directories left by captures whose process is gone (a crash or kill -9).
+/// Removes directories left by captures or deletes whose process is gone (a crash or kill -9).
 /// Returns how many were removed.
 pub fn sweep_leftovers(dir: &Path) -> usize {
     let Ok(entries) = std::fs::read_dir(dir) else {
@@ -204,7 +204,10 @@ pub fn sweep_leftovers(dir: &Path) -> usize {
     let mut removed = 0;
     for e in entries.flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
-        let Some(rest) = name.strip_prefix(TMP_PREFIX) else {
+        let Some(rest) = name
+            .strip_prefix(TMP_PREFIX)
+            .or_else(|| name.strip_prefix(".deleting-"))
+        else {
             continue;
         };
         let pid = rest.rsplit('-').next().and_then(|p| p.parse::<i32>().ok());

@@ -4,6 +4,7 @@
 //! The VMM implements [`Snapshottable`]; this crate never reaches into its internals, and the VMM
 //! never learns the layout of a snapshot directory.
 
+pub mod archive;
 pub mod capture;
 pub mod digest;
 pub mod error;
@@ -12,6 +13,7 @@ pub mod hostcpu;
 pub mod manifest;
 pub mod memfile;
 pub mod open;
+pub mod pageserver;
 pub mod rootfs;
 pub mod vmstate;
 

@@ -142,3 +142,63 @@ pub fn list(dir: &Path) -> Vec<Snapshot> {
     });
     out
 }
+
+impl Snapshot {
+    /// Renames the snapshot and/or changes its note. The manifest is rewritten atomically
+    /// (checksum included), then the directory is renamed.
+    pub fn edit(
+        &self,
+        new_tag: Option<&str>,
+        note: Option<Option<String>>,
+    ) -> Result<Snapshot, SnapshotError> {
+        let mut m = self.manifest.clone();
+        let target = match new_tag {
+            Some(t) if t != m.tag => {
+                if !crate::manifest::is_safe_name(t) {
+                    return Err(SnapshotError::InvalidTag(t.to_string()));
+                }
+                let parent = self.dir.parent().unwrap_or(Path::new("."));
+                let target = parent.join(t);
+                if target.exists() {
+                    return Err(SnapshotError::Exists(t.to_string()));
+                }
+                m.tag = t.to_string();
+                Some(target)
+            }
+            _ => None,
+        };
+        if let Some(n) = note {
+            m.note = n;
+        }
+        let path = self.path(crate::manifest::MANIFEST);
+        let tmp = self.path(".manifest.json.tmp");
+        std::fs::write(&tmp, m.to_json()).map_err(io("cannot write", &tmp))?;
+        std::fs::File::open(&tmp)
+            .and_then(|f| f.sync_all())
+            .map_err(io("cannot fsync", &tmp))?;
+        std::fs::rename(&tmp, &path).map_err(io("cannot replace", &path))?;
+        let dir = match target {
+            Some(t) => {
+                std::fs::rename(&self.dir, &t).map_err(io("cannot rename", &self.dir))?;
+                t
+            }
+            None => self.dir.clone(),
+        };
+        if let Some(parent) = dir.parent() {
+            crate::capture::fsync_dir(parent)?;
+        }
+        Ok(Snapshot { dir, manifest: m })
+    }
+
+    /// Deletes the snapshot: renamed aside first, so a half-deleted one never looks complete.
+    pub fn delete(self) -> Result<(), SnapshotError> {
+        let parent = self.dir.parent().unwrap_or(Path::new(".")).to_path_buf();
+        let doomed = parent.join(format!(
+            ".deleting-{}-{}",
+            self.manifest.tag,
+            std::process::id()
+        ));
+        std::fs::rename(&self.dir, &doomed).map_err(io("cannot delete", &self.dir))?;
+        std::fs::remove_dir_all(&doomed).map_err(io("cannot delete", &doomed))
+    }
+}

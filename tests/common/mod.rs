@@ -79,3 +79,141 @@ pub fn done_counts(out: &str) -> Option<Vec<u64>> {
         .map(|kv| kv.split_once('=').and_then(|(_, v)| v.parse().ok()))
         .collect()
 }
+
+/// A private state root for one test; removed (with any VMM still running in it) on drop.
+pub struct Home {
+    pub dir: PathBuf,
+}
+
+impl Home {
+    pub fn new(name: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("ma-home-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        Home { dir }
+    }
+
+    /// Runs `microagent ARGS` with this state root.
+    pub fn run(&self, args: &[&str]) -> Output {
+        self.run_timeout(args, Duration::from_secs(120))
+    }
+
+    pub fn run_timeout(&self, args: &[&str], timeout: Duration) -> Output {
+        std::env::set_var("MICROAGENT_HOME", &self.dir);
+        microagent(args, timeout)
+    }
+
+    /// Runs and insists on success, returning stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let o = self.run(args);
+        assert!(
+            o.status.success(),
+            "microagent {args:?} failed ({:?}):\n{}\n{}",
+            o.status,
+            stdout(&o),
+            stderr(&o)
+        );
+        stdout(&o)
+    }
+
+    pub fn ws(&self, name: &str) -> PathBuf {
+        self.dir.join("workspaces").join(name)
+    }
+
+    pub fn console(&self, name: &str) -> String {
+        std::fs::read_to_string(self.ws(name).join("console.log")).unwrap_or_default()
+    }
+
+    pub fn pid(&self, name: &str) -> Option<i32> {
+        std::fs::read_to_string(self.ws(name).join("vmm.pid"))
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+    }
+
+    /// Waits until `name`'s console shows every vCPU above `floor`; returns the last counts.
+    pub fn wait_counts(&self, name: &str, floor: &[u64]) -> Vec<u64> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let text = self.console(name);
+            let mut last = vec![None; floor.len()];
+            for (cpu, n) in counts(&text) {
+                if let Some(slot) = last.get_mut(cpu as usize) {
+                    *slot = Some(n);
+                }
+            }
+            if last
+                .iter()
+                .zip(floor)
+                .all(|(l, f)| l.is_some_and(|l| l > *f))
+            {
+                return last.into_iter().map(|l| l.unwrap_or(0)).collect();
+            }
+            assert!(!text.contains("ERROR"), "{name}: guest error:\n{text}");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{name}: counts never passed {floor:?}:\n{text}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Home {
+    fn drop(&mut self) {
+        // Stop any VMM a failed test left behind, then remove the state.
+        if let Ok(entries) = std::fs::read_dir(self.dir.join("workspaces")) {
+            for e in entries.flatten() {
+                if let Some(pid) = std::fs::read_to_string(e.path().join("vmm.pid"))
+                    .ok()
+                    .and_then(|s| s.trim().parse::<i32>().ok())
+                {
+                    // SAFETY: killing a VMM this test started.
+                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                }
+            }
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+pub fn alive(pid: i32) -> bool {
+    // SAFETY: signal 0 only probes.
+    let exists = unsafe { libc::kill(pid, 0) == 0 };
+    exists
+        && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|s| {
+                s.rsplit(')')
+                    .next()
+                    .unwrap_or("")
+                    .trim_start()
+                    .starts_with('Z')
+            })
+            .unwrap_or(true)
+}
+
+/// The u64 at guest-physical `addr` in a snapshot's memory file.
+pub fn memory_u64(snapshot_dir: &Path, addr: u64) -> u64 {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::File::open(snapshot_dir.join("memory.bin")).unwrap();
+    let mut b = [0u8; 8];
+    f.read_exact_at(&mut b, addr).unwrap();
+    u64::from_le_bytes(b)
+}
+
+/// The guest-physical address of each vCPU's counter, from `layout=1` lines.
+pub fn state_addrs(console: &str, vcpus: usize) -> Vec<u64> {
+    (0..vcpus)
+        .map(|cpu| {
+            let prefix = format!("testguest: layout cpu={cpu} ");
+            let line = console
+                .lines()
+                .find(|l| l.starts_with(&prefix))
+                .unwrap_or_else(|| panic!("no layout line for cpu{cpu}:\n{console}"));
+            let v = line
+                .split_whitespace()
+                .find_map(|w| w.strip_prefix("state=0x"))
+                .unwrap();
+            u64::from_str_radix(v, 16).unwrap()
+        })
+        .collect()
+}

@@ -1,0 +1,160 @@
+//! The control API between the CLI and a workspace's VMM process: one JSON object per line over
+//! `api.sock`. A request gets zero or more `progress` lines, then exactly one final response.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// No message comes near this; a longer line is a broken or hostile peer.
+pub const MAX_LINE: u64 = 1 << 20;
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(tag = "op", rename_all = "kebab-case")]
+pub enum Request {
+    Status,
+    Pause,
+    Resume,
+    /// Capture a snapshot. A running VM is paused for the capture and resumed after it unless
+    /// `leave_paused`; a paused VM stays paused.
+    Snapshot {
+        tag: String,
+        #[serde(default)]
+        note: Option<String>,
+        #[serde(default)]
+        leave_paused: bool,
+    },
+    Shutdown,
+    /// Capture into the workspace's hibernation slot (memory and state; the disk stays as it
+    /// is), then stop.
+    Hibernate,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum Response {
+    Status {
+        paused: bool,
+        pid: u32,
+        vcpus: u8,
+        mem_mib: u64,
+        uptime_ms: u64,
+        #[serde(default)]
+        restored_from: Option<String>,
+    },
+    Ok,
+    Progress {
+        done: u64,
+        total: u64,
+    },
+    Snapshot {
+        manifest: Box<snapshot::Manifest>,
+    },
+    Error {
+        code: String,
+        message: String,
+    },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("cannot reach the VMM at {path}: {source}")]
+    Connect {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("VMM connection failed: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("VMM sent an invalid message: {0}")]
+    Protocol(String),
+    #[error("VMM closed the connection without an answer")]
+    Closed,
+}
+
+pub fn write_msg<T: Serialize>(w: &mut impl Write, msg: &T) -> std::io::Result<()> {
+    let mut line = serde_json::to_vec(msg).map_err(std::io::Error::other)?;
+    line.push(b'\n');
+    w.write_all(&line)?;
+    w.flush()
+}
+
+/// Reads one line-delimited JSON message; `Ok(None)` at a clean end of stream.
+pub fn read_msg<T: for<'de> Deserialize<'de>>(r: &mut impl BufRead) -> Result<Option<T>, ApiError> {
+    let mut line = Vec::new();
+    let n = r.take(MAX_LINE + 1).read_until(b'\n', &mut line)?;
+    if n == 0 {
+        return Ok(None);
+    }
+    if line.last() != Some(&b'\n') {
+        return Err(ApiError::Protocol(format!(
+            "message of {} bytes without end of line",
+            line.len()
+        )));
+    }
+    serde_json::from_slice(&line)
+        .map(Some)
+        .map_err(|e| ApiError::Protocol(e.to_string()))
+}
+
+/// Sends `req` and returns the final response, passing progress to `on_progress`.
+pub fn request_with_progress(
+    sock: &Path,
+    req: &Request,
+    timeout: Option<Duration>,
+    on_progress: &mut dyn FnMut(u64, u64),
+) -> Result<Response, ApiError> {
+    let stream = UnixStream::connect(sock).map_err(|source| ApiError::Connect {
+        path: sock.display().to_string(),
+        source,
+    })?;
+    stream.set_read_timeout(timeout)?;
+    stream.set_write_timeout(timeout)?;
+    let mut w = stream.try_clone()?;
+    write_msg(&mut w, req)?;
+    let mut r = BufReader::new(stream);
+    loop {
+        match read_msg::<Response>(&mut r)? {
+            Some(Response::Progress { done, total }) => on_progress(done, total),
+            Some(resp) => return Ok(resp),
+            None => return Err(ApiError::Closed),
+        }
+    }
+}
+
+pub fn request(sock: &Path, req: &Request, timeout: Duration) -> Result<Response, ApiError> {
+    request_with_progress(sock, req, Some(timeout), &mut |_, _| {})
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_round_trip_as_tagged_json_lines() {
+        let req = Request::Snapshot {
+            tag: "t".into(),
+            note: None,
+            leave_paused: true,
+        };
+        let mut buf = Vec::new();
+        write_msg(&mut buf, &req).unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&buf),
+            "{\"op\":\"snapshot\",\"tag\":\"t\",\"note\":null,\"leave_paused\":true}\n"
+        );
+        let back: Request = read_msg(&mut &buf[..]).unwrap().unwrap();
+        assert_eq!(back, req);
+    }
+
+    #[test]
+    fn hostile_lines_are_errors_not_panics() {
+        let long = vec![b'a'; (MAX_LINE + 10) as usize];
+        assert!(read_msg::<Request>(&mut &long[..]).is_err());
+        assert!(read_msg::<Request>(&mut &b"{\"op\":\"nope\"}\n"[..]).is_err());
+        assert!(read_msg::<Request>(&mut &b"\xff\xfe\n"[..]).is_err());
+        assert!(read_msg::<Request>(&mut &b"{\"op\":\"status\"}"[..]).is_err());
+        assert!(read_msg::<Request>(&mut &b""[..]).unwrap().is_none());
+    }
+}

@@ -1,0 +1,676 @@
+//! Workspace commands: create (and fork), start, halt, delete, list, status, console.
+
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use clap::Args;
+use serde_json::json;
+use snapshot::{Snapshot, VerifyOptions};
+
+use crate::builtin;
+use crate::exit::{Code, Failure};
+use crate::home;
+use crate::output::Out;
+use crate::process;
+use crate::vmm_process::MemoryArg;
+use crate::workspace::{self, Config, State, Workspace};
+
+#[derive(Args)]
+pub struct CreateArgs {
+    /// Workspace name (with --count N, the prefix of NAME-1..NAME-N).
+    name: String,
+    /// Kernel: a vmlinux ELF or bzImage path, or `builtin:testguest`.
+    #[arg(
+        long,
+        required_unless_present = "from_snapshot",
+        conflicts_with = "from_snapshot"
+    )]
+    kernel: Option<String>,
+    /// Initial ramdisk.
+    #[arg(long, conflicts_with = "from_snapshot")]
+    initrd: Option<PathBuf>,
+    /// A root filesystem image; the workspace gets a private copy.
+    #[arg(long, conflicts_with_all = ["from_snapshot", "image"])]
+    rootfs: Option<PathBuf>,
+    /// An OCI image reference to build the root filesystem from.
+    #[arg(long, conflicts_with = "from_snapshot")]
+    image: Option<String>,
+    /// With --image: registry credentials (else $MICROAGENT_REGISTRY_AUTH, else docker's config.json).
+    #[arg(long, value_name = "USER:PASS", requires = "image")]
+    registry_auth: Option<String>,
+    /// Guest memory in MiB.
+    #[arg(long, default_value_t = 256, conflicts_with = "from_snapshot")]
+    mem: u64,
+    /// vCPUs (1 to 8).
+    #[arg(long, default_value_t = 1, conflicts_with = "from_snapshot")]
+    vcpus: u32,
+    /// Kernel command line.
+    #[arg(long, conflicts_with = "from_snapshot")]
+    cmdline: Option<String>,
+    /// Fork from a snapshot, `NAME:TAG`, and start the fork(s).
+    #[arg(long, value_name = "NAME:TAG")]
+    from_snapshot: Option<String>,
+    /// With --from-snapshot: how many forks (named NAME-1..NAME-N).
+    #[arg(long, requires = "from_snapshot")]
+    count: Option<u32>,
+    /// With --from-snapshot: how guest memory comes back.
+    #[arg(long, value_enum, default_value_t = MemoryArg::Mmap)]
+    memory: MemoryArg,
+    /// With --from-snapshot: each fork halts and is deleted after this long (e.g. 30m, 2h).
+    #[arg(long, value_name = "DURATION", requires = "from_snapshot")]
+    ttl: Option<String>,
+}
+
+const DEFAULT_LINUX_CMDLINE: &str = "console=ttyS0 panic=-1 quiet";
+const MAX_FORKS: u32 = 1000;
+
+fn now_unix() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn now_rfc3339() -> String {
+    snapshot::manifest::rfc3339(now_unix())
+}
+
+fn io_fail(what: &str, p: &Path, e: std::io::Error) -> Failure {
+    Failure::new(Code::Error, format!("{what} {}: {e}", p.display()))
+}
+
+/// Makes `<root>/workspaces/<name>` appear only once fully populated.
+fn new_workspace_dir(
+    root: &Path,
+    name: &str,
+    fill: impl FnOnce(&Path) -> Result<Config, Failure>,
+) -> Result<Workspace, Failure> {
+    home::check_name(name)?;
+    let dir = Workspace::dir_for(root, name);
+    if dir.exists() {
+        return Err(Failure::new(
+            Code::Conflict,
+            format!("workspace {name} already exists"),
+        ));
+    }
+    let parent = home::workspaces_dir(root);
+    std::fs::create_dir_all(&parent).map_err(|e| io_fail("cannot create", &parent, e))?;
+    let tmp = parent.join(format!(".creating-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir(&tmp).map_err(|e| io_fail("cannot create", &tmp, e))?;
+    let result = fill(&tmp).and_then(|config| {
+        workspace::save_config(&tmp, &config)?;
+        std::fs::rename(&tmp, &dir).map_err(|e| io_fail("cannot create", &dir, e))?;
+        Ok(Workspace { dir, config })
+    });
+    if result.is_err() {
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+    result
+}
+
+/// Puts the kernel where the workspace can always find it: built-in kernels are copied in.
+fn stage_kernel(spec: &str, dir: &Path) -> Result<PathBuf, Failure> {
+    if spec.starts_with(builtin::PREFIX) {
+        let bytes =
+            builtin::bytes(spec).map_err(|e| Failure::new(Code::NotFound, e.to_string()))?;
+        let p = dir.join(workspace::KERNEL_COPY);
+        std::fs::write(&p, bytes).map_err(|e| io_fail("cannot write", &p, e))?;
+        return Ok(p);
+    }
+    let p = Path::new(spec);
+    std::fs::canonicalize(p)
+        .map_err(|e| Failure::new(Code::NotFound, format!("kernel {}: {e}", p.display())))
+}
+
+pub fn create(root: &Path, args: CreateArgs, out: Out) -> Result<(), Failure> {
+    if let Some(src) = args.from_snapshot.clone() {
+        return fork(root, &args, &src, out);
+    }
+    let vcpus = vmm::vm::check_vcpus(args.vcpus).map_err(crate::run::vm_failure)?;
+    vmm::memory::check_size(args.mem).map_err(|e| Failure::new(Code::Usage, e.to_string()))?;
+    // An image becomes the rootfs: pulled and built once into the image cache, then copied.
+    let image = match &args.image {
+        Some(r) => Some(crate::image::for_create(
+            root,
+            r,
+            args.registry_auth.clone(),
+            out,
+        )?),
+        None => None,
+    };
+    let rootfs_src = args
+        .rootfs
+        .clone()
+        .or_else(|| image.as_ref().map(|i| i.rootfs.clone()));
+    let spec = args.kernel.clone().unwrap_or_default();
+    let is_builtin = spec.starts_with(builtin::PREFIX);
+    let cmdline = args.cmdline.clone().unwrap_or_else(|| {
+        if is_builtin {
+            "mode=counter".to_string()
+        } else if image.is_some() {
+            format!("{DEFAULT_LINUX_CMDLINE} {}", crate::image::KERNEL_ARGS)
+        } else {
+            DEFAULT_LINUX_CMDLINE.to_string()
+        }
+    });
+    for (what, p) in [("initrd", &args.initrd), ("rootfs", &args.rootfs)] {
+        if let Some(p) = p {
+            if !p.is_file() {
+                return Err(Failure::new(
+                    Code::NotFound,
+                    format!("{what} {} does not exist", p.display()),
+                ));
+            }
+        }
+    }
+    let ws = new_workspace_dir(root, &args.name, |dir| {
+        let kernel = stage_kernel(&spec, dir)?;
+        let rootfs = match &rootfs_src {
+            Some(src) => {
+                let dst = dir.join(workspace::ROOTFS);
+                snapshot::rootfs::copy_image(src, &dst)
+                    .map_err(|e| io_fail("cannot copy rootfs to", &dst, e))?;
+                Some(Workspace::dir_for(root, &args.name).join(workspace::ROOTFS))
+            }
+            None => None,
+        };
+        let kernel = if is_builtin {
+            Workspace::dir_for(root, &args.name).join(workspace::KERNEL_COPY)
+        } else {
+            kernel
+        };
+        Ok(Config {
+            name: args.name.clone(),
+            kernel_spec: spec.clone(),
+            kernel,
+            initrd: args
+                .initrd
+                .as_ref()
+                .map(|p| std::fs::canonicalize(p).unwrap_or(p.clone())),
+            rootfs,
+            image: image.as_ref().map(|i| i.image.clone()),
+            mem_mib: args.mem,
+            vcpus,
+            cmdline: cmdline.clone(),
+            created: now_rfc3339(),
+            forked_from: None,
+            expires_unix: None,
+        })
+    })?;
+    out.emit(
+        format!(
+            "workspace {} created ({} MiB RAM, {} vCPU, kernel {})",
+            ws.name(),
+            ws.config.mem_mib,
+            ws.config.vcpus,
+            ws.config.kernel_spec
+        ),
+        json!({"created": ws.config}),
+    );
+    Ok(())
+}
+
+/// Splits `NAME:TAG`.
+fn parse_source(s: &str) -> Result<(&str, &str), Failure> {
+    s.split_once(':')
+        .filter(|(n, t)| !n.is_empty() && !t.is_empty())
+        .ok_or_else(|| {
+            Failure::new(
+                Code::Usage,
+                format!("--from-snapshot wants NAME:TAG, got {s:?}"),
+            )
+        })
+}
+
+pub fn open_snapshot(ws: &Workspace, tag: &str) -> Result<Snapshot, Failure> {
+    if !snapshot::manifest::is_safe_name(tag) {
+        return Err(Failure::new(
+            Code::Usage,
+            format!("invalid snapshot tag {tag:?}"),
+        ));
+    }
+    let dir = ws.snapshots_dir().join(tag);
+    match Snapshot::open(&dir) {
+        Err(snapshot::SnapshotError::NotFound(_)) => Err(Failure::new(
+            Code::NotFound,
+            format!("workspace {} has no snapshot {tag}", ws.name()),
+        )),
+        other => other.map_err(crate::snapshot_failure),
+    }
+}
+
+fn fork(root: &Path, args: &CreateArgs, src: &str, out: Out) -> Result<(), Failure> {
+    let (src_name, tag) = parse_source(src)?;
+    let ttl = args
+        .ttl
+        .as_deref()
+        .map(crate::duration::parse)
+        .transpose()
+        .map_err(|e| Failure::new(Code::Usage, e))?;
+    let source = Workspace::open(root, src_name)?;
+    let snap = open_snapshot(&source, tag)?;
+    let count = args.count.unwrap_or(1);
+    if count == 0 || count > MAX_FORKS {
+        return Err(Failure::new(
+            Code::Usage,
+            format!("--count must be 1 to {MAX_FORKS}"),
+        ));
+    }
+    let names: Vec<String> = match args.count {
+        None => vec![args.name.clone()],
+        Some(n) => (1..=n).map(|i| format!("{}-{i}", args.name)).collect(),
+    };
+    for n in &names {
+        home::check_name(n)?;
+        if Workspace::dir_for(root, n).exists() {
+            return Err(Failure::new(
+                Code::Conflict,
+                format!("workspace {n} already exists"),
+            ));
+        }
+    }
+    // One full check for all forks; each VMM then only re-checks sizes and the kernel.
+    snap.verify(&VerifyOptions {
+        kernel: Some(&source.config.kernel),
+        contents: true,
+    })
+    .map_err(crate::snapshot_failure)?;
+
+    let mut created: Vec<Workspace> = Vec::new();
+    let result = (|| {
+        for n in &names {
+            let ws = new_workspace_dir(root, n, |dir| {
+                let kernel = if source.config.kernel_spec.starts_with(builtin::PREFIX) {
+                    let p = dir.join(workspace::KERNEL_COPY);
+                    std::fs::copy(&source.config.kernel, &p)
+                        .map_err(|e| io_fail("cannot copy", &p, e))?;
+                    Workspace::dir_for(root, n).join(workspace::KERNEL_COPY)
+                } else {
+                    source.config.kernel.clone()
+                };
+                let rootfs = match snap.rootfs_path() {
+                    Some(r) => {
+                        let dst = dir.join(workspace::ROOTFS);
+                        snapshot::rootfs::copy_image(&r, &dst)
+                            .map_err(|e| io_fail("cannot copy rootfs to", &dst, e))?;
+                        Some(Workspace::dir_for(root, n).join(workspace::ROOTFS))
+                    }
+                    None => None,
+                };
+                Ok(Config {
+                    name: n.clone(),
+                    kernel_spec: source.config.kernel_spec.clone(),
+                    kernel,
+                    initrd: source.config.initrd.clone(),
+                    rootfs,
+                    image: snap.manifest.image.clone(),
+                    mem_mib: snap.manifest.mem_mib,
+                    vcpus: snap.manifest.vcpus,
+                    cmdline: snap.manifest.cmdline.clone(),
+                    created: now_rfc3339(),
+                    forked_from: Some(format!("{src_name}:{tag}")),
+                    expires_unix: ttl.map(|d| now_unix() + d.as_secs()),
+                })
+            })?;
+            created.push(ws);
+        }
+        // Start them all, then wait for all: restores run concurrently.
+        let mut children = Vec::new();
+        for ws in &created {
+            children.push(process::spawn(ws, Some(&snap.dir), args.memory)?);
+        }
+        let mut pids = Vec::new();
+        for (ws, child) in created.iter().zip(children.iter_mut()) {
+            pids.push(process::wait_ready(ws, child)?);
+        }
+        Ok(pids)
+    })();
+    match result {
+        Ok(pids) => {
+            let human: Vec<String> = created
+                .iter()
+                .zip(&pids)
+                .map(|(w, p)| {
+                    format!(
+                        "workspace {} forked from {src_name}:{tag} (pid {p})",
+                        w.name()
+                    )
+                })
+                .collect();
+            let js: Vec<_> = created
+                .iter()
+                .zip(&pids)
+                .map(|(w, p)| json!({"name": w.name(), "pid": p, "from": format!("{src_name}:{tag}")}))
+                .collect();
+            out.emit(human.join("\n"), json!({"forked": js}));
+            Ok(())
+        }
+        Err(f) => {
+            // Nothing half-made stays behind.
+            for ws in &created {
+                let _ = process::halt(ws);
+                let _ = std::fs::remove_dir_all(&ws.dir);
+            }
+            Err(f)
+        }
+    }
+}
+
+#[derive(Args)]
+pub struct StartArgs {
+    name: String,
+    /// Roll the (halted) workspace back to this snapshot: memory, devices and disk.
+    #[arg(long, value_name = "TAG")]
+    from_snapshot: Option<String>,
+    /// How guest memory comes back from a snapshot.
+    #[arg(long, value_enum, default_value_t = MemoryArg::Mmap)]
+    memory: MemoryArg,
+    /// With --from-snapshot: halt a running workspace first instead of refusing.
+    #[arg(long, requires = "from_snapshot")]
+    force: bool,
+}
+
+pub fn start(root: &Path, args: StartArgs, out: Out) -> Result<(), Failure> {
+    let ws = Workspace::open(root, &args.name)?;
+    let _lock = ws.lock()?;
+    match ws.state() {
+        State::Stopped | State::Hibernated => {}
+        State::Crashed => ws.clear_stale_process(),
+        State::Running | State::Paused if args.force => process::halt(&ws)?,
+        s => {
+            return Err(Failure::new(
+                Code::Conflict,
+                if args.from_snapshot.is_some() {
+                    format!(
+                        "workspace {} is {}; halt it first or pass --force",
+                        ws.name(),
+                        s.as_str()
+                    )
+                } else {
+                    format!("workspace {} is already {}", ws.name(), s.as_str())
+                },
+            ))
+        }
+    }
+    let hibernated = ws.hibernation_slot();
+    if args.from_snapshot.is_some() {
+        // Rolling back discards the hibernated state.
+        if let Some(slot) = &hibernated {
+            let _ = std::fs::remove_dir_all(slot.parent().unwrap_or(slot));
+        }
+    }
+    let resume_from = match (&args.from_snapshot, &hibernated) {
+        (None, Some(slot)) => {
+            let snap = Snapshot::open(slot).map_err(crate::snapshot_failure)?;
+            snap.verify(&VerifyOptions {
+                kernel: Some(&ws.config.kernel),
+                contents: true,
+            })
+            .map_err(crate::snapshot_failure)?;
+            Some(snap)
+        }
+        _ => None,
+    };
+    let snap = match &args.from_snapshot {
+        None => resume_from,
+        Some(tag) => {
+            let snap = open_snapshot(&ws, tag)?;
+            snap.verify(&VerifyOptions {
+                kernel: Some(&ws.config.kernel),
+                contents: true,
+            })
+            .map_err(crate::snapshot_failure)?;
+            if let (Some(src), Some(dst)) = (snap.rootfs_path(), ws.config.rootfs.as_ref()) {
+                // The disk goes back too: copy beside, then replace in one rename.
+                let tmp = ws.path(".rootfs.restoring");
+                let _ = std::fs::remove_file(&tmp);
+                snapshot::rootfs::copy_image(&src, &tmp)
+                    .map_err(|e| io_fail("cannot copy rootfs to", &tmp, e))?;
+                std::fs::rename(&tmp, dst).map_err(|e| io_fail("cannot replace", dst, e))?;
+            }
+            Some(snap)
+        }
+        None => None,
+    };
+    let mut child = process::spawn(&ws, snap.as_ref().map(|s| s.dir.as_path()), args.memory)?;
+    let pid = process::wait_ready(&ws, &mut child)?;
+    let human = match &args.from_snapshot {
+        Some(t) => format!(
+            "workspace {} restored from snapshot {t} (pid {pid})",
+            ws.name()
+        ),
+        None => format!("workspace {} started (pid {pid})", ws.name()),
+    };
+    out.emit(human, json!({"name": ws.name(), "pid": pid, "state": "running", "from_snapshot": args.from_snapshot}));
+    Ok(())
+}
+
+pub fn halt(root: &Path, name: &str, out: Out) -> Result<(), Failure> {
+    let ws = Workspace::open(root, name)?;
+    let _lock = ws.lock()?;
+    let before = ws.state();
+    process::halt(&ws)?;
+    out.emit(
+        match before {
+            State::Stopped => format!("workspace {name} is already stopped"),
+            _ => format!("workspace {name} halted"),
+        },
+        json!({"name": name, "state": "stopped"}),
+    );
+    Ok(())
+}
+
+pub fn delete(root: &Path, name: &str, yes: bool, out: Out) -> Result<(), Failure> {
+    let ws = Workspace::open(root, name)?;
+    if !yes {
+        return Err(Failure::new(
+            Code::Usage,
+            format!("refusing to delete workspace {name} and its snapshots without --yes"),
+        ));
+    }
+    let _lock = ws.lock()?;
+    process::halt(&ws)?;
+    // Rename first so a half-deleted workspace never looks like a workspace.
+    let doomed =
+        home::workspaces_dir(root).join(format!(".deleting-{name}-{}", std::process::id()));
+    std::fs::rename(&ws.dir, &doomed).map_err(|e| io_fail("cannot delete", &ws.dir, e))?;
+    std::fs::remove_dir_all(&doomed).map_err(|e| io_fail("cannot delete", &doomed, e))?;
+    out.emit(
+        format!("workspace {name} deleted"),
+        json!({"deleted": name}),
+    );
+    Ok(())
+}
+
+fn summary(ws: &Workspace) -> serde_json::Value {
+    let state = ws.state();
+    let snaps = snapshot::list(&ws.snapshots_dir()).len();
+    json!({
+        "name": ws.name(),
+        "state": state,
+        "pid": if matches!(state, State::Running | State::Paused) { ws.pid() } else { None },
+        "vcpus": ws.config.vcpus,
+        "mem_mib": ws.config.mem_mib,
+        "kernel": ws.config.kernel_spec,
+        "image": ws.config.image,
+        "snapshots": snaps,
+        "forked_from": ws.config.forked_from,
+        "created": ws.config.created,
+        "expires_in_s": ws.config.expires_unix.map(|t| t.saturating_sub(now_unix())),
+    })
+}
+
+pub fn list(root: &Path, out: Out) -> Result<(), Failure> {
+    let all: Vec<_> = Workspace::all(root).iter().map(summary).collect();
+    let mut human = format!(
+        "{:<20} {:<9} {:>5} {:>8} {:>9}  {}",
+        "NAME", "STATE", "VCPUS", "MEM", "SNAPSHOTS", "KERNEL"
+    );
+    for w in &all {
+        human.push_str(&format!(
+            "\n{:<20} {:<9} {:>5} {:>8} {:>9}  {}",
+            w["name"].as_str().unwrap_or(""),
+            w["state"].as_str().unwrap_or(""),
+            w["vcpus"].to_string(),
+            format!("{}M", w["mem_mib"]),
+            w["snapshots"].to_string(),
+            w["kernel"].as_str().unwrap_or("")
+        ));
+    }
+    out.emit(human, json!({"workspaces": all}));
+    Ok(())
+}
+
+pub fn status(root: &Path, name: &str, out: Out) -> Result<(), Failure> {
+    let ws = Workspace::open(root, name)?;
+    let s = summary(&ws);
+    let human = format!(
+        "name:      {}\nstate:     {}\nvcpus:     {}\nmemory:    {} MiB\nkernel:    {}\nsnapshots: {}{}",
+        ws.name(),
+        s["state"].as_str().unwrap_or(""),
+        ws.config.vcpus,
+        ws.config.mem_mib,
+        ws.config.kernel_spec,
+        s["snapshots"],
+        ws.config
+            .forked_from
+            .as_ref()
+            .map(|f| format!("\nforked:    from {f}"))
+            .unwrap_or_default()
+    );
+    out.emit(human, s);
+    Ok(())
+}
+
+pub fn console(root: &Path, name: &str) -> Result<(), Failure> {
+    let ws = Workspace::open(root, name)?;
+    let p = ws.path(workspace::CONSOLE);
+    match std::fs::read(&p) {
+        Ok(b) => {
+            use std::io::Write;
+            let _ = std::io::stdout().write_all(&b);
+            Ok(())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(io_fail("cannot read", &p, e)),
+    }
+}
+
+pub fn hibernate(root: &Path, name: &str, out: Out) -> Result<(), Failure> {
+    use crate::api::{self, Request, Response};
+    let ws = Workspace::open(root, name)?;
+    let _lock = ws.lock()?;
+    match ws.state() {
+        State::Running | State::Paused => {}
+        s => {
+            return Err(Failure::new(
+                Code::Conflict,
+                format!(
+                    "workspace {name} is {}; only a running workspace hibernates",
+                    s.as_str()
+                ),
+            ))
+        }
+    }
+    let _ = std::fs::remove_dir_all(ws.path(workspace::HIBERNATION));
+    let resp = api::request_with_progress(
+        &ws.path(workspace::API_SOCK),
+        &Request::Hibernate,
+        Some(std::time::Duration::from_secs(3600)),
+        &mut |done, total| out.progress("saving memory", done, total),
+    )
+    .map_err(|e| Failure::new(Code::Error, e.to_string()))?;
+    match resp {
+        Response::Snapshot { manifest } => {
+            // The VMM stops by itself after the capture; wait for it to be gone.
+            process::halt(&ws)?;
+            out.emit(
+                format!(
+                    "workspace {name} hibernated ({} MiB RAM saved); `start {name}` resumes it",
+                    manifest.mem_mib
+                ),
+                json!({"name": name, "state": "hibernated"}),
+            );
+            Ok(())
+        }
+        Response::Error { code, message } => {
+            Err(Failure::new(crate::output::code_from_name(&code), message))
+        }
+        other => Err(Failure::new(
+            Code::Error,
+            format!("unexpected answer from the VMM: {other:?}"),
+        )),
+    }
+}
+
+/// A stopped workspace to receive an imported snapshot, shaped like the snapshot's VM. Its kernel
+/// is the built-in one if the digest says so, else the manifest's path or `--kernel`, and must
+/// match the manifest's sha256.
+pub fn create_for_import(
+    root: &Path,
+    name: &str,
+    m: &snapshot::Manifest,
+    kernel: Option<&Path>,
+) -> Result<Workspace, Failure> {
+    let builtin_spec = format!("{}testguest", builtin::PREFIX);
+    let builtin_sha =
+        snapshot::digest::sha256_bytes(builtin::bytes(&builtin_spec).unwrap_or_default());
+    let spec = if m.kernel.sha256 == builtin_sha {
+        builtin_spec
+    } else {
+        let candidate = kernel
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from(&m.kernel.path));
+        let sha = snapshot::digest::sha256_file(&candidate).map_err(|_| {
+            Failure::new(
+                Code::NotFound,
+                format!(
+                    "the snapshot's kernel {} is not here: pass --kernel PATH",
+                    candidate.display()
+                ),
+            )
+        })?;
+        if sha != m.kernel.sha256 {
+            return Err(Failure::new(
+                Code::SnapshotRefused,
+                format!(
+                    "kernel {} does not match the snapshot's sha256 {}",
+                    candidate.display(),
+                    m.kernel.sha256
+                ),
+            ));
+        }
+        candidate.display().to_string()
+    };
+    new_workspace_dir(root, name, |dir| {
+        let staged = stage_kernel(&spec, dir)?;
+        let kernel = if spec.starts_with(builtin::PREFIX) {
+            Workspace::dir_for(root, name).join(workspace::KERNEL_COPY)
+        } else {
+            staged
+        };
+        let rootfs = m
+            .file(snapshot::manifest::ROOTFS)
+            .map(|_| Workspace::dir_for(root, name).join(workspace::ROOTFS));
+        if rootfs.is_some() {
+            // An empty placeholder; `start --from-snapshot` copies the snapshot's disk over it.
+            std::fs::File::create(dir.join(workspace::ROOTFS))
+                .map_err(|e| io_fail("cannot create", dir, e))?;
+        }
+        Ok(Config {
+            name: name.to_string(),
+            kernel_spec: spec.clone(),
+            kernel,
+            initrd: None,
+            rootfs,
+            image: m.image.clone(),
+            mem_mib: m.mem_mib,
+            vcpus: m.vcpus,
+            cmdline: m.cmdline.clone(),
+            created: now_rfc3339(),
+            forked_from: None,
+            expires_unix: None,
+        })
+    })
+}

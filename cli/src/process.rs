@@ -1,0 +1,131 @@
+//! Starting and stopping a workspace's VMM process.
+
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::api::{self, Request, Response};
+use crate::exit::{Code, Failure};
+use crate::vmm_process::MemoryArg;
+use crate::workspace::{self, process_alive, Workspace};
+
+/// How long a VMM may take to answer after launch. Restores take milliseconds; a boot of the
+/// test guest a few; the margin is for loaded CI machines.
+const READY_TIMEOUT: Duration = Duration::from_secs(60);
+const HALT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Launches the VMM process for `ws`, detached into its own process group.
+pub fn spawn(ws: &Workspace, restore: Option<&Path>, memory: MemoryArg) -> Result<Child, Failure> {
+    let exe = std::env::current_exe()
+        .map_err(|e| Failure::new(Code::Error, format!("cannot find my own binary: {e}")))?;
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(ws.path(workspace::VMM_LOG))
+        .map_err(|e| Failure::new(Code::Error, format!("cannot open the VMM log: {e}")))?;
+    let log2 = log
+        .try_clone()
+        .map_err(|e| Failure::new(Code::Error, format!("cannot open the VMM log: {e}")))?;
+    // Each run gets a fresh console log; the previous run's stays as console.log.1.
+    let console = ws.path(workspace::CONSOLE);
+    if console.exists() {
+        let _ = std::fs::rename(&console, ws.path(&format!("{}.1", workspace::CONSOLE)));
+    }
+    let mut cmd = Command::new(exe);
+    cmd.arg("__vmm").arg("--workspace").arg(&ws.dir);
+    if let Some(r) = restore {
+        cmd.arg("--restore")
+            .arg(r)
+            .arg("--memory")
+            .arg(match memory {
+                MemoryArg::Eager => "eager",
+                MemoryArg::Mmap => "mmap",
+            });
+    }
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::from(log))
+        .stderr(Stdio::from(log2))
+        .process_group(0);
+    cmd.spawn()
+        .map_err(|e| Failure::new(Code::Error, format!("cannot start the VMM process: {e}")))
+}
+
+/// Waits until the VMM answers on its API socket, or reports why it died.
+pub fn wait_ready(ws: &Workspace, child: &mut Child) -> Result<u32, Failure> {
+    let deadline = Instant::now() + READY_TIMEOUT;
+    let sock = ws.path(workspace::API_SOCK);
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            let code = status.code().unwrap_or(1);
+            let why = last_log_line(ws).unwrap_or_else(|| format!("exited with {status}"));
+            let why = why.trim_start_matches("microagent vmm: ").to_string();
+            let code = match code {
+                3 => Code::NotFound,
+                5 => Code::SnapshotRefused,
+                6 => Code::HostUnsupported,
+                7 => Code::GuestFailed,
+                2 => Code::Usage,
+                _ => Code::Error,
+            };
+            return Err(Failure::new(
+                code,
+                format!("workspace {} did not start: {why}", ws.name()),
+            ));
+        }
+        if sock.exists() {
+            if let Ok(Response::Status { pid, .. }) =
+                api::request(&sock, &Request::Status, Duration::from_secs(2))
+            {
+                return Ok(pid);
+            }
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            return Err(Failure::new(
+                Code::Error,
+                format!(
+                    "workspace {} did not answer within {READY_TIMEOUT:?}",
+                    ws.name()
+                ),
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn last_log_line(ws: &Workspace) -> Option<String> {
+    let text = std::fs::read_to_string(ws.path(workspace::VMM_LOG)).ok()?;
+    text.lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .map(str::to_string)
+}
+
+/// Stops the VMM: a clean shutdown request, then SIGKILL if it does not go.
+pub fn halt(ws: &Workspace) -> Result<(), Failure> {
+    let Some(pid) = ws.pid() else {
+        return Ok(());
+    };
+    if process_alive(pid) {
+        let _ = api::request(
+            &ws.path(workspace::API_SOCK),
+            &Request::Shutdown,
+            Duration::from_secs(5),
+        );
+        let deadline = Instant::now() + HALT_TIMEOUT;
+        while process_alive(pid) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        if process_alive(pid) {
+            // SAFETY: killing the workspace's own VMM process.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            let deadline = Instant::now() + HALT_TIMEOUT;
+            while process_alive(pid) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+    }
+    ws.clear_stale_process();
+    Ok(())
+}

@@ -1,0 +1,457 @@
+//! `microagent snapshot create|list|delete|inspect`.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use clap::{Args, Subcommand};
+use serde_json::json;
+use snapshot::{Manifest, VerifyOptions};
+
+use crate::api::{self, Request, Response};
+use crate::commands::open_snapshot;
+use crate::exit::{Code, Failure};
+use crate::output::{code_from_name, human_size, Out};
+use crate::workspace::{self, State, Workspace};
+
+#[derive(Subcommand)]
+pub enum SnapshotCommand {
+    /// Capture a running or paused workspace: memory, vCPU and device state, and its disk.
+    Create(CreateArgs),
+    /// List a workspace's snapshots.
+    List {
+        name: String,
+        /// Only snapshots whose tag or note contains WORD (case-insensitive).
+        #[arg(long, value_name = "WORD")]
+        search: Option<String>,
+    },
+    /// Delete one snapshot.
+    Delete { name: String, tag: String },
+    /// Show a snapshot's manifest; with --verify, re-check every file's digest.
+    Inspect(InspectArgs),
+    /// Rename a snapshot or change its note.
+    Edit(EditArgs),
+    /// Delete old snapshots: older than a duration, beyond the newest N, or both.
+    Prune(PruneArgs),
+    /// Write a snapshot to one portable archive (tar + zstd).
+    Export {
+        name: String,
+        tag: String,
+        file: PathBuf,
+    },
+    /// Import a snapshot archive; every digest is checked before it becomes visible.
+    Import(ImportArgs),
+}
+
+#[derive(Args)]
+pub struct ImportArgs {
+    file: PathBuf,
+    /// The workspace to import into (default: the one the snapshot was taken from). It is
+    /// created from the snapshot if it does not exist.
+    #[arg(long = "as", value_name = "NAME")]
+    as_name: Option<String>,
+    /// The kernel for a new workspace, when the snapshot's is not found (its sha256 must match).
+    #[arg(long)]
+    kernel: Option<PathBuf>,
+}
+
+#[derive(Args)]
+pub struct CreateArgs {
+    name: String,
+    /// Tag (defaults to the UTC time, e.g. 20260611T085244Z).
+    #[arg(long)]
+    tag: Option<String>,
+    /// A note stored with the snapshot.
+    #[arg(long)]
+    note: Option<String>,
+    /// Leave a running VM paused after the capture (the default resumes it).
+    #[arg(long)]
+    no_resume: bool,
+}
+
+#[derive(Args)]
+pub struct InspectArgs {
+    name: String,
+    tag: String,
+    #[arg(long)]
+    verify: bool,
+}
+
+#[derive(Args)]
+pub struct EditArgs {
+    name: String,
+    tag: String,
+    /// The new tag.
+    #[arg(long = "tag", value_name = "NEW")]
+    new_tag: Option<String>,
+    /// The new note (an empty string removes it).
+    #[arg(long)]
+    note: Option<String>,
+}
+
+#[derive(Args)]
+pub struct PruneArgs {
+    name: String,
+    /// Delete snapshots older than this (e.g. 30m, 7d).
+    #[arg(long, value_name = "DURATION")]
+    older_than: Option<String>,
+    /// Keep at least the newest N snapshots.
+    #[arg(long, value_name = "N")]
+    keep: Option<usize>,
+    /// Print what would be deleted, delete nothing.
+    #[arg(long)]
+    dry_run: bool,
+}
+
+pub fn run(root: &Path, cmd: SnapshotCommand, out: Out) -> Result<(), Failure> {
+    match cmd {
+        SnapshotCommand::Create(a) => create(root, a, out),
+        SnapshotCommand::List { name, search } => list(root, &name, search.as_deref(), out),
+        SnapshotCommand::Delete { name, tag } => delete(root, &name, &tag, out),
+        SnapshotCommand::Inspect(a) => inspect(root, &a, out),
+        SnapshotCommand::Edit(a) => edit(root, a, out),
+        SnapshotCommand::Prune(a) => prune(root, a, out),
+        SnapshotCommand::Export { name, tag, file } => export(root, &name, &tag, &file, out),
+        SnapshotCommand::Import(a) => import(root, a, out),
+    }
+}
+
+fn default_tag() -> String {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    snapshot::manifest::rfc3339(now).replace(['-', ':'], "")
+}
+
+fn manifest_json(m: &Manifest, dir: &Path) -> serde_json::Value {
+    json!({
+        "tag": m.tag,
+        "kind": m.kind,
+        "parent": m.parent,
+        "created": m.created,
+        "vcpus": m.vcpus,
+        "mem_mib": m.mem_mib,
+        "image": m.image,
+        "kernel": m.kernel,
+        "note": m.note,
+        "size": disk_usage(dir),
+        "files": m.files,
+    })
+}
+
+/// Bytes the snapshot really occupies (sparse files count their allocated blocks).
+fn disk_usage(dir: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::read_dir(dir)
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| e.metadata().ok())
+                .map(|m| m.blocks() * 512)
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+fn create(root: &Path, a: CreateArgs, out: Out) -> Result<(), Failure> {
+    let CreateArgs {
+        name,
+        tag,
+        note,
+        no_resume,
+    } = a;
+    let name = name.as_str();
+    let ws = Workspace::open(root, name)?;
+    let _lock = ws.lock()?;
+    match ws.state() {
+        State::Running | State::Paused => {}
+        s => {
+            return Err(Failure::new(
+                Code::Conflict,
+                format!(
+                    "workspace {name} is {}; snapshots capture a running or paused workspace",
+                    s.as_str()
+                ),
+            ))
+        }
+    }
+    let tag = tag.unwrap_or_else(default_tag);
+    if !snapshot::manifest::is_safe_name(&tag) {
+        return Err(Failure::new(
+            Code::Usage,
+            format!("invalid snapshot tag {tag:?}"),
+        ));
+    }
+    let resp = api::request_with_progress(
+        &ws.path(workspace::API_SOCK),
+        &Request::Snapshot {
+            tag: tag.clone(),
+            note,
+            leave_paused: no_resume,
+        },
+        Some(Duration::from_secs(3600)),
+        &mut |done, total| out.progress("capturing memory", done, total),
+    )
+    .map_err(|e| Failure::new(Code::Error, e.to_string()))?;
+    match resp {
+        Response::Snapshot { manifest } => {
+            let dir = ws.snapshots_dir().join(&manifest.tag);
+            out.emit(
+                format!(
+                    "snapshot {} created ({} MiB RAM, {} vCPU) at {}",
+                    manifest.tag, manifest.mem_mib, manifest.vcpus, manifest.created
+                ),
+                json!({"workspace": name, "snapshot": manifest_json(&manifest, &dir)}),
+            );
+            Ok(())
+        }
+        Response::Error { code, message } => Err(Failure::new(code_from_name(&code), message)),
+        other => Err(Failure::new(
+            Code::Error,
+            format!("unexpected answer from the VMM: {other:?}"),
+        )),
+    }
+}
+
+fn matches(m: &Manifest, word: &str) -> bool {
+    let w = word.to_lowercase();
+    m.tag.to_lowercase().contains(&w)
+        || m.note
+            .as_deref()
+            .is_some_and(|n| n.to_lowercase().contains(&w))
+}
+
+fn list(root: &Path, name: &str, search: Option<&str>, out: Out) -> Result<(), Failure> {
+    let ws = Workspace::open(root, name)?;
+    let snaps: Vec<_> = snapshot::list(&ws.snapshots_dir())
+        .into_iter()
+        .filter(|s| search.is_none_or(|w| matches(&s.manifest, w)))
+        .collect();
+    let mut human = format!(
+        "{:<24} {:>10}  {:<20}  {}",
+        "TAG", "SIZE", "CREATED", "IMAGE"
+    );
+    let mut js = Vec::new();
+    for s in &snaps {
+        let m = &s.manifest;
+        human.push_str(&format!(
+            "\n{:<24} {:>10}  {:<20}  {}",
+            m.tag,
+            human_size(disk_usage(&s.dir)),
+            m.created,
+            m.image.as_deref().unwrap_or("-")
+        ));
+        js.push(manifest_json(m, &s.dir));
+    }
+    out.emit(human, json!({"workspace": name, "snapshots": js}));
+    Ok(())
+}
+
+fn delete(root: &Path, name: &str, tag: &str, out: Out) -> Result<(), Failure> {
+    let ws = Workspace::open(root, name)?;
+    let _lock = ws.lock()?;
+    let snap = open_snapshot(&ws, tag)?;
+    let doomed = ws
+        .snapshots_dir()
+        .join(format!(".deleting-{tag}-{}", std::process::id()));
+    std::fs::rename(&snap.dir, &doomed)
+        .and_then(|_| std::fs::remove_dir_all(&doomed))
+        .map_err(|e| Failure::new(Code::Error, format!("cannot delete snapshot {tag}: {e}")))?;
+    out.emit(
+        format!("snapshot {tag} deleted"),
+        json!({"workspace": name, "deleted": tag}),
+    );
+    Ok(())
+}
+
+fn inspect(root: &Path, a: &InspectArgs, out: Out) -> Result<(), Failure> {
+    let ws = Workspace::open(root, &a.name)?;
+    let snap = open_snapshot(&ws, &a.tag)?;
+    if a.verify {
+        snap.verify(&VerifyOptions {
+            kernel: Some(&ws.config.kernel),
+            contents: true,
+        })
+        .map_err(crate::snapshot_failure)?;
+    }
+    let m = &snap.manifest;
+    let mut human = format!(
+        "tag:       {}\nkind:      {:?}\ncreated:   {}\nvcpus:     {}\nmemory:    {} MiB\nkernel:    {} (sha256 {})\ncmdline:   {}\nhost cpu:  {} {}\nsize:      {}",
+        m.tag,
+        m.kind,
+        m.created,
+        m.vcpus,
+        m.mem_mib,
+        m.kernel.path,
+        m.kernel.sha256,
+        m.cmdline,
+        m.host_cpu.vendor,
+        m.host_cpu.model,
+        human_size(disk_usage(&snap.dir)),
+    );
+    for f in &m.files {
+        human.push_str(&format!("\nfile:      {} {} {}", f.name, f.size, f.digest));
+    }
+    if a.verify {
+        human.push_str("\nverified:  every file matches its digest");
+    }
+    let mut v = manifest_json(m, &snap.dir);
+    v["verified"] = json!(a.verify);
+    out.emit(human, v);
+    Ok(())
+}
+
+fn edit(root: &Path, a: EditArgs, out: Out) -> Result<(), Failure> {
+    let ws = Workspace::open(root, &a.name)?;
+    let _lock = ws.lock()?;
+    let snap = open_snapshot(&ws, &a.tag)?;
+    if a.new_tag.is_none() && a.note.is_none() {
+        return Err(Failure::new(
+            Code::Usage,
+            "nothing to change: give --tag NEW and/or --note TEXT",
+        ));
+    }
+    let note = a.note.map(|n| if n.is_empty() { None } else { Some(n) });
+    let edited = snap
+        .edit(a.new_tag.as_deref(), note)
+        .map_err(crate::snapshot_failure)?;
+    let m = &edited.manifest;
+    out.emit(
+        format!(
+            "snapshot {} updated{}",
+            m.tag,
+            m.note
+                .as_ref()
+                .map(|n| format!(" (note: {n})"))
+                .unwrap_or_default()
+        ),
+        json!({"workspace": a.name, "snapshot": manifest_json(m, &edited.dir)}),
+    );
+    Ok(())
+}
+
+/// The snapshots `prune` deletes: older than `older_than` (if given) and not among the newest
+/// `keep` (if given). `snaps` is oldest first.
+pub fn prune_selection(
+    snaps: &[snapshot::Snapshot],
+    now: u64,
+    older_than: Option<Duration>,
+    keep: Option<usize>,
+) -> Vec<usize> {
+    let n = snaps.len();
+    let protected_from = keep.map(|k| n.saturating_sub(k)).unwrap_or(n);
+    (0..n)
+        .filter(|&i| i < protected_from || keep.is_none())
+        .filter(|&i| match older_than {
+            Some(d) => snaps[i].manifest.created_unix.saturating_add(d.as_secs()) <= now,
+            None => keep.is_some(),
+        })
+        .collect()
+}
+
+fn prune(root: &Path, a: PruneArgs, out: Out) -> Result<(), Failure> {
+    if a.older_than.is_none() && a.keep.is_none() {
+        return Err(Failure::new(
+            Code::Usage,
+            "prune needs --older-than DURATION and/or --keep N",
+        ));
+    }
+    let older_than = a
+        .older_than
+        .as_deref()
+        .map(crate::duration::parse)
+        .transpose()
+        .map_err(|e| Failure::new(Code::Usage, e))?;
+    let ws = Workspace::open(root, &a.name)?;
+    let _lock = ws.lock()?;
+    let snaps = snapshot::list(&ws.snapshots_dir());
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let chosen = prune_selection(&snaps, now, older_than, a.keep);
+    let tags: Vec<String> = chosen
+        .iter()
+        .map(|&i| snaps[i].manifest.tag.clone())
+        .collect();
+    let verb = if a.dry_run { "would delete" } else { "deleted" };
+    if !a.dry_run {
+        for &i in &chosen {
+            snaps[i].clone().delete().map_err(crate::snapshot_failure)?;
+        }
+    }
+    let human = if tags.is_empty() {
+        "nothing to prune".to_string()
+    } else {
+        tags.iter()
+            .map(|t| format!("{verb} {t}"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    out.emit(
+        human,
+        json!({"workspace": a.name, "dry_run": a.dry_run, "deleted": tags}),
+    );
+    Ok(())
+}
+
+fn export(root: &Path, name: &str, tag: &str, file: &Path, out: Out) -> Result<(), Failure> {
+    let ws = Workspace::open(root, name)?;
+    let snap = open_snapshot(&ws, tag)?;
+    if file.exists() {
+        return Err(Failure::new(
+            Code::Conflict,
+            format!("{} already exists", file.display()),
+        ));
+    }
+    let start = std::time::Instant::now();
+    let size = snapshot::archive::export(&snap, file).map_err(crate::snapshot_failure)?;
+    out.emit(
+        format!(
+            "snapshot {tag} exported to {} ({}, {:.1} s)",
+            file.display(),
+            human_size(size),
+            start.elapsed().as_secs_f64()
+        ),
+        json!({"workspace": name, "tag": tag, "file": file, "bytes": size}),
+    );
+    Ok(())
+}
+
+fn import(root: &Path, a: ImportArgs, out: Out) -> Result<(), Failure> {
+    if !a.file.is_file() {
+        return Err(Failure::new(
+            Code::NotFound,
+            format!("{} does not exist", a.file.display()),
+        ));
+    }
+    let manifest = snapshot::archive::read_manifest(&a.file).map_err(crate::snapshot_failure)?;
+    let name = a
+        .as_name
+        .clone()
+        .or(manifest.workspace.clone())
+        .ok_or_else(|| {
+            Failure::new(
+                Code::Usage,
+                "the archive names no workspace: pass --as NAME",
+            )
+        })?;
+    crate::home::check_name(&name)?;
+    let ws = match Workspace::open(root, &name) {
+        Ok(ws) => ws,
+        Err(f) if f.code == Code::NotFound => {
+            crate::commands::create_for_import(root, &name, &manifest, a.kernel.as_deref())?
+        }
+        Err(f) => return Err(f),
+    };
+    let _lock = ws.lock()?;
+    let snap = snapshot::archive::import(&a.file, &ws.snapshots_dir(), None)
+        .map_err(crate::snapshot_failure)?;
+    out.emit(
+        format!(
+            "snapshot {} imported into workspace {name}",
+            snap.manifest.tag
+        ),
+        json!({"workspace": name, "snapshot": manifest_json(&snap.manifest, &snap.dir)}),
+    );
+    Ok(())
+}

@@ -1,0 +1,387 @@
+//! The VMM process of one running workspace (`microagent __vmm`): boots or restores the VM,
+//! serves the control API on `api.sock`, and cleans up its records when the guest ends.
+
+use std::io::BufReader;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use clap::Args;
+use snapshot::{CaptureRequest, Progress, Snapshot};
+use vmm::devices::config::{BlockConfig, DeviceConfig, VsockConfig};
+use vmm::memory::RestoreMode;
+use vmm::snapshots::SnapshotRestore;
+use vmm::{Console, Vm, VmConfig};
+
+use crate::api::{self, Request, Response};
+use crate::exit::{Code, Failure};
+use crate::workspace::{self, Workspace};
+
+#[derive(Args)]
+pub struct VmmArgs {
+    /// The workspace directory.
+    #[arg(long)]
+    workspace: PathBuf,
+    /// Restore from this snapshot directory instead of booting.
+    #[arg(long)]
+    restore: Option<PathBuf>,
+    /// How guest memory comes back on restore.
+    #[arg(long, value_enum, default_value_t = MemoryArg::Mmap)]
+    memory: MemoryArg,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum MemoryArg {
+    /// Read the memory file into fresh memory.
+    Eager,
+    /// Map the memory file copy-on-write (pages load on first touch, shared by forks).
+    Mmap,
+}
+
+impl From<MemoryArg> for RestoreMode {
+    fn from(m: MemoryArg) -> Self {
+        match m {
+            MemoryArg::Eager => RestoreMode::Eager,
+            MemoryArg::Mmap => RestoreMode::PrivateMap,
+        }
+    }
+}
+
+/// A workspace's devices: its private rootfs as the first disk, a vsock socket in its
+/// directory (the guest agent's channel), and entropy.
+fn device_config(ws: &Workspace) -> DeviceConfig {
+    DeviceConfig {
+        blocks: ws
+            .config
+            .rootfs
+            .iter()
+            .map(|p| BlockConfig {
+                path: p.clone(),
+                read_only: false,
+                id: Some("rootfs".into()),
+            })
+            .collect(),
+        net: None,
+        vsock: Some(VsockConfig {
+            guest_cid: GUEST_CID,
+            uds_path: ws.path(workspace::VSOCK_SOCK),
+        }),
+        rng: true,
+    }
+}
+
+/// Every VM has its own vsock namespace (its own socket), so all guests can use the same CID.
+const GUEST_CID: u64 = 3;
+
+struct Daemon {
+    vm: Vm,
+    ws: Workspace,
+    paused: AtomicBool,
+    shutdown: AtomicBool,
+    started: Instant,
+    restored_from: Option<String>,
+    // One request at a time: a snapshot and a resume must not interleave.
+    busy: Mutex<()>,
+}
+
+pub fn run(args: VmmArgs) -> Result<(), Failure> {
+    let root = args
+        .workspace
+        .parent()
+        .and_then(Path::parent)
+        .ok_or_else(|| Failure::new(Code::Usage, "bad workspace path"))?
+        .to_path_buf();
+    let name = args
+        .workspace
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let ws = Workspace::open(&root, &name)?;
+    let console = Console::File(ws.path(workspace::CONSOLE));
+    let cfg = &ws.config;
+    let vm = match &args.restore {
+        None => Vm::boot(VmConfig {
+            kernel: cfg.kernel.clone(),
+            initrd: cfg.initrd.clone(),
+            cmdline: cfg.cmdline.clone(),
+            mem_mib: cfg.mem_mib,
+            vcpus: cfg.vcpus,
+            console,
+            devices: device_config(&ws),
+        })
+        .map_err(crate::run::vm_failure)?,
+        Some(dir) => {
+            let snap = Snapshot::open(dir).map_err(crate::snapshot_failure)?;
+            // The CLI verified the contents once before starting us (forks share that work).
+            Vm::restore_snapshot(SnapshotRestore {
+                snapshot: &snap,
+                kernel: Some(&cfg.kernel),
+                verify_contents: false,
+                memory_mode: args.memory.into(),
+                console,
+                paused: false,
+                // This workspace's own disk copy and vsock socket, whoever took the snapshot.
+                devices: Some(device_config(&ws)),
+            })
+            .map_err(|e| match e {
+                vmm::snapshots::RestoreError::Snapshot(e) => crate::snapshot_failure(e),
+                vmm::snapshots::RestoreError::Vm(e) => crate::run::vm_failure(e),
+            })?
+        }
+    };
+    let sock = ws.path(workspace::API_SOCK);
+    let _ = std::fs::remove_file(&sock);
+    let listener = UnixListener::bind(&sock).map_err(|e| {
+        Failure::new(
+            Code::Error,
+            format!("cannot listen on {}: {e}", sock.display()),
+        )
+    })?;
+    workspace::write_atomic(
+        &ws.path(workspace::PID),
+        format!("{}\n", std::process::id()).as_bytes(),
+    )
+    .map_err(|e| Failure::new(Code::Error, format!("cannot write pid file: {e}")))?;
+
+    let daemon = Arc::new(Daemon {
+        vm,
+        ws,
+        paused: AtomicBool::new(false),
+        shutdown: AtomicBool::new(false),
+        started: Instant::now(),
+        restored_from: args.restore.as_ref().map(|p| p.display().to_string()),
+        busy: Mutex::new(()),
+    });
+    {
+        let d = daemon.clone();
+        std::thread::Builder::new()
+            .name("api".into())
+            .spawn(move || serve(&d, listener))
+            .map_err(|e| Failure::new(Code::Error, format!("cannot start the API thread: {e}")))?;
+    }
+    let expires = daemon.ws.config.expires_unix;
+    let mut expired = false;
+    let result = loop {
+        if daemon.shutdown.load(Ordering::SeqCst) {
+            break Ok(());
+        }
+        if expires.is_some_and(|t| now_unix() >= t) {
+            expired = true;
+            break Ok(());
+        }
+        match daemon.vm.poll_exit(Duration::from_millis(100)) {
+            Ok(None) => continue,
+            Ok(Some(_)) => break Ok(()),
+            Err(e) => break Err(crate::run::vm_failure(e)),
+        }
+    };
+    for f in [workspace::API_SOCK, workspace::PID, workspace::VSOCK_SOCK] {
+        let _ = std::fs::remove_file(daemon.ws.path(f));
+    }
+    if expired {
+        // The lifetime ended: the workspace goes, files and all, even with no CLI around.
+        remove_expired(&daemon.ws);
+    }
+    if let Err(f) = &result {
+        eprintln!("microagent vmm: {}", f.message);
+    }
+    // Exit without unwinding the API thread; the VM's threads stop with the process.
+    std::process::exit(match &result {
+        Ok(()) => 0,
+        Err(f) => f.code as i32,
+    })
+}
+
+fn serve(d: &Daemon, listener: UnixListener) {
+    for conn in listener.incoming() {
+        let Ok(conn) = conn else { continue };
+        let _ = conn.set_read_timeout(Some(Duration::from_secs(30)));
+        handle(d, conn);
+    }
+}
+
+fn handle(d: &Daemon, conn: UnixStream) {
+    let Ok(mut w) = conn.try_clone() else { return };
+    let mut r = BufReader::new(conn);
+    let req = match api::read_msg::<Request>(&mut r) {
+        Ok(Some(req)) => req,
+        Ok(None) => return,
+        Err(e) => {
+            let _ = api::write_msg(
+                &mut w,
+                &Response::Error {
+                    code: "invalid-request".into(),
+                    message: e.to_string(),
+                },
+            );
+            return;
+        }
+    };
+    let _busy = d.busy.lock().unwrap_or_else(|e| e.into_inner());
+    let resp = match req {
+        Request::Status => status(d),
+        Request::Pause => set_paused(d, true),
+        Request::Resume => set_paused(d, false),
+        Request::Snapshot {
+            tag,
+            note,
+            leave_paused,
+        } => take_snapshot(
+            d,
+            &tag,
+            note.as_deref(),
+            leave_paused,
+            &mut |done, total| {
+                let _ = api::write_msg(&mut w, &Response::Progress { done, total });
+            },
+        ),
+        Request::Shutdown => {
+            d.shutdown.store(true, Ordering::SeqCst);
+            Response::Ok
+        }
+        Request::Hibernate => {
+            let dir = d.ws.path(workspace::HIBERNATION);
+            let r = capture_into(
+                d,
+                &dir,
+                workspace::HIBERNATION_SLOT,
+                None,
+                true,
+                false,
+                &mut |done, total| {
+                    let _ = api::write_msg(&mut w, &Response::Progress { done, total });
+                },
+            );
+            if matches!(r, Response::Snapshot { .. }) {
+                // Stop with the VM still paused: nothing runs after the capture.
+                d.shutdown.store(true, Ordering::SeqCst);
+            }
+            r
+        }
+    };
+    let _ = api::write_msg(&mut w, &resp);
+}
+
+fn status(d: &Daemon) -> Response {
+    Response::Status {
+        paused: d.paused.load(Ordering::SeqCst),
+        pid: std::process::id(),
+        vcpus: d.ws.config.vcpus,
+        mem_mib: d.ws.config.mem_mib,
+        uptime_ms: d.started.elapsed().as_millis() as u64,
+        restored_from: d.restored_from.clone(),
+    }
+}
+
+fn error(code: &str, message: impl Into<String>) -> Response {
+    Response::Error {
+        code: code.into(),
+        message: message.into(),
+    }
+}
+
+fn set_paused(d: &Daemon, pause: bool) -> Response {
+    let r = if pause { d.vm.pause() } else { d.vm.resume() };
+    match r {
+        Ok(()) => {
+            d.paused.store(pause, Ordering::SeqCst);
+            Response::Ok
+        }
+        Err(e) => error("error", e.to_string()),
+    }
+}
+
+fn take_snapshot(
+    d: &Daemon,
+    tag: &str,
+    note: Option<&str>,
+    leave_paused: bool,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Response {
+    capture_into(
+        d,
+        &d.ws.snapshots_dir(),
+        tag,
+        note,
+        leave_paused,
+        true,
+        progress,
+    )
+}
+
+/// Pauses (if running), captures into `dir/tag`, resumes unless `leave_paused`.
+fn capture_into(
+    d: &Daemon,
+    dir: &Path,
+    tag: &str,
+    note: Option<&str>,
+    leave_paused: bool,
+    with_rootfs: bool,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Response {
+    let was_paused = d.paused.load(Ordering::SeqCst);
+    if !was_paused {
+        if let Err(e) = d.vm.pause() {
+            return error("error", format!("cannot pause the VM: {e}"));
+        }
+        d.paused.store(true, Ordering::SeqCst);
+    }
+    let cfg = &d.ws.config;
+    snapshot::sweep_leftovers(dir);
+    let result = snapshot::capture(
+        &d.vm,
+        &CaptureRequest {
+            dir,
+            tag,
+            kernel: &cfg.kernel,
+            cmdline: &cfg.cmdline,
+            rootfs: if with_rootfs {
+                cfg.rootfs.as_deref()
+            } else {
+                None
+            },
+            image: cfg.image.as_deref(),
+            workspace: Some(&cfg.name),
+            note,
+        },
+        &mut |p| {
+            if let Progress::Memory { done, total } = p {
+                progress(done, total)
+            }
+        },
+    );
+    if !was_paused && !leave_paused {
+        if let Err(e) = d.vm.resume() {
+            return error(
+                "error",
+                format!("snapshot taken but the VM did not resume: {e}"),
+            );
+        }
+        d.paused.store(false, Ordering::SeqCst);
+    }
+    match result {
+        Ok(manifest) => Response::Snapshot {
+            manifest: Box::new(manifest),
+        },
+        Err(e) => error(e.code(), e.to_string()),
+    }
+}
+
+fn now_unix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn remove_expired(ws: &Workspace) {
+    let Some(parent) = ws.dir.parent() else {
+        return;
+    };
+    let doomed = parent.join(format!(".deleting-{}-{}", ws.name(), std::process::id()));
+    if std::fs::rename(&ws.dir, &doomed).is_ok() {
+        let _ = std::fs::remove_dir_all(&doomed);
+    }
+}

@@ -1,0 +1,194 @@
+//! Portable snapshot archives: one tar stream compressed with zstd, `manifest.json` first, then
+//! exactly the files the manifest lists. Import checks every entry against the manifest, writes
+//! into a hidden directory, verifies every digest and the format version, and only then renames
+//! the snapshot into place.
+
+use std::fs::File;
+use std::io::{BufReader, BufWriter, Read, Write};
+use std::path::Path;
+
+use crate::error::{io, Refusal, SnapshotError};
+use crate::manifest::{Manifest, ManifestError, MANIFEST};
+use crate::open::{Snapshot, VerifyOptions};
+
+const ZSTD_LEVEL: i32 = 3;
+/// A manifest entry larger than this is not a manifest.
+const MAX_MANIFEST: u64 = 4 << 20;
+
+/// Writes `snap` to `out` (created anew; written under a temporary name, renamed when complete).
+pub fn export(snap: &Snapshot, out: &Path) -> Result<u64, SnapshotError> {
+    let dir = out
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let tmp = dir.join(format!(
+        ".{}.tmp-{}",
+        out.file_name()
+            .map(|n| n.to_string_lossy())
+            .unwrap_or_default(),
+        std::process::id()
+    ));
+    let result = (|| {
+        let file = File::create(&tmp).map_err(io("cannot create", &tmp))?;
+        let enc = zstd::Encoder::new(BufWriter::new(file), ZSTD_LEVEL)
+            .map_err(io("cannot compress", &tmp))?;
+        let mut tar = tar::Builder::new(enc);
+        let mut names = vec![MANIFEST.to_string()];
+        names.extend(snap.manifest.files.iter().map(|f| f.name.clone()));
+        for name in &names {
+            let p = snap.path(name);
+            let mut f = File::open(&p).map_err(io("cannot read", &p))?;
+            tar.append_file(name, &mut f)
+                .map_err(io("cannot archive", &p))?;
+        }
+        let enc = tar.into_inner().map_err(io("cannot write", &tmp))?;
+        let mut w = enc.finish().map_err(io("cannot write", &tmp))?;
+        w.flush().map_err(io("cannot write", &tmp))?;
+        let f = w
+            .into_inner()
+            .map_err(|e| io("cannot write", &tmp)(e.into_error()))?;
+        f.sync_all().map_err(io("cannot fsync", &tmp))?;
+        std::fs::rename(&tmp, out).map_err(io("cannot rename into place", out))?;
+        Ok(std::fs::metadata(out).map(|m| m.len()).unwrap_or(0))
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+fn refused(why: String) -> SnapshotError {
+    Refusal::Manifest(ManifestError::Invalid(why)).into()
+}
+
+/// Reads the manifest at the head of an archive, without extracting anything.
+pub fn read_manifest(archive: &Path) -> Result<Manifest, SnapshotError> {
+    let file = File::open(archive).map_err(io("cannot open", archive))?;
+    let dec = zstd::Decoder::new(BufReader::new(file)).map_err(io("cannot decompress", archive))?;
+    let mut tar = tar::Archive::new(dec);
+    let mut entries = tar.entries().map_err(io("cannot read", archive))?;
+    let mut first = entries
+        .next()
+        .ok_or_else(|| refused("empty archive".into()))?
+        .map_err(io("cannot read", archive))?;
+    manifest_entry(&mut first)
+}
+
+fn manifest_entry<R: Read>(e: &mut tar::Entry<'_, R>) -> Result<Manifest, SnapshotError> {
+    let path = e
+        .path()
+        .map_err(|_| refused("an entry name is not valid".into()))?
+        .into_owned();
+    if path.as_os_str() != MANIFEST || !e.header().entry_type().is_file() {
+        return Err(refused(format!(
+            "the first entry is {}, not {MANIFEST}",
+            path.display()
+        )));
+    }
+    if e.size() > MAX_MANIFEST {
+        return Err(refused(format!("{MANIFEST} of {} bytes", e.size())));
+    }
+    let mut bytes = Vec::new();
+    e.read_to_end(&mut bytes)
+        .map_err(|err| refused(format!("cannot read {MANIFEST}: {err}")))?;
+    Manifest::parse(&bytes).map_err(|m| Refusal::Manifest(m).into())
+}
+
+/// Imports an archive into `snapshots_dir` under `tag` (default: the archive's tag). Nothing
+/// becomes visible unless every file is present and matches its digest.
+pub fn import(
+    archive: &Path,
+    snapshots_dir: &Path,
+    tag: Option<&str>,
+) -> Result<Snapshot, SnapshotError> {
+    std::fs::create_dir_all(snapshots_dir).map_err(io("cannot create", snapshots_dir))?;
+    let tmp = snapshots_dir.join(format!(
+        "{}import-{}",
+        crate::capture::TMP_PREFIX,
+        std::process::id()
+    ));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir(&tmp).map_err(io("cannot create", &tmp))?;
+    let result = extract_verified(archive, &tmp, snapshots_dir, tag);
+    if result.is_err() {
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+    result
+}
+
+fn extract_verified(
+    archive: &Path,
+    tmp: &Path,
+    snapshots_dir: &Path,
+    tag: Option<&str>,
+) -> Result<Snapshot, SnapshotError> {
+    let file = File::open(archive).map_err(io("cannot open", archive))?;
+    let dec = zstd::Decoder::new(BufReader::new(file)).map_err(io("cannot decompress", archive))?;
+    let mut tar = tar::Archive::new(dec);
+    let mut entries = tar.entries().map_err(io("cannot read", archive))?;
+    let mut first = entries
+        .next()
+        .ok_or_else(|| refused("empty archive".into()))?
+        .map_err(|e| refused(format!("cannot read the archive: {e}")))?;
+    let manifest = manifest_entry(&mut first)?;
+    std::fs::write(tmp.join(MANIFEST), manifest.to_json()).map_err(io("cannot write", tmp))?;
+    let mut seen = std::collections::HashSet::new();
+    for e in entries {
+        let mut e = e.map_err(|err| refused(format!("the archive is damaged: {err}")))?;
+        let name = e
+            .path()
+            .map_err(|_| refused("an entry name is not valid".into()))?
+            .to_string_lossy()
+            .into_owned();
+        // Only plain files the manifest lists, once each, of the listed size: no paths, links
+        // or devices can reach outside the import directory.
+        let listed = manifest
+            .file(&name)
+            .ok_or_else(|| refused(format!("entry {name:?} is not listed in the manifest")))?;
+        if !e.header().entry_type().is_file() || !seen.insert(name.clone()) {
+            return Err(refused(format!(
+                "entry {name:?} is not a single plain file"
+            )));
+        }
+        if e.size() != listed.size {
+            return Err(Refusal::Size {
+                file: name,
+                expected: listed.size,
+                actual: e.size(),
+            }
+            .into());
+        }
+        let dst = tmp.join(&name);
+        let mut out = File::create(&dst).map_err(io("cannot create", &dst))?;
+        let copied = std::io::copy(&mut e, &mut out)
+            .map_err(|err| refused(format!("{name} is truncated: {err}")))?;
+        if copied != listed.size {
+            return Err(refused(format!("{name} is truncated")));
+        }
+        out.sync_all().map_err(io("cannot fsync", &dst))?;
+    }
+    for f in &manifest.files {
+        if !seen.contains(&f.name) {
+            return Err(Refusal::MissingFile(f.name.clone()).into());
+        }
+    }
+    let snap = Snapshot::open(tmp)?;
+    snap.verify(&VerifyOptions {
+        kernel: None,
+        contents: true,
+    })?;
+    snap.load_state::<serde::de::IgnoredAny>()?;
+    let tag = tag.unwrap_or(&manifest.tag).to_string();
+    let target = snapshots_dir.join(&tag);
+    if target.exists() {
+        return Err(SnapshotError::Exists(tag));
+    }
+    let snap = if tag != manifest.tag {
+        snap.edit(Some(&tag), None)?
+    } else {
+        snap
+    };
+    std::fs::rename(&snap.dir, &target).map_err(io("cannot rename into place", &target))?;
+    crate::capture::fsync_dir(snapshots_dir)?;
+    Snapshot::open(&target)
+}

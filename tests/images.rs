@@ -1,0 +1,1314 @@
+//! End-to-end tests of OCI images: `microagent image pull|list|rm` and `create --image`.
+//!
+//! The test image is built here from files: two gzip layers with a whiteout, an opaque
+//! directory, a symlink, a hard link, setuid and setgid files, a device node, a fifo and a long
+//! path. It is written as an OCI layout, pushed with `skopeo copy` to a real registry (Debian's
+//! `docker-registry`, started by each test on a free 127.0.0.1 port with its own storage) and
+//! saved as a docker archive; each source must give an ext4 image whose contents, read back
+//! with `debugfs` (no mount), are exactly the image plus the agent and init. Hostile images must
+//! be refused with a clear error, write nothing outside their build directory and leave no
+//! cache entry behind.
+//!
+//! Needs e2fsprogs, busybox-static, skopeo and docker-registry; a test whose tools are missing
+//! says so and is skipped.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use flate2::write::GzEncoder;
+use serde_json::{json, Value};
+use sha2::{Digest as _, Sha256};
+
+const MTIME: u64 = 1_700_000_000;
+const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+const OCI_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
+const OCI_LAYER_GZIP: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
+
+// ---------------------------------------------------------------------------------------------
+// Tools and the agent binary.
+
+fn tool(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/usr/sbin", "/sbin"].iter().map(PathBuf::from))
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+}
+
+/// True when every tool is installed; otherwise prints why the test is skipped.
+fn tools_or_skip(test: &str, tools: &[(&str, &str)]) -> bool {
+    for (t, package) in tools {
+        if tool(t).is_none() {
+            eprintln!("{test}: skipped: {t} is not installed (apt-get install {package})");
+            return false;
+        }
+    }
+    true
+}
+
+const BASE_TOOLS: &[(&str, &str)] = &[
+    ("mkfs.ext4", "e2fsprogs"),
+    ("debugfs", "e2fsprogs"),
+    ("busybox", "busybox-static"),
+];
+const REGISTRY_TOOLS: &[(&str, &str)] =
+    &[("skopeo", "skopeo"), ("docker-registry", "docker-registry")];
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+/// The static guest agent: `$MICROAGENT_AGENT`, a release build in target/, else built here
+/// (into its own target directory, so it never waits on the lock of the running `cargo test`).
+fn agent() -> PathBuf {
+    static AGENT: OnceLock<PathBuf> = OnceLock::new();
+    AGENT
+        .get_or_init(|| {
+            if let Some(p) = std::env::var_os("MICROAGENT_AGENT").filter(|v| !v.is_empty()) {
+                return PathBuf::from(p);
+            }
+            let triple = "x86_64-unknown-linux-gnu/release/microagent-agent";
+            let prebuilt = workspace_root().join("target").join(triple);
+            if prebuilt.is_file() {
+                return prebuilt;
+            }
+            let target_dir = workspace_root().join("target/image-tests-agent");
+            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+            let st = Command::new(cargo)
+                .current_dir(workspace_root())
+                .args([
+                    "build",
+                    "--release",
+                    "-p",
+                    "guest-agent",
+                    "--target",
+                    "x86_64-unknown-linux-gnu",
+                ])
+                .env("RUSTFLAGS", "-C target-feature=+crt-static")
+                .env("CARGO_TARGET_DIR", &target_dir)
+                .status()
+                .expect("run cargo to build the guest agent");
+            assert!(st.success(), "building the static guest agent failed");
+            target_dir.join(triple)
+        })
+        .clone()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Running microagent with a private state root (never through the process-wide environment).
+
+struct Home {
+    dir: PathBuf,
+    env: Vec<(String, String)>,
+}
+
+impl Home {
+    fn new(name: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("ma-images-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        Home {
+            dir,
+            env: vec![
+                ("MICROAGENT_AGENT".into(), agent().display().to_string()),
+                // No docker credentials of whoever runs the tests.
+                ("DOCKER_CONFIG".into(), "/nonexistent".into()),
+            ],
+        }
+    }
+
+    fn state(&self) -> PathBuf {
+        self.dir.join("state")
+    }
+
+    fn command(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(common::bin());
+        c.args(args)
+            .env("MICROAGENT_HOME", self.state())
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        c
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        run_with_timeout(self.command(args), Duration::from_secs(300))
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let o = self.run(args);
+        assert!(
+            o.status.success(),
+            "microagent {args:?} failed ({:?}):\n{}\n{}",
+            o.status,
+            common::stdout(&o),
+            common::stderr(&o)
+        );
+        common::stdout(&o)
+    }
+
+    /// `image pull --json`: the built rootfs path and the JSON answer.
+    fn pull(&self, reference: &str, extra: &[&str]) -> (PathBuf, Value) {
+        let mut args = vec!["--json", "image", "pull", reference, "--headroom", "16"];
+        args.extend_from_slice(extra);
+        let v: Value = serde_json::from_str(self.ok(&args).trim()).unwrap();
+        (PathBuf::from(v["rootfs"].as_str().unwrap()), v)
+    }
+
+    /// A pull that must fail: its exit code and stderr.
+    fn pull_err(&self, reference: &str) -> (i32, String) {
+        let o = self.run(&["image", "pull", reference, "--headroom", "16"]);
+        assert!(
+            !o.status.success(),
+            "pull of {reference} succeeded:\n{}",
+            common::stdout(&o)
+        );
+        (o.status.code().unwrap_or(-1), common::stderr(&o))
+    }
+
+    /// Everything in the image cache but its lock file: must be nothing after a refused image.
+    fn cache_listing(&self) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(self.state().join("images"))
+            .map(|rd| {
+                rd.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .filter(|n| n != ".lock")
+                    .collect()
+            })
+            .unwrap_or_default();
+        v.sort();
+        v
+    }
+}
+
+impl Drop for Home {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn run_with_timeout(mut c: Command, timeout: Duration) -> Output {
+    let child = c.spawn().expect("spawn");
+    let pid = child.id() as i32;
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = done.clone();
+    let killer = std::thread::spawn(move || {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if flag.load(std::sync::atomic::Ordering::Relaxed) {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        // SAFETY: killing our own child, which has not been reaped yet.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+        true
+    });
+    let out = child.wait_with_output().expect("wait");
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    assert!(
+        !killer.join().unwrap(),
+        "{c:?} did not finish within {timeout:?}"
+    );
+    out
+}
+
+// ---------------------------------------------------------------------------------------------
+// Layers and OCI layouts written by hand.
+
+struct Layer(tar::Builder<Vec<u8>>);
+
+impl Layer {
+    fn new() -> Self {
+        Layer(tar::Builder::new(Vec::new()))
+    }
+
+    fn header(kind: tar::EntryType, mode: u32, uid: u64, gid: u64, size: u64) -> tar::Header {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(kind);
+        h.set_mode(mode);
+        h.set_uid(uid);
+        h.set_gid(gid);
+        h.set_mtime(MTIME);
+        h.set_size(size);
+        h
+    }
+
+    fn dir(mut self, path: &str, mode: u32) -> Self {
+        self.dir_owned(path, mode, 0, 0);
+        self
+    }
+
+    fn dir_owned(&mut self, path: &str, mode: u32, uid: u64, gid: u64) {
+        let mut h = Self::header(tar::EntryType::Directory, mode, uid, gid, 0);
+        self.0.append_data(&mut h, path, &[][..]).unwrap();
+    }
+
+    fn file(mut self, path: &str, mode: u32, data: &[u8]) -> Self {
+        self.file_owned(path, mode, 0, 0, data);
+        self
+    }
+
+    fn file_owned(&mut self, path: &str, mode: u32, uid: u64, gid: u64, data: &[u8]) {
+        let mut h = Self::header(tar::EntryType::Regular, mode, uid, gid, data.len() as u64);
+        self.0.append_data(&mut h, path, data).unwrap();
+    }
+
+    fn link(mut self, kind: tar::EntryType, path: &str, target: &str) -> Self {
+        let mut h = Self::header(kind, 0o777, 0, 0, 0);
+        self.0.append_link(&mut h, path, target).unwrap();
+        self
+    }
+
+    fn node(mut self, kind: tar::EntryType, path: &str, mode: u32, major: u32, minor: u32) -> Self {
+        let mut h = Self::header(kind, mode, 0, 0, 0);
+        h.set_device_major(major).unwrap();
+        h.set_device_minor(minor).unwrap();
+        self.0.append_data(&mut h, path, &[][..]).unwrap();
+        self
+    }
+
+    /// An entry with a name or link the tar crate would refuse to write (`..`, absolute).
+    fn raw(mut self, kind: tar::EntryType, name: &str, link: &str, data: &[u8]) -> Self {
+        let mut h = Self::header(kind, 0o644, 0, 0, data.len() as u64);
+        {
+            let old = h.as_old_mut();
+            old.name = [0; 100];
+            old.name[..name.len()].copy_from_slice(name.as_bytes());
+            old.linkname = [0; 100];
+            old.linkname[..link.len()].copy_from_slice(link.as_bytes());
+        }
+        h.set_cksum();
+        let buf = self.0.get_mut();
+        buf.extend_from_slice(h.as_bytes());
+        buf.extend_from_slice(data);
+        buf.extend(std::iter::repeat_n(0u8, (512 - data.len() % 512) % 512));
+        self
+    }
+
+    fn tar(self) -> Vec<u8> {
+        self.0.into_inner().unwrap()
+    }
+}
+
+fn sha256(b: &[u8]) -> String {
+    let d = Sha256::digest(b);
+    format!(
+        "sha256:{}",
+        d.iter().map(|x| format!("{x:02x}")).collect::<String>()
+    )
+}
+
+fn gzip(b: &[u8]) -> Vec<u8> {
+    let mut e = GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    e.write_all(b).unwrap();
+    e.finish().unwrap()
+}
+
+/// How to write a layout; the defaults give a well-formed linux/amd64 image tagged `v1`.
+struct LayoutOpts {
+    arch: &'static str,
+    /// Put the manifest inside an index with this platform (a multi-platform image).
+    in_index: bool,
+    /// Changes a layer's compressed blob before it is named (digest and size follow it).
+    mutate: Option<Box<dyn Fn(usize, Vec<u8>) -> Vec<u8>>>,
+}
+
+impl Default for LayoutOpts {
+    fn default() -> Self {
+        LayoutOpts {
+            arch: "amd64",
+            in_index: false,
+            mutate: None,
+        }
+    }
+}
+
+struct Written {
+    manifest_digest: String,
+    layer_blobs: Vec<PathBuf>,
+}
+
+fn write_blob(dir: &Path, bytes: &[u8]) -> (String, u64, PathBuf) {
+    let d = sha256(bytes);
+    let p = dir.join("blobs/sha256").join(&d[7..]);
+    std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+    std::fs::write(&p, bytes).unwrap();
+    (d, bytes.len() as u64, p)
+}
+
+fn write_layout(dir: &Path, tars: &[Vec<u8>], opts: &LayoutOpts) -> Written {
+    let _ = std::fs::remove_dir_all(dir);
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::write(dir.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
+    let mut layers = Vec::new();
+    let mut diff_ids = Vec::new();
+    let mut layer_blobs = Vec::new();
+    for (i, t) in tars.iter().enumerate() {
+        diff_ids.push(sha256(t));
+        let mut blob = gzip(t);
+        if let Some(m) = &opts.mutate {
+            blob = m(i, blob);
+        }
+        let (d, size, p) = write_blob(dir, &blob);
+        layers.push(json!({"mediaType": OCI_LAYER_GZIP, "digest": d, "size": size}));
+        layer_blobs.push(p);
+    }
+    let config = json!({
+        "architecture": opts.arch,
+        "os": "linux",
+        "config": {"Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"], "Cmd": ["/bin/sh"], "WorkingDir": "/"},
+        "rootfs": {"type": "layers", "diff_ids": diff_ids},
+    });
+    let (cd, cs, _) = write_blob(dir, config.to_string().as_bytes());
+    let manifest = json!({
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "config": {"mediaType": OCI_CONFIG, "digest": cd, "size": cs},
+        "layers": layers,
+    });
+    let (md, ms, _) = write_blob(dir, manifest.to_string().as_bytes());
+    let ref_name = json!({"org.opencontainers.image.ref.name": "v1"});
+    let top = if opts.in_index {
+        let index = json!({
+            "schemaVersion": 2,
+            "mediaType": OCI_INDEX,
+            "manifests": [{"mediaType": OCI_MANIFEST, "digest": md, "size": ms,
+                           "platform": {"architecture": opts.arch, "os": "linux"}}],
+        });
+        let (id, is, _) = write_blob(dir, index.to_string().as_bytes());
+        json!({"mediaType": OCI_INDEX, "digest": id, "size": is, "annotations": ref_name})
+    } else {
+        json!({"mediaType": OCI_MANIFEST, "digest": md, "size": ms, "annotations": ref_name})
+    };
+    let index = json!({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [top]});
+    std::fs::write(dir.join("index.json"), index.to_string()).unwrap();
+    Written {
+        manifest_digest: md,
+        layer_blobs,
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The test image and what its ext4 image must hold.
+
+const LONG_DIR: &str = "usr/share/a-directory-name-long-enough-that-the-whole-path-needs-a-gnu-or-pax-long-name-record-in-tar";
+
+fn big_data() -> Vec<u8> {
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    (0..300_000)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
+fn test_layers() -> Vec<Vec<u8>> {
+    let mut l1 = Layer::new()
+        .dir("bin", 0o755)
+        .dir("etc", 0o755)
+        .dir("home", 0o755)
+        .dir("opaque", 0o755)
+        .dir("opaque/sub", 0o755)
+        .dir("dev", 0o755)
+        .dir("proc", 0o555)
+        .dir("sys", 0o555)
+        .dir("run", 0o755)
+        .dir("tmp", 0o1777)
+        .dir("usr", 0o755)
+        .dir("usr/lib", 0o755)
+        .dir("usr/share", 0o755)
+        .dir("var", 0o755)
+        .file("etc/hello", 0o644, b"hello v1\n")
+        .file("etc/remove-me", 0o644, b"bye\n")
+        .file("opaque/lower", 0o644, b"lower\n")
+        .file("opaque/sub/deeper", 0o644, b"deeper\n")
+        .file("bin/tool", 0o4755, b"#!/bin/sh\necho tool\n")
+        .link(tar::EntryType::Link, "bin/tool-hard", "bin/tool")
+        .link(tar::EntryType::Symlink, "bin/tool-link", "tool")
+        .file("usr/lib/big", 0o644, &big_data())
+        .node(tar::EntryType::Char, "dev/null", 0o666, 1, 3)
+        .node(tar::EntryType::Fifo, "var/fifo", 0o640, 0, 0);
+    l1.dir_owned("home/user", 0o750, 1000, 1000);
+    l1.file_owned("home/user/notes", 0o600, 1000, 1000, b"mine\n");
+    l1.dir_owned(LONG_DIR, 0o755, 0, 0);
+    l1.file_owned(&format!("{LONG_DIR}/file.txt"), 0o644, 0, 0, b"long\n");
+    let mut l2 = Layer::new()
+        .file("etc/.wh.remove-me", 0o644, b"")
+        .file("opaque/.wh..wh..opq", 0o644, b"")
+        .file("opaque/upper", 0o644, b"upper\n")
+        .file("etc/hello", 0o640, b"hello v2\n");
+    l2.file_owned("bin/setgid-tool", 0o2755, 0, 50, b"#!/bin/sh\n");
+    vec![l1.tar(), l2.tar()]
+}
+
+/// One expected inode: `ls -p` mode (type and permissions), owner, and what to check inside.
+struct Want {
+    mode: u32,
+    uid: u32,
+    gid: u32,
+    data: Option<Vec<u8>>,
+}
+
+fn want(mode: u32, data: Option<&[u8]>) -> Want {
+    Want {
+        mode,
+        uid: 0,
+        gid: 0,
+        data: data.map(|d| d.to_vec()),
+    }
+}
+
+fn expected() -> BTreeMap<String, Want> {
+    let mut m = BTreeMap::new();
+    for (d, mode) in [
+        ("/bin", 0o755),
+        ("/etc", 0o755),
+        ("/home", 0o755),
+        ("/opaque", 0o755),
+        ("/dev", 0o755),
+        ("/proc", 0o555),
+        ("/sys", 0o555),
+        ("/run", 0o755),
+        ("/tmp", 0o1777),
+        ("/usr", 0o755),
+        ("/usr/lib", 0o755),
+        ("/usr/share", 0o755),
+        ("/var", 0o755),
+        (&format!("/{LONG_DIR}") as &str, 0o755),
+    ] {
+        m.insert(d.to_string(), want(0o040000 | mode, None));
+    }
+    m.insert("/etc/hello".into(), want(0o100640, Some(b"hello v2\n")));
+    m.insert("/opaque/upper".into(), want(0o100644, Some(b"upper\n")));
+    m.insert(
+        "/bin/tool".into(),
+        want(0o104755, Some(b"#!/bin/sh\necho tool\n")),
+    );
+    m.insert(
+        "/bin/tool-hard".into(),
+        want(0o104755, Some(b"#!/bin/sh\necho tool\n")),
+    );
+    m.insert("/bin/tool-link".into(), want(0o120777, None));
+    m.insert(
+        "/bin/setgid-tool".into(),
+        Want {
+            gid: 50,
+            ..want(0o102755, Some(b"#!/bin/sh\n"))
+        },
+    );
+    m.insert("/usr/lib/big".into(), want(0o100644, Some(&big_data())));
+    m.insert(
+        format!("/{LONG_DIR}/file.txt"),
+        want(0o100644, Some(b"long\n")),
+    );
+    m.insert("/dev/null".into(), want(0o020666, None));
+    m.insert("/var/fifo".into(), want(0o010640, None));
+    m.insert(
+        "/home/user".into(),
+        Want {
+            uid: 1000,
+            gid: 1000,
+            ..want(0o040750, None)
+        },
+    );
+    m.insert(
+        "/home/user/notes".into(),
+        Want {
+            uid: 1000,
+            gid: 1000,
+            ..want(0o100600, Some(b"mine\n"))
+        },
+    );
+    // What microagent adds.
+    m.insert("/.microagent".into(), want(0o040755, None));
+    m.insert("/.microagent/agent".into(), want(0o100755, None));
+    m.insert("/.microagent/busybox".into(), want(0o100755, None));
+    m.insert("/.microagent/init".into(), want(0o100755, None));
+    m.insert("/.microagent/config.json".into(), want(0o100644, None));
+    m.insert("/dev/console".into(), want(0o020600, None));
+    m.insert("/lost+found".into(), want(0o040700, None));
+    m
+}
+
+// ---------------------------------------------------------------------------------------------
+// Reading an ext4 image with debugfs.
+
+#[derive(Debug, Clone)]
+struct Node {
+    inode: u64,
+    mode: u32,
+    uid: u32,
+    gid: u32,
+}
+
+fn debugfs(img: &Path, request: &str) -> Vec<u8> {
+    let o = Command::new(tool("debugfs").unwrap())
+        .arg("-R")
+        .arg(request)
+        .arg(img)
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "debugfs {request}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    o.stdout
+}
+
+/// Every path in the image (`ls -p` of each directory).
+fn walk(img: &Path) -> BTreeMap<String, Node> {
+    let mut all = BTreeMap::new();
+    let mut dirs = vec!["/".to_string()];
+    while let Some(dir) = dirs.pop() {
+        let listing =
+            String::from_utf8_lossy(&debugfs(img, &format!("ls -p \"{dir}\""))).into_owned();
+        for line in listing.lines().filter(|l| l.starts_with('/')) {
+            let f: Vec<&str> = line.split('/').collect();
+            let (name, mode) = (f[5], u32::from_str_radix(f[2], 8).unwrap());
+            if name.is_empty() || name == "." || name == ".." || f[1] == "0" {
+                continue;
+            }
+            let path = if dir == "/" {
+                format!("/{name}")
+            } else {
+                format!("{dir}/{name}")
+            };
+            if mode & 0o170000 == 0o040000 {
+                dirs.push(path.clone());
+            }
+            all.insert(
+                path,
+                Node {
+                    inode: f[1].parse().unwrap(),
+                    mode,
+                    uid: f[3].parse().unwrap(),
+                    gid: f[4].parse().unwrap(),
+                },
+            );
+        }
+    }
+    all
+}
+
+/// Checks that `img` holds exactly the test image plus microagent's files.
+fn check_tree(img: &Path) {
+    let got = walk(img);
+    let want = expected();
+    let got_paths: BTreeSet<&String> = got.keys().collect();
+    let want_paths: BTreeSet<&String> = want.keys().collect();
+    assert_eq!(
+        got_paths,
+        want_paths,
+        "paths differ: extra {:?}, missing {:?}",
+        got_paths.difference(&want_paths).collect::<Vec<_>>(),
+        want_paths.difference(&got_paths).collect::<Vec<_>>()
+    );
+    for (p, w) in &want {
+        let n = &got[p];
+        assert_eq!(
+            (n.mode, n.uid, n.gid),
+            (w.mode, w.uid, w.gid),
+            "{p}: mode {:o}",
+            n.mode
+        );
+        if let Some(d) = &w.data {
+            assert!(
+                debugfs(img, &format!("cat \"{p}\"")) == *d,
+                "{p}: contents differ"
+            );
+        }
+    }
+    // The hard link shares the inode; the symlink points where it did; devices keep numbers.
+    assert_eq!(got["/bin/tool"].inode, got["/bin/tool-hard"].inode);
+    let stat =
+        |p: &str| String::from_utf8_lossy(&debugfs(img, &format!("stat \"{p}\""))).into_owned();
+    assert!(stat("/bin/tool").contains("Links: 2"));
+    assert!(
+        stat("/bin/tool-link").contains("Fast link dest: \"tool\""),
+        "{}",
+        stat("/bin/tool-link")
+    );
+    assert!(stat("/dev/null").contains("Device major/minor number: 01:03"));
+    assert!(stat("/dev/console").contains("Device major/minor number: 05:01"));
+    assert!(
+        stat("/etc/hello").contains(&format!("{MTIME:x}")),
+        "mtime kept"
+    );
+    // The agent and init in place.
+    assert!(
+        debugfs(img, "cat /.microagent/agent") == std::fs::read(agent()).unwrap(),
+        "agent differs"
+    );
+    assert!(
+        debugfs(img, "cat /.microagent/busybox")
+            == std::fs::read(tool("busybox").unwrap()).unwrap()
+    );
+    let init = String::from_utf8(debugfs(img, "cat /.microagent/init")).unwrap();
+    assert!(init.starts_with("#!/.microagent/busybox sh\n"), "{init}");
+    for needle in [
+        "mount -t proc",
+        "mount -t sysfs",
+        "devtmpfs",
+        "mount -t tmpfs -o nosuid,nodev,mode=0755 tmpfs /run",
+        "mount -t tmpfs -o nosuid,nodev,noexec,mode=0700 secrets /run/secrets",
+        "/.microagent/agent 2>/dev/console",
+    ] {
+        assert!(init.contains(needle), "init lacks {needle:?}:\n{init}");
+    }
+    let cfg: Value = serde_json::from_slice(&debugfs(img, "cat /.microagent/config.json")).unwrap();
+    assert_eq!(cfg["Cmd"], json!(["/bin/sh"]));
+    // And the file system is clean.
+    let fsck = Command::new(tool("e2fsck").unwrap())
+        .args(["-fn"])
+        .arg(img)
+        .output()
+        .unwrap();
+    assert!(
+        fsck.status.success(),
+        "e2fsck: {}",
+        String::from_utf8_lossy(&fsck.stdout)
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// A private registry.
+
+struct Registry {
+    child: Child,
+    port: u16,
+    dir: PathBuf,
+}
+
+impl Registry {
+    /// `docker-registry` on a free loopback port, storage and config in a temporary directory;
+    /// with `htpasswd`, basic auth for `user:secret`.
+    fn start(name: &str, htpasswd: bool) -> Registry {
+        let dir = std::env::temp_dir().join(format!("ma-registry-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut auth = String::new();
+        if htpasswd {
+            let hash = Command::new("python3")
+                .args(["-W", "ignore", "-c", "import crypt; print(crypt.crypt('secret', '$2b$10$' + 'abcdefghijklmnopqrstuu'))"])
+                .output()
+                .unwrap();
+            let hash = String::from_utf8(hash.stdout).unwrap();
+            assert!(hash.starts_with("$2b$"), "no bcrypt from python3's crypt");
+            std::fs::write(dir.join("htpasswd"), format!("user:{}\n", hash.trim())).unwrap();
+            auth = format!(
+                "auth:\n  htpasswd:\n    realm: test\n    path: {}\n",
+                dir.join("htpasswd").display()
+            );
+        }
+        let config = format!(
+            "version: 0.1\nlog:\n  level: error\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n{auth}",
+            dir.join("storage").display()
+        );
+        std::fs::write(dir.join("config.yml"), config).unwrap();
+        let log = std::fs::File::create(dir.join("registry.log")).unwrap();
+        let child = Command::new(tool("docker-registry").unwrap())
+            .arg("serve")
+            .arg(dir.join("config.yml"))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let r = Registry { child, port, dir };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) {
+                let _ = s.write_all(b"GET /v2/ HTTP/1.0\r\n\r\n");
+                let mut b = [0u8; 12];
+                if s.read_exact(&mut b).is_ok() && b.starts_with(b"HTTP/") {
+                    return r;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "registry did not start: {}",
+                std::fs::read_to_string(r.dir.join("registry.log")).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn reference(&self, repo: &str) -> String {
+        format!("127.0.0.1:{}/{repo}", self.port)
+    }
+
+    /// `skopeo copy` from a layout (or any skopeo source) into this registry.
+    fn push(&self, src: &str, repo: &str, creds: Option<&str>) {
+        let mut c = Command::new(tool("skopeo").unwrap());
+        c.args([
+            "--insecure-policy",
+            "copy",
+            "--all",
+            "--dest-tls-verify=false",
+        ]);
+        if let Some(cr) = creds {
+            c.args(["--dest-creds", cr]);
+        }
+        let o = c
+            .arg(src)
+            .arg(format!("docker://{}", self.reference(repo)))
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "skopeo copy: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+
+    /// The registry's stored copy of a blob.
+    fn blob_file(&self, digest: &str) -> PathBuf {
+        let hex = &digest[7..];
+        self.dir
+            .join("storage/docker/registry/v2/blobs/sha256")
+            .join(&hex[..2])
+            .join(hex)
+            .join("data")
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn sha_of_file(p: &Path) -> String {
+    sha256(&std::fs::read(p).unwrap())
+}
+
+// ---------------------------------------------------------------------------------------------
+// The tests.
+
+#[test]
+fn registry_pull_builds_the_exact_image_and_caches_it() {
+    let test = "registry_pull_builds_the_exact_image_and_caches_it";
+    if !tools_or_skip(test, BASE_TOOLS) || !tools_or_skip(test, REGISTRY_TOOLS) {
+        return;
+    }
+    let h = Home::new("registry");
+    let layout = h.dir.join("layout");
+    let written = write_layout(&layout, &test_layers(), &LayoutOpts::default());
+    let reg = Registry::start("pull", false);
+    reg.push(&format!("oci:{}:v1", layout.display()), "test/img:v1", None);
+    let reference = reg.reference("test/img:v1");
+
+    let (img, v) = h.pull(&reference, &[]);
+    assert_eq!(v["built"], json!(true));
+    assert_eq!(v["image"]["digest"], json!(written.manifest_digest));
+    assert_eq!(v["image"]["layers"], json!(2));
+    assert_eq!(
+        img,
+        h.state()
+            .join("images")
+            .join(format!("sha256-{}", &written.manifest_digest[7..]))
+            .join("rootfs.ext4")
+    );
+    check_tree(&img);
+    // Sized to content plus headroom: the files are ~0.3 MiB (+ agent and busybox).
+    let size = std::fs::metadata(&img).unwrap().len();
+    assert!(size < 128 << 20, "image is {size} bytes");
+
+    // Again: the cache answers, nothing is built.
+    let (img2, v2) = h.pull(&reference, &[]);
+    assert_eq!((img2, v2["built"].clone()), (img.clone(), json!(false)));
+    let list: Value = serde_json::from_str(&h.ok(&["--json", "image", "list"])).unwrap();
+    assert_eq!(list["images"].as_array().unwrap().len(), 1);
+    assert_eq!(
+        list["images"][0]["meta"]["references"],
+        json!([format!("{}", reference)])
+    );
+
+    // create --image copies the cached disk; with the registry gone, the cache still serves.
+    h.ok(&[
+        "create",
+        "ws1",
+        "--kernel",
+        "builtin:testguest",
+        "--image",
+        &reference,
+    ]);
+    drop(reg);
+    h.ok(&[
+        "create",
+        "ws2",
+        "--kernel",
+        "builtin:testguest",
+        "--image",
+        &reference,
+    ]);
+    for ws in ["ws1", "ws2"] {
+        let dir = h.state().join("workspaces").join(ws);
+        let disk = dir.join("rootfs.ext4");
+        assert_eq!(std::fs::metadata(&disk).unwrap().len(), size);
+        assert_eq!(debugfs(&disk, "cat /etc/hello"), b"hello v2\n");
+        let cfg: Value =
+            serde_json::from_slice(&std::fs::read(dir.join("config.json")).unwrap()).unwrap();
+        assert_eq!(
+            cfg["image"],
+            json!(format!("{reference}@{}", written.manifest_digest))
+        );
+        assert!(
+            cfg["cmdline"]
+                .as_str()
+                .unwrap()
+                .contains("root=/dev/vda rw init=/.microagent/init"),
+            "{cfg}"
+        );
+    }
+    // The workspace's disk is its own: writing to it leaves the cache alone.
+    let before = sha_of_file(&img);
+    let ws_disk = h.state().join("workspaces/ws1/rootfs.ext4");
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&ws_disk)
+        .unwrap()
+        .write_all(b"scribble")
+        .unwrap();
+    assert_eq!(sha_of_file(&img), before);
+
+    // rm by reference: gone from the list, and its directory with it.
+    h.ok(&["image", "rm", &reference]);
+    assert!(!img.exists());
+    assert!(h.cache_listing().is_empty(), "{:?}", h.cache_listing());
+    let o = h.run(&["image", "rm", &reference]);
+    assert_eq!(o.status.code(), Some(3), "{}", common::stderr(&o));
+}
+
+#[test]
+fn oci_layout_and_docker_archive_give_the_same_image() {
+    let test = "oci_layout_and_docker_archive_give_the_same_image";
+    if !tools_or_skip(test, BASE_TOOLS) {
+        return;
+    }
+    let h = Home::new("local");
+    let layout = h.dir.join("layout");
+    let written = write_layout(&layout, &test_layers(), &LayoutOpts::default());
+    let (img, v) = h.pull(&format!("oci:{}:v1", layout.display()), &[]);
+    assert_eq!(v["image"]["digest"], json!(written.manifest_digest));
+    check_tree(&img);
+    // Without a tag, the layout's only image.
+    let (img2, v2) = h.pull(&format!("oci:{}", layout.display()), &[]);
+    assert_eq!((img2, v2["built"].clone()), (img, json!(false)));
+    let (code, err) = h.pull_err(&format!("oci:{}:v9", layout.display()));
+    assert_eq!(code, 3, "{err}");
+    assert!(
+        err.contains("no image tagged \"v9\"") && err.contains("v1"),
+        "{err}"
+    );
+
+    if !tools_or_skip(&format!("{test} (docker archive)"), &[("skopeo", "skopeo")]) {
+        return;
+    }
+    let archive = h.dir.join("img.tar");
+    let o = Command::new(tool("skopeo").unwrap())
+        .args(["--insecure-policy", "copy"])
+        .arg(format!("oci:{}:v1", layout.display()))
+        .arg(format!("docker-archive:{}:test/img:v1", archive.display()))
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "skopeo: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let (img3, v3) = h.pull(&format!("docker-archive:{}", archive.display()), &[]);
+    assert_eq!(v3["built"], json!(true));
+    check_tree(&img3);
+    // By its tag, too; the same cache entry.
+    let (img4, v4) = h.pull(
+        &format!("docker-archive:{}:test/img:v1", archive.display()),
+        &[],
+    );
+    assert_eq!((img4, v4["built"].clone()), (img3, json!(false)));
+}
+
+/// Pulls a hostile layout and checks the refusal: exit code, message, nothing left behind.
+fn refused(h: &Home, layout: &Path, code: i32, needles: &[&str]) {
+    let (got, err) = h.pull_err(&format!("oci:{}:v1", layout.display()));
+    assert_eq!(got, code, "{err}");
+    for n in needles {
+        assert!(err.contains(n), "error lacks {n:?}: {err}");
+    }
+    assert_eq!(err.trim().lines().count(), 1, "one clear line: {err}");
+    assert!(
+        h.cache_listing().is_empty(),
+        "the cache kept {:?} after: {err}",
+        h.cache_listing()
+    );
+}
+
+#[test]
+fn hostile_images_are_refused_and_leave_nothing() {
+    let test = "hostile_images_are_refused_and_leave_nothing";
+    if !tools_or_skip(test, BASE_TOOLS) {
+        return;
+    }
+    let h = Home::new("hostile");
+    let layout = h.dir.join("layout");
+    let passwd = sha_of_file(Path::new("/etc/passwd"));
+    let outside = std::env::temp_dir().join(format!("ma-escape-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&outside);
+    std::fs::create_dir_all(&outside).unwrap();
+    let ok_layer = Layer::new()
+        .dir("etc", 0o755)
+        .file("etc/ok", 0o644, b"ok\n")
+        .tar();
+
+    // 1. A path that climbs out of the root.
+    let bad = Layer::new()
+        .dir("etc", 0o755)
+        .raw(tar::EntryType::Regular, "../../etc/passwd", "", b"pwned\n")
+        .tar();
+    write_layout(&layout, &[ok_layer.clone(), bad], &LayoutOpts::default());
+    refused(
+        &h,
+        &layout,
+        2,
+        &[
+            "layer 2",
+            "../../etc/passwd",
+            "climbs out of the image root",
+        ],
+    );
+    assert!(!h.state().join("etc").exists() && !h.state().join("images/etc").exists());
+
+    // 2. A symlink that leads out, then a write through it.
+    let up = "../".repeat(12);
+    let target = format!(
+        "{up}{}",
+        outside.display().to_string().trim_start_matches('/')
+    );
+    let bad = Layer::new()
+        .link(tar::EntryType::Symlink, "escape", &target)
+        .raw(tar::EntryType::Regular, "escape/pwned", "", b"pwned\n")
+        .tar();
+    write_layout(&layout, &[bad], &LayoutOpts::default());
+    refused(
+        &h,
+        &layout,
+        2,
+        &[
+            "layer 1",
+            "escape/pwned",
+            "symlink /escape",
+            "leads outside the image root",
+        ],
+    );
+    // An absolute symlink is the image's own root: the write lands inside the image.
+    let contained = Layer::new()
+        .link(
+            tar::EntryType::Symlink,
+            "abs",
+            &outside.display().to_string(),
+        )
+        .raw(tar::EntryType::Regular, "abs/inside", "", b"inside\n")
+        .tar();
+    write_layout(&layout, &[contained], &LayoutOpts::default());
+    let (img, _) = h.pull(&format!("oci:{}:v1", layout.display()), &[]);
+    assert_eq!(
+        debugfs(&img, &format!("cat \"{}/inside\"", outside.display())),
+        b"inside\n"
+    );
+    h.ok(&["image", "rm", &format!("oci:{}:v1", layout.display())]);
+    assert_eq!(
+        std::fs::read_dir(&outside).unwrap().count(),
+        0,
+        "something was written outside"
+    );
+
+    // 3. A blob whose bytes do not match its digest.
+    let w = write_layout(
+        &layout,
+        &[ok_layer.clone(), test_layers()[1].clone()],
+        &LayoutOpts::default(),
+    );
+    let mut blob = std::fs::read(&w.layer_blobs[1]).unwrap();
+    let mid = blob.len() / 2;
+    blob[mid] ^= 0xff;
+    std::fs::write(&w.layer_blobs[1], blob).unwrap();
+    refused(&h, &layout, 2, &["layer 2", "digest mismatch"]);
+
+    // 4. Only another architecture: in an index, and as a plain manifest.
+    write_layout(
+        &layout,
+        &[ok_layer.clone()],
+        &LayoutOpts {
+            arch: "arm64",
+            in_index: true,
+            ..Default::default()
+        },
+    );
+    refused(&h, &layout, 2, &["no linux/amd64 image", "linux/arm64"]);
+    write_layout(
+        &layout,
+        &[ok_layer.clone()],
+        &LayoutOpts {
+            arch: "arm64",
+            ..Default::default()
+        },
+    );
+    refused(&h, &layout, 2, &["no linux/amd64 image", "linux/arm64"]);
+
+    // 5. A truncated layer, correctly named (digest and size of the short blob).
+    write_layout(
+        &layout,
+        &[ok_layer.clone(), test_layers()[0].clone()],
+        &LayoutOpts {
+            mutate: Some(Box::new(
+                |i, b: Vec<u8>| if i == 1 { b[..b.len() / 2].to_vec() } else { b },
+            )),
+            ..Default::default()
+        },
+    );
+    refused(&h, &layout, 2, &["layer 2", "truncated or corrupt"]);
+    // ... and one cut short on disk (the manifest still names the whole blob).
+    let w = write_layout(
+        &layout,
+        &[ok_layer.clone(), test_layers()[0].clone()],
+        &LayoutOpts::default(),
+    );
+    let blob = std::fs::read(&w.layer_blobs[1]).unwrap();
+    std::fs::write(&w.layer_blobs[1], &blob[..blob.len() / 3]).unwrap();
+    refused(&h, &layout, 2, &["layer 2", "mismatch"]);
+
+    assert_eq!(sha_of_file(Path::new("/etc/passwd")), passwd);
+    let _ = std::fs::remove_dir_all(&outside);
+}
+
+#[test]
+fn registry_refusals_tampered_blob_and_foreign_architecture() {
+    let test = "registry_refusals_tampered_blob_and_foreign_architecture";
+    if !tools_or_skip(test, BASE_TOOLS) || !tools_or_skip(test, REGISTRY_TOOLS) {
+        return;
+    }
+    let h = Home::new("registry-hostile");
+    let reg = Registry::start("hostile", false);
+    let layout = h.dir.join("layout");
+    let w = write_layout(&layout, &test_layers(), &LayoutOpts::default());
+    reg.push(
+        &format!("oci:{}:v1", layout.display()),
+        "test/tampered:v1",
+        None,
+    );
+    // The registry's stored copy changes under it: it serves bytes that are not the blob.
+    let stored = reg.blob_file(&sha256(&std::fs::read(&w.layer_blobs[0]).unwrap()));
+    let mut bytes = std::fs::read(&stored).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0xff;
+    std::fs::write(&stored, bytes).unwrap();
+    let (code, err) = h.pull_err(&reg.reference("test/tampered:v1"));
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("layer 1") && err.contains("digest mismatch"),
+        "{err}"
+    );
+    assert!(h.cache_listing().is_empty(), "{:?}", h.cache_listing());
+
+    // A multi-platform image without linux/amd64.
+    write_layout(
+        &layout,
+        &test_layers(),
+        &LayoutOpts {
+            arch: "arm64",
+            in_index: true,
+            ..Default::default()
+        },
+    );
+    reg.push(&format!("oci:{}:v1", layout.display()), "test/arm:v1", None);
+    let (code, err) = h.pull_err(&reg.reference("test/arm:v1"));
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("no linux/amd64 image") && err.contains("linux/arm64"),
+        "{err}"
+    );
+
+    // Missing things are "not found".
+    let (code, err) = h.pull_err(&reg.reference("test/nothing:v1"));
+    assert_eq!(code, 3, "{err}");
+    assert!(err.contains("not found"), "{err}");
+    assert!(h.cache_listing().is_empty(), "{:?}", h.cache_listing());
+}
+
+#[test]
+fn registry_credentials_from_the_flag_and_docker_config() {
+    let test = "registry_credentials_from_the_flag_and_docker_config";
+    if !tools_or_skip(test, BASE_TOOLS)
+        || !tools_or_skip(test, REGISTRY_TOOLS)
+        || !tools_or_skip(test, &[("python3", "python3")])
+    {
+        return;
+    }
+    let mut h = Home::new("auth");
+    let reg = Registry::start("auth", true);
+    let layout = h.dir.join("layout");
+    write_layout(&layout, &test_layers(), &LayoutOpts::default());
+    reg.push(
+        &format!("oci:{}:v1", layout.display()),
+        "private/img:v1",
+        Some("user:secret"),
+    );
+    let reference = reg.reference("private/img:v1");
+
+    let (code, err) = h.pull_err(&reference);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("--registry-auth"), "{err}");
+    let o = h.run(&["image", "pull", &reference, "--registry-auth", "user:wrong"]);
+    assert!(!o.status.success());
+
+    let (img, _) = h.pull(&reference, &["--registry-auth", "user:secret"]);
+    check_tree(&img);
+    h.ok(&["image", "rm", &reference]);
+
+    // docker's config.json, as `docker login` writes it.
+    let docker = h.dir.join("docker");
+    std::fs::create_dir_all(&docker).unwrap();
+    let auth = base64("user:secret");
+    std::fs::write(
+        docker.join("config.json"),
+        json!({"auths": {format!("127.0.0.1:{}", reg.port): {"auth": auth}}}).to_string(),
+    )
+    .unwrap();
+    h.env.retain(|(k, _)| k != "DOCKER_CONFIG");
+    h.env
+        .push(("DOCKER_CONFIG".into(), docker.display().to_string()));
+    let (img, v) = h.pull(&reference, &[]);
+    assert_eq!(v["built"], json!(true));
+    check_tree(&img);
+}
+
+fn base64(s: &str) -> String {
+    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let b = s.as_bytes();
+    let mut out = String::new();
+    for c in b.chunks(3) {
+        let n = (c[0] as u32) << 16
+            | (*c.get(1).unwrap_or(&0) as u32) << 8
+            | *c.get(2).unwrap_or(&0) as u32;
+        for i in 0..4 {
+            if i <= c.len() {
+                out.push(T[(n >> (18 - 6 * i) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn pull_progress_on_a_terminal_quiet_with_json() {
+    let test = "pull_progress_on_a_terminal_quiet_with_json";
+    if !tools_or_skip(test, BASE_TOOLS)
+        || !tools_or_skip(test, REGISTRY_TOOLS)
+        || !tools_or_skip(test, &[("script", "util-linux")])
+    {
+        return;
+    }
+    let h = Home::new("progress");
+    let reg = Registry::start("progress", false);
+    let layout = h.dir.join("layout");
+    write_layout(&layout, &test_layers(), &LayoutOpts::default());
+    reg.push(&format!("oci:{}:v1", layout.display()), "test/img:v1", None);
+    let reference = reg.reference("test/img:v1");
+    // `script` gives the command a terminal and copies what it shows.
+    let on_tty = |args: &str| -> String {
+        let cmd = format!("{} {args}", common::bin().display());
+        let mut c = Command::new(tool("script").unwrap());
+        c.args(["-qefc", &cmd, "/dev/null"])
+            .env("MICROAGENT_HOME", h.state())
+            .envs(h.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let o = run_with_timeout(c, Duration::from_secs(300));
+        assert!(
+            o.status.success(),
+            "{cmd}: {}",
+            String::from_utf8_lossy(&o.stdout)
+        );
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    let shown = on_tty(&format!("image pull {reference} --headroom 16"));
+    for n in [
+        "pulling layer 1/2",
+        "pulling layer 2/2",
+        "KiB",
+        "unpacking layer 2/2",
+        "building ext4",
+        "pulled ",
+    ] {
+        assert!(shown.contains(n), "progress lacks {n:?}:\n{shown}");
+    }
+    let quiet = on_tty(&format!(
+        "--json image pull {reference} --headroom 16 --force"
+    ));
+    assert!(
+        !quiet.contains("pulling layer") && !quiet.contains("unpacking"),
+        "{quiet}"
+    );
+    let v: Value = serde_json::from_str(quiet.trim()).unwrap();
+    assert_eq!(v["built"], json!(true));
+    // Not a terminal: no progress either.
+    let o = h.run(&["image", "pull", &reference, "--headroom", "16", "--force"]);
+    assert!(o.status.success());
+    assert!(common::stderr(&o).is_empty(), "{}", common::stderr(&o));
+}
+
+#[test]
+fn bad_references_and_missing_sources() {
+    let h = Home::new("refs");
+    let o = h.run(&["image", "pull", "Not/Valid"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        common::stderr(&o).contains("invalid image reference"),
+        "{}",
+        common::stderr(&o)
+    );
+    let o = h.run(&["image", "pull", "oci:/nonexistent/layout:v1"]);
+    assert_eq!(o.status.code(), Some(3), "{}", common::stderr(&o));
+    let o = h.run(&["image", "pull", "docker-archive:/nonexistent.tar"]);
+    assert_eq!(o.status.code(), Some(3), "{}", common::stderr(&o));
+    let o = h.run(&[
+        "--json",
+        "create",
+        "w",
+        "--kernel",
+        "builtin:testguest",
+        "--image",
+        "oci:/nonexistent",
+    ]);
+    assert_eq!(o.status.code(), Some(3));
+    let e: Value = serde_json::from_str(common::stderr(&o).trim()).unwrap();
+    assert_eq!(e["error"]["code"], json!("not-found"));
+    assert!(!h.state().join("workspaces/w").exists());
+}
