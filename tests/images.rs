@@ -849,23 +849,13 @@ fn registry_pull_builds_the_exact_image_and_caches_it() {
     );
 
     // create --image copies the cached disk; with the registry gone, the cache still serves.
-    h.ok(&[
-        "create",
-        "ws1",
-        "--kernel",
-        "builtin:testguest",
-        "--image",
-        &reference,
-    ]);
+    // (A Linux kernel path, so the image's boot arguments are the default; never booted here.)
+    let kernel = h.dir.join("vmlinux");
+    std::fs::write(&kernel, b"not booted").unwrap();
+    let kernel = kernel.display().to_string();
+    h.ok(&["create", "ws1", "--kernel", &kernel, "--image", &reference]);
     drop(reg);
-    h.ok(&[
-        "create",
-        "ws2",
-        "--kernel",
-        "builtin:testguest",
-        "--image",
-        &reference,
-    ]);
+    h.ok(&["create", "ws2", "--kernel", &kernel, "--image", &reference]);
     for ws in ["ws1", "ws2"] {
         let dir = h.state().join("workspaces").join(ws);
         let disk = dir.join("rootfs.ext4");
@@ -955,6 +945,7 @@ fn oci_layout_and_docker_archive_give_the_same_image() {
 /// Pulls a hostile layout and checks the refusal: exit code, message, nothing left behind.
 fn refused(h: &Home, layout: &Path, code: i32, needles: &[&str]) {
     let (got, err) = h.pull_err(&format!("oci:{}:v1", layout.display()));
+    eprintln!("refused as expected: {}", err.trim());
     assert_eq!(got, code, "{err}");
     for n in needles {
         assert!(err.contains(n), "error lacks {n:?}: {err}");
@@ -1282,6 +1273,50 @@ fn pull_progress_on_a_terminal_quiet_with_json() {
     let o = h.run(&["image", "pull", &reference, "--headroom", "16", "--force"]);
     assert!(o.status.success());
     assert!(common::stderr(&o).is_empty(), "{}", common::stderr(&o));
+}
+
+#[test]
+fn unprivileged_build_gives_the_same_image() {
+    let test = "unprivileged_build_gives_the_same_image";
+    if !tools_or_skip(test, BASE_TOOLS) || !tools_or_skip(test, &[("setpriv", "util-linux")]) {
+        return;
+    }
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("{test}: skipped: needs root to drop to another user (the other tests already run unprivileged)");
+        return;
+    }
+    // As nobody: owners, the setuid bit's owner and device nodes reach the image via debugfs.
+    let h = Home::new("unprivileged");
+    let layout = h.dir.join("layout");
+    write_layout(&layout, &test_layers(), &LayoutOpts::default());
+    let st = Command::new("chown")
+        .args(["-R", "65534:65534"])
+        .arg(&h.dir)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let agent_copy = h.dir.join("agent");
+    std::fs::copy(agent(), &agent_copy).unwrap();
+    let mut c = Command::new(tool("setpriv").unwrap());
+    c.args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+        .arg(common::bin())
+        .args(["--json", "image", "pull", "--headroom", "16"])
+        .arg(format!("oci:{}:v1", layout.display()))
+        .env("MICROAGENT_HOME", h.state())
+        .env("MICROAGENT_AGENT", &agent_copy)
+        .env("DOCKER_CONFIG", "/nonexistent")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let o = run_with_timeout(c, Duration::from_secs(300));
+    assert!(
+        o.status.success(),
+        "unprivileged pull: {}",
+        common::stderr(&o)
+    );
+    let v: Value = serde_json::from_str(common::stdout(&o).trim()).unwrap();
+    check_tree(Path::new(v["rootfs"].as_str().unwrap()));
 }
 
 #[test]

@@ -248,9 +248,9 @@ fn concurrent_snapshots_one_wins_one_conflicts() {
     ]);
     h.ok(&["start", "big"]);
     h.wait_counts("big", &[1]);
-    std::env::set_var("MICROAGENT_HOME", &h.dir);
     let spawn = |tag: &str| {
         std::process::Command::new(bin())
+            .env("MICROAGENT_HOME", &h.dir)
             .args(["snapshot", "create", "big", "--tag", tag])
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())

@@ -431,16 +431,23 @@ pub fn start(root: &Path, args: StartArgs, out: Out) -> Result<(), Failure> {
             }
             Some(snap)
         }
-        None => None,
     };
     let mut child = process::spawn(&ws, snap.as_ref().map(|s| s.dir.as_path()), args.memory)?;
     let pid = process::wait_ready(&ws, &mut child)?;
-    let human = match &args.from_snapshot {
-        Some(t) => format!(
+    let human = match (&args.from_snapshot, &hibernated) {
+        (Some(t), _) => format!(
             "workspace {} restored from snapshot {t} (pid {pid})",
             ws.name()
         ),
-        None => format!("workspace {} started (pid {pid})", ws.name()),
+        (None, Some(_)) => {
+            // The VMM has the memory mapped (or read); the slot has done its job.
+            let _ = std::fs::remove_dir_all(ws.path(workspace::HIBERNATION));
+            format!(
+                "workspace {} resumed from hibernation (pid {pid})",
+                ws.name()
+            )
+        }
+        (None, None) => format!("workspace {} started (pid {pid})", ws.name()),
     };
     out.emit(human, json!({"name": ws.name(), "pid": pid, "state": "running", "from_snapshot": args.from_snapshot}));
     Ok(())
@@ -504,17 +511,22 @@ fn summary(ws: &Workspace) -> serde_json::Value {
 pub fn list(root: &Path, out: Out) -> Result<(), Failure> {
     let all: Vec<_> = Workspace::all(root).iter().map(summary).collect();
     let mut human = format!(
-        "{:<20} {:<9} {:>5} {:>8} {:>9}  {}",
-        "NAME", "STATE", "VCPUS", "MEM", "SNAPSHOTS", "KERNEL"
+        "{:<20} {:<10} {:>5} {:>8} {:>9} {:>8}  {}",
+        "NAME", "STATE", "VCPUS", "MEM", "SNAPSHOTS", "TTL", "KERNEL"
     );
     for w in &all {
+        let ttl = w["expires_in_s"]
+            .as_u64()
+            .map(|s| format!("{s}s"))
+            .unwrap_or_else(|| "-".into());
         human.push_str(&format!(
-            "\n{:<20} {:<9} {:>5} {:>8} {:>9}  {}",
+            "\n{:<20} {:<10} {:>5} {:>8} {:>9} {:>8}  {}",
             w["name"].as_str().unwrap_or(""),
             w["state"].as_str().unwrap_or(""),
             w["vcpus"].to_string(),
             format!("{}M", w["mem_mib"]),
             w["snapshots"].to_string(),
+            ttl,
             w["kernel"].as_str().unwrap_or("")
         ));
     }

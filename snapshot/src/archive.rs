@@ -145,7 +145,8 @@ fn extract_verified(
         let listed = manifest
             .file(&name)
             .ok_or_else(|| refused(format!("entry {name:?} is not listed in the manifest")))?;
-        if !e.header().entry_type().is_file() || !seen.insert(name.clone()) {
+        let kind = e.header().entry_type();
+        if !(kind.is_file() || kind.is_gnu_sparse()) || !seen.insert(name.clone()) {
             return Err(refused(format!(
                 "entry {name:?} is not a single plain file"
             )));
@@ -177,7 +178,7 @@ fn extract_verified(
         kernel: None,
         contents: true,
     })?;
-    snap.load_state::<serde::de::IgnoredAny>()?;
+    snap.check_state()?;
     let tag = tag.unwrap_or(&manifest.tag).to_string();
     let target = snapshots_dir.join(&tag);
     if target.exists() {

@@ -120,10 +120,10 @@ pub fn capture<V: Snapshottable>(
         faults::checkpoint();
     }
 
-    let now = SystemTime::now()
+    let since_epoch = SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
+        .unwrap_or_default();
+    let now = since_epoch.as_secs();
     let manifest = Manifest {
         format_version: FORMAT_VERSION,
         tag: req.tag.to_string(),
@@ -131,6 +131,7 @@ pub fn capture<V: Snapshottable>(
         parent: None,
         created: rfc3339(now),
         created_unix: now,
+        created_ns: u64::try_from(since_epoch.as_nanos()).unwrap_or(u64::MAX),
         workspace: req.workspace.map(str::to_string),
         image: req.image.map(str::to_string),
         vcpus,

@@ -58,8 +58,11 @@ pub struct Manifest {
     pub parent: Option<String>,
     /// RFC 3339, UTC.
     pub created: String,
-    /// Seconds since the Unix epoch, for sorting and retention.
+    /// Seconds since the Unix epoch, for retention.
     pub created_unix: u64,
+    /// Nanoseconds since the epoch: orders snapshots taken within one second.
+    #[serde(default)]
+    pub created_ns: u64,
     #[serde(default)]
     pub workspace: Option<String>,
     #[serde(default)]
@@ -270,6 +273,7 @@ pub(crate) mod tests {
             parent: None,
             created: rfc3339(1_781_166_764),
             created_unix: 1_781_166_764,
+            created_ns: 1_781_166_764_000_000_000,
             workspace: Some("w".into()),
             image: None,
             vcpus: 2,

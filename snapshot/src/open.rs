@@ -113,6 +113,22 @@ impl Snapshot {
         Ok(())
     }
 
+    /// Checks `vmstate.bin`'s magic, version and CRC without decoding it.
+    pub fn check_state(&self) -> Result<(), SnapshotError> {
+        let bytes = self.read_state()?;
+        vmstate::validate(&bytes).map_err(|e| Refusal::State(e).into())
+    }
+
+    fn read_state(&self) -> Result<Vec<u8>, SnapshotError> {
+        let p = self.path(VMSTATE);
+        let max = vmstate::MAX_PAYLOAD + 64;
+        let len = std::fs::metadata(&p).map_err(io("cannot stat", &p))?.len();
+        if len > max {
+            return Err(Refusal::State(vmstate::StateError::BadLength(len)).into());
+        }
+        std::fs::read(&p).map_err(io("cannot read", &p))
+    }
+
     /// Decodes `vmstate.bin` (magic, version and CRC checked).
     pub fn load_state<S: DeserializeOwned>(&self) -> Result<S, SnapshotError> {
         let p = self.path(VMSTATE);
@@ -138,7 +154,14 @@ pub fn list(dir: &Path) -> Vec<Snapshot> {
         .filter_map(|e| Snapshot::open(&e.path()).ok())
         .collect();
     out.sort_by(|a, b| {
-        (a.manifest.created_unix, &a.manifest.tag).cmp(&(b.manifest.created_unix, &b.manifest.tag))
+        let key = |s: &Snapshot| {
+            (
+                s.manifest.created_unix,
+                s.manifest.created_ns,
+                s.manifest.tag.clone(),
+            )
+        };
+        key(a).cmp(&key(b))
     });
     out
 }

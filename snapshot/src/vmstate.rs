@@ -43,7 +43,16 @@ pub fn encode<S: Serialize>(state: &S) -> Result<Vec<u8>, StateError> {
     Ok(out)
 }
 
+/// Checks magic, version, length and CRC without decoding the payload.
+pub fn validate(bytes: &[u8]) -> Result<(), StateError> {
+    payload(bytes).map(|_| ())
+}
+
 pub fn decode<S: DeserializeOwned>(bytes: &[u8]) -> Result<S, StateError> {
+    postcard::from_bytes(payload(bytes)?).map_err(|e| StateError::Decode(e.to_string()))
+}
+
+fn payload(bytes: &[u8]) -> Result<&[u8], StateError> {
     if bytes.len() < HEADER + TRAILER {
         return Err(StateError::Truncated(bytes.len()));
     }
@@ -70,7 +79,7 @@ pub fn decode<S: DeserializeOwned>(bytes: &[u8]) -> Result<S, StateError> {
     if stored != computed {
         return Err(StateError::Crc { stored, computed });
     }
-    postcard::from_bytes(&bytes[HEADER..end]).map_err(|e| StateError::Decode(e.to_string()))
+    Ok(&bytes[HEADER..end])
 }
 
 #[cfg(test)]

@@ -20,7 +20,16 @@ pub fn kvm_or_skip(test: &str) -> bool {
 
 /// Runs `microagent ARGS` to completion, killing it after `timeout`.
 pub fn microagent(args: &[&str], timeout: Duration) -> Output {
-    let child = Command::new(bin())
+    microagent_in(None, args, timeout)
+}
+
+/// As `microagent`, with `MICROAGENT_HOME` set for the child only (tests run in parallel).
+pub fn microagent_in(home: Option<&Path>, args: &[&str], timeout: Duration) -> Output {
+    let mut cmd = Command::new(bin());
+    if let Some(h) = home {
+        cmd.env("MICROAGENT_HOME", h);
+    }
+    let child = cmd
         .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -99,8 +108,7 @@ impl Home {
     }
 
     pub fn run_timeout(&self, args: &[&str], timeout: Duration) -> Output {
-        std::env::set_var("MICROAGENT_HOME", &self.dir);
-        microagent(args, timeout)
+        microagent_in(Some(&self.dir), args, timeout)
     }
 
     /// Runs and insists on success, returning stdout.
