@@ -195,6 +195,18 @@ impl Home {
 
 impl Drop for Home {
     fn drop(&mut self) {
+        // Stop any VMM a failed test left behind.
+        if let Ok(entries) = std::fs::read_dir(self.state().join("workspaces")) {
+            for e in entries.flatten() {
+                if let Some(pid) = std::fs::read_to_string(e.path().join("vmm.pid"))
+                    .ok()
+                    .and_then(|s| s.trim().parse::<i32>().ok())
+                {
+                    // SAFETY: killing a VMM this test started.
+                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                }
+            }
+        }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
@@ -868,10 +880,9 @@ fn registry_pull_builds_the_exact_image_and_caches_it() {
             json!(format!("{reference}@{}", written.manifest_digest))
         );
         assert!(
-            cfg["cmdline"]
-                .as_str()
-                .unwrap()
-                .contains("root=/dev/vda rw init=/.microagent/init"),
+            cfg["cmdline"].as_str().unwrap().contains(
+                "root=/dev/vda rootfstype=ext4 rw rootflags=noinit_itable init=/.microagent/init"
+            ),
             "{cfg}"
         );
     }
@@ -1317,6 +1328,42 @@ fn unprivileged_build_gives_the_same_image() {
     );
     let v: Value = serde_json::from_str(common::stdout(&o).trim()).unwrap();
     check_tree(Path::new(v["rootfs"].as_str().unwrap()));
+}
+
+#[test]
+fn image_workspace_boots_to_the_guest_agent() {
+    let test = "image_workspace_boots_to_the_guest_agent";
+    if !tools_or_skip(test, BASE_TOOLS) || !common::kvm_or_skip(test) {
+        return;
+    }
+    let Some(kernel) = std::env::var_os("MICROAGENT_TEST_KERNEL") else {
+        eprintln!("{test}: skipped: MICROAGENT_TEST_KERNEL is not set (scripts/test.sh builds the kernel and sets it)");
+        return;
+    };
+    let kernel = kernel.to_string_lossy().into_owned();
+    let h = Home::new("boot");
+    let layout = h.dir.join("layout");
+    write_layout(&layout, &test_layers(), &LayoutOpts::default());
+    let image = format!("oci:{}:v1", layout.display());
+    h.ok(&["create", "booted", "--kernel", &kernel, "--image", &image]);
+    h.ok(&["start", "booted"]);
+    // The image's init mounts, says so, and runs the agent, which listens on vsock.
+    let console = h.state().join("workspaces/booted/console.log");
+    let deadline = Instant::now() + Duration::from_secs(180);
+    loop {
+        let text = std::fs::read_to_string(&console).unwrap_or_default();
+        if text.contains("microagent: init ready") && text.contains("listening on vsock port 1024")
+        {
+            assert!(!text.contains("Kernel panic"), "{text}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no agent within 180 s; console:\n{text}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    h.ok(&["halt", "booted"]);
 }
 
 #[test]

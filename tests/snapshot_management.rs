@@ -325,3 +325,74 @@ fn escape_archive(scratch: &Path, good: &[u8]) -> Vec<u8> {
     let _ = scratch;
     zstd::encode_all(&out.into_inner().unwrap()[..], 3).unwrap()
 }
+
+#[test]
+fn diff_chains_list_restore_and_cascade() {
+    if !kvm_or_skip("diff_chains_list_restore_and_cascade") {
+        return;
+    }
+    let h = Home::new("diffs");
+    boot(&h, "w");
+    let no_parent = h.run(&[
+        "snapshot", "create", "w", "--tag", "orphan", "--type", "diff",
+    ]);
+    assert_eq!(no_parent.status.code(), Some(4), "{}", stderr(&no_parent));
+    assert!(stderr(&no_parent).contains("needs a parent"));
+    h.ok(&["snapshot", "create", "w", "--tag", "base"]);
+    let addr = state_addrs(&h.console("w"), 1)[0];
+    h.ok(&["snapshot", "create", "w", "--tag", "d1", "--type", "diff"]);
+    h.ok(&["snapshot", "create", "w", "--tag", "d2", "--type", "diff"]);
+    let l = json(&h.ok(&["--json", "snapshot", "list", "w"]));
+    let rows: Vec<(String, String, String)> = l["snapshots"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            (
+                s["tag"].as_str().unwrap().into(),
+                s["kind"].as_str().unwrap().into(),
+                s["parent"].as_str().unwrap_or("-").into(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        rows,
+        vec![
+            ("base".into(), "full".into(), "-".into()),
+            ("d1".into(), "diff".into(), "base".into()),
+            ("d2".into(), "diff".into(), "d1".into())
+        ]
+    );
+    let human = h.ok(&["snapshot", "list", "w"]);
+    assert!(
+        human
+            .lines()
+            .any(|l| l.starts_with("d2 ") && l.contains(" diff ") && l.contains(" d1 ")),
+        "{human}"
+    );
+
+    let refused = h.run(&["snapshot", "delete", "w", "base"]);
+    assert_eq!(refused.status.code(), Some(4));
+    assert!(stderr(&refused).contains("d1, d2"), "{}", stderr(&refused));
+
+    // Roll back to the end of the chain: it continues from d2's count.
+    let want = memory_u64(&h.ws("w").join("snapshots/d2"), addr);
+    assert_ne!(want, 0);
+    h.ok(&["halt", "w"]);
+    h.ok(&["start", "w", "--from-snapshot", "d2"]);
+    h.wait_counts("w", &[want]);
+    let first = counts(&h.console("w"))[0].1;
+    assert!(
+        first >= want && first < want + 1000,
+        "continued at {first}, d2 holds {want}"
+    );
+    // A diff of the restored run names the snapshot it came from.
+    h.ok(&["snapshot", "create", "w", "--tag", "d3", "--type", "diff"]);
+    let d3 = json(&h.ok(&["--json", "snapshot", "inspect", "w", "d3", "--verify"]));
+    assert_eq!(d3["parent"], "d2");
+
+    let gone = json(&h.ok(&["--json", "snapshot", "delete", "w", "base", "--cascade"]));
+    assert_eq!(gone["deleted"].as_array().unwrap().len(), 4, "{gone}");
+    assert!(tags(&h, "w", &[]).is_empty());
+    h.ok(&["delete", "w", "--yes"]);
+}

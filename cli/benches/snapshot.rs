@@ -251,6 +251,7 @@ fn microagent_rep(dir: &Path, elf: &Path, size: u64) -> Result<Rep, String> {
             image: None,
             workspace: None,
             note: None,
+            parent: None,
         },
         &mut |p| marks.push((Instant::now(), p)),
     )

@@ -25,6 +25,9 @@ pub enum Request {
         note: Option<String>,
         #[serde(default)]
         leave_paused: bool,
+        /// Only the pages written since the previous capture (or the restored snapshot).
+        #[serde(default)]
+        diff: bool,
     },
     Shutdown,
     /// Capture into the workspace's hibernation slot (memory and state; the disk stays as it

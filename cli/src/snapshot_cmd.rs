@@ -25,7 +25,13 @@ pub enum SnapshotCommand {
         search: Option<String>,
     },
     /// Delete one snapshot.
-    Delete { name: String, tag: String },
+    Delete {
+        name: String,
+        tag: String,
+        /// Also delete the diff snapshots that depend on it.
+        #[arg(long)]
+        cascade: bool,
+    },
     /// Show a snapshot's manifest; with --verify, re-check every file's digest.
     Inspect(InspectArgs),
     /// Rename a snapshot or change its note.
@@ -66,6 +72,16 @@ pub struct CreateArgs {
     /// Leave a running VM paused after the capture (the default resumes it).
     #[arg(long)]
     no_resume: bool,
+    /// full: memory, state and disk; diff: only the pages written since the previous capture
+    /// (or the snapshot this run was restored from), naming it as parent.
+    #[arg(long = "type", value_enum, default_value_t = SnapshotKind::Full)]
+    kind: SnapshotKind,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum SnapshotKind {
+    Full,
+    Diff,
 }
 
 #[derive(Args)]
@@ -106,7 +122,7 @@ pub fn run(root: &Path, cmd: SnapshotCommand, out: Out) -> Result<(), Failure> {
     match cmd {
         SnapshotCommand::Create(a) => create(root, a, out),
         SnapshotCommand::List { name, search } => list(root, &name, search.as_deref(), out),
-        SnapshotCommand::Delete { name, tag } => delete(root, &name, &tag, out),
+        SnapshotCommand::Delete { name, tag, cascade } => delete(root, &name, &tag, cascade, out),
         SnapshotCommand::Inspect(a) => inspect(root, &a, out),
         SnapshotCommand::Edit(a) => edit(root, a, out),
         SnapshotCommand::Prune(a) => prune(root, a, out),
@@ -158,6 +174,7 @@ fn create(root: &Path, a: CreateArgs, out: Out) -> Result<(), Failure> {
         tag,
         note,
         no_resume,
+        kind,
     } = a;
     let name = name.as_str();
     let ws = Workspace::open(root, name)?;
@@ -187,6 +204,7 @@ fn create(root: &Path, a: CreateArgs, out: Out) -> Result<(), Failure> {
             tag: tag.clone(),
             note,
             leave_paused: no_resume,
+            diff: kind == SnapshotKind::Diff,
         },
         Some(Duration::from_secs(3600)),
         &mut |done, total| out.progress("capturing memory", done, total),
@@ -227,17 +245,22 @@ fn list(root: &Path, name: &str, search: Option<&str>, out: Out) -> Result<(), F
         .filter(|s| search.is_none_or(|w| matches(&s.manifest, w)))
         .collect();
     let mut human = format!(
-        "{:<24} {:>10}  {:<20}  {}",
-        "TAG", "SIZE", "CREATED", "IMAGE"
+        "{:<24} {:>10}  {:<20}  {:<5} {:<16} {}",
+        "TAG", "SIZE", "CREATED", "KIND", "PARENT", "IMAGE"
     );
     let mut js = Vec::new();
     for s in &snaps {
         let m = &s.manifest;
         human.push_str(&format!(
-            "\n{:<24} {:>10}  {:<20}  {}",
+            "\n{:<24} {:>10}  {:<20}  {:<5} {:<16} {}",
             m.tag,
             human_size(disk_usage(&s.dir)),
             m.created,
+            match m.kind {
+                snapshot::Kind::Full => "full",
+                snapshot::Kind::Diff => "diff",
+            },
+            m.parent.as_deref().unwrap_or("-"),
             m.image.as_deref().unwrap_or("-")
         ));
         js.push(manifest_json(m, &s.dir));
@@ -246,19 +269,51 @@ fn list(root: &Path, name: &str, search: Option<&str>, out: Out) -> Result<(), F
     Ok(())
 }
 
-fn delete(root: &Path, name: &str, tag: &str, out: Out) -> Result<(), Failure> {
+/// Snapshots whose parent chain reaches `tag`, nearest first.
+fn dependents(all: &[snapshot::Snapshot], tag: &str) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    let mut frontier = vec![tag.to_string()];
+    while let Some(t) = frontier.pop() {
+        for s in all {
+            if s.manifest.parent.as_deref() == Some(t.as_str()) && !out.contains(&s.manifest.tag) {
+                out.push(s.manifest.tag.clone());
+                frontier.push(s.manifest.tag.clone());
+            }
+        }
+    }
+    out
+}
+
+fn delete(root: &Path, name: &str, tag: &str, cascade: bool, out: Out) -> Result<(), Failure> {
     let ws = Workspace::open(root, name)?;
     let _lock = ws.lock()?;
     let snap = open_snapshot(&ws, tag)?;
-    let doomed = ws
-        .snapshots_dir()
-        .join(format!(".deleting-{tag}-{}", std::process::id()));
-    std::fs::rename(&snap.dir, &doomed)
-        .and_then(|_| std::fs::remove_dir_all(&doomed))
-        .map_err(|e| Failure::new(Code::Error, format!("cannot delete snapshot {tag}: {e}")))?;
+    let all = snapshot::list(&ws.snapshots_dir());
+    let deps = dependents(&all, tag);
+    if !deps.is_empty() && !cascade {
+        return Err(Failure::new(
+            Code::Conflict,
+            format!(
+                "snapshot {tag} is the parent of {}; delete with --cascade to remove them too",
+                deps.join(", ")
+            ),
+        ));
+    }
+    // Children first, so no remaining snapshot ever lacks its parent.
+    for d in deps.iter().rev() {
+        if let Some(s) = all.iter().find(|s| &s.manifest.tag == d) {
+            s.clone().delete().map_err(crate::snapshot_failure)?;
+        }
+    }
+    snap.delete().map_err(crate::snapshot_failure)?;
+    let mut gone = deps.clone();
+    gone.push(tag.to_string());
     out.emit(
-        format!("snapshot {tag} deleted"),
-        json!({"workspace": name, "deleted": tag}),
+        gone.iter()
+            .map(|t| format!("snapshot {t} deleted"))
+            .collect::<Vec<_>>()
+            .join("\n"),
+        json!({"workspace": name, "deleted": gone}),
     );
     Ok(())
 }
@@ -311,9 +366,20 @@ fn edit(root: &Path, a: EditArgs, out: Out) -> Result<(), Failure> {
         ));
     }
     let note = a.note.map(|n| if n.is_empty() { None } else { Some(n) });
+    let children: Vec<snapshot::Snapshot> = snapshot::list(&ws.snapshots_dir())
+        .into_iter()
+        .filter(|s| s.manifest.parent.as_deref() == Some(a.tag.as_str()))
+        .collect();
     let edited = snap
         .edit(a.new_tag.as_deref(), note)
         .map_err(crate::snapshot_failure)?;
+    if edited.manifest.tag != a.tag {
+        // Diffs name their parent by tag: follow the rename.
+        for c in children {
+            c.set_parent(&edited.manifest.tag)
+                .map_err(crate::snapshot_failure)?;
+        }
+    }
     let m = &edited.manifest;
     out.emit(
         format!(
@@ -368,7 +434,26 @@ fn prune(root: &Path, a: PruneArgs, out: Out) -> Result<(), Failure> {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0);
-    let chosen = prune_selection(&snaps, now, older_than, a.keep);
+    let mut chosen = prune_selection(&snaps, now, older_than, a.keep);
+    // A parent stays while a diff that is kept depends on it.
+    loop {
+        let kept: Vec<&str> = (0..snaps.len())
+            .filter(|i| !chosen.contains(i))
+            .map(|i| snaps[i].manifest.tag.as_str())
+            .collect();
+        let before = chosen.len();
+        chosen.retain(|&i| {
+            let tag = snaps[i].manifest.tag.as_str();
+            !dependents(&snaps, tag)
+                .iter()
+                .any(|d| kept.contains(&d.as_str()))
+        });
+        if chosen.len() == before {
+            break;
+        }
+    }
+    // Children before parents.
+    chosen.sort_by_key(|&i| std::cmp::Reverse(snaps[i].manifest.created_ns));
     let tags: Vec<String> = chosen
         .iter()
         .map(|&i| snaps[i].manifest.tag.clone())

@@ -82,6 +82,8 @@ struct Daemon {
     shutdown: AtomicBool,
     started: Instant,
     restored_from: Option<String>,
+    /// The snapshot (in this workspace) the VM's memory last matched: the parent of a diff.
+    last_capture: Mutex<Option<String>>,
     // One request at a time: a snapshot and a resume must not interleave.
     busy: Mutex<()>,
 }
@@ -145,6 +147,9 @@ pub fn run(args: VmmArgs) -> Result<(), Failure> {
     )
     .map_err(|e| Failure::new(Code::Error, format!("cannot write pid file: {e}")))?;
 
+    // Diff snapshots need to know what changed since the last capture.
+    vm.enable_dirty_tracking().map_err(crate::run::vm_failure)?;
+    let ws_snapshots = ws.snapshots_dir();
     let daemon = Arc::new(Daemon {
         vm,
         ws,
@@ -152,6 +157,7 @@ pub fn run(args: VmmArgs) -> Result<(), Failure> {
         shutdown: AtomicBool::new(false),
         started: Instant::now(),
         restored_from: args.restore.as_ref().map(|p| p.display().to_string()),
+        last_capture: Mutex::new(own_snapshot_tag(&ws_snapshots, args.restore.as_deref())),
         busy: Mutex::new(()),
     });
     {
@@ -228,11 +234,13 @@ fn handle(d: &Daemon, conn: UnixStream) {
             tag,
             note,
             leave_paused,
+            diff,
         } => take_snapshot(
             d,
             &tag,
             note.as_deref(),
             leave_paused,
+            diff,
             &mut |done, total| {
                 let _ = api::write_msg(&mut w, &Response::Progress { done, total });
             },
@@ -250,6 +258,7 @@ fn handle(d: &Daemon, conn: UnixStream) {
                 None,
                 true,
                 false,
+                None,
                 &mut |done, total| {
                     let _ = api::write_msg(&mut w, &Response::Progress { done, total });
                 },
@@ -298,20 +307,54 @@ fn take_snapshot(
     tag: &str,
     note: Option<&str>,
     leave_paused: bool,
+    diff: bool,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Response {
-    capture_into(
+    let parent = if diff {
+        let last = d
+            .last_capture
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        match last {
+            Some(p) if d.ws.snapshots_dir().join(&p).is_dir() => Some(p),
+            _ => {
+                return error(
+                    "conflict",
+                    "a diff snapshot needs a parent: take a full snapshot of this run first",
+                )
+            }
+        }
+    } else {
+        None
+    };
+    let r = capture_into(
         d,
         &d.ws.snapshots_dir(),
         tag,
         note,
         leave_paused,
         true,
+        parent.as_deref(),
         progress,
-    )
+    );
+    if matches!(r, Response::Snapshot { .. }) {
+        *d.last_capture.lock().unwrap_or_else(|e| e.into_inner()) = Some(tag.to_string());
+    }
+    r
+}
+
+/// The tag of `restored`, if it is one of this workspace's own snapshots.
+fn own_snapshot_tag(snapshots: &Path, restored: Option<&Path>) -> Option<String> {
+    let r = restored?;
+    if r.parent() != Some(snapshots) {
+        return None;
+    }
+    r.file_name()?.to_str().map(str::to_string)
 }
 
 /// Pauses (if running), captures into `dir/tag`, resumes unless `leave_paused`.
+#[allow(clippy::too_many_arguments)]
 fn capture_into(
     d: &Daemon,
     dir: &Path,
@@ -319,6 +362,7 @@ fn capture_into(
     note: Option<&str>,
     leave_paused: bool,
     with_rootfs: bool,
+    parent: Option<&str>,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Response {
     let was_paused = d.paused.load(Ordering::SeqCst);
@@ -345,6 +389,7 @@ fn capture_into(
             image: cfg.image.as_deref(),
             workspace: Some(&cfg.name),
             note,
+            parent,
         },
         &mut |p| {
             if let Progress::Memory { done, total } = p {

@@ -44,14 +44,15 @@ fn build_guest(guest_dir: &Path, out_dir: &Path) -> PathBuf {
     ] {
         cmd.env_remove(var);
     }
-    let status = cmd.status().unwrap_or_else(|e| {
+    let out = cmd.output().unwrap_or_else(|e| {
         panic!("cannot run cargo to build the test guest: {e}");
     });
-    if !status.success() {
+    if !out.status.success() {
         panic!(
             "building the test guest in {} failed; is the target installed? \
-             (rustup target add {TARGET})",
-            guest_dir.display()
+             (rustup target add {TARGET})\n{}",
+            guest_dir.display(),
+            String::from_utf8_lossy(&out.stderr)
         );
     }
     target_dir.join(TARGET).join("release").join("testguest")

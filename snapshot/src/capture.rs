@@ -10,8 +10,8 @@ use crate::digest::{self, FileDigest};
 use crate::error::{io, SnapshotError};
 use crate::hostcpu::HostCpu;
 use crate::manifest::{
-    is_safe_name, rfc3339, FileEntry, KernelRef, Kind, Manifest, FORMAT_VERSION, MANIFEST, MEMORY,
-    ROOTFS, VMSTATE,
+    is_safe_name, rfc3339, FileEntry, KernelRef, Kind, Manifest, DIRTY, FORMAT_VERSION, MANIFEST,
+    MEMORY, ROOTFS, VMSTATE,
 };
 use crate::{faults, memfile, rootfs, vmstate, SavedVm, Snapshottable};
 
@@ -29,6 +29,8 @@ pub struct CaptureRequest<'a> {
     pub image: Option<&'a str>,
     pub workspace: Option<&'a str>,
     pub note: Option<&'a str>,
+    /// Capture only the pages written since this snapshot (in `dir`) was taken: a diff.
+    pub parent: Option<&'a str>,
 }
 
 /// Progress of a long capture.
@@ -62,6 +64,14 @@ pub fn capture<V: Snapshottable>(
             source,
         })?;
     }
+    if let Some(p) = req.parent {
+        crate::open::Snapshot::open(&req.dir.join(p)).map_err(|e| match e {
+            SnapshotError::NotFound(_) => {
+                SnapshotError::NotFound(format!("parent {p}: take a full snapshot to diff against"))
+            }
+            e => e,
+        })?;
+    }
     let SavedVm {
         state,
         vcpus,
@@ -69,6 +79,43 @@ pub fn capture<V: Snapshottable>(
         cpuid,
     } = vm.save().map_err(|e| SnapshotError::Save(Box::new(e)))?;
     let state_bytes = vmstate::encode(&state).map_err(SnapshotError::Encode)?;
+    // From here on the pages written since the previous capture are ours: a failure gives
+    // them back, so the next diff still has them.
+    let dirty = vm
+        .take_dirty()
+        .map_err(|e| SnapshotError::Save(Box::new(e)))?;
+    if req.parent.is_some() && dirty.is_none() {
+        return Err(SnapshotError::Save(
+            "this VM does not track dirty pages, so it cannot take a diff snapshot".into(),
+        ));
+    }
+    let result = write_snapshot(
+        vm,
+        req,
+        progress,
+        &state_bytes,
+        dirty.as_deref(),
+        (vcpus, mem_mib, cpuid),
+        kernel_sha,
+    );
+    if result.is_err() {
+        if let Some(d) = dirty {
+            vm.requeue_dirty(d);
+        }
+    }
+    result
+}
+
+fn write_snapshot<V: Snapshottable>(
+    vm: &V,
+    req: &CaptureRequest<'_>,
+    progress: &mut dyn FnMut(Progress),
+    state_bytes: &[u8],
+    dirty: Option<&[Vec<u64>]>,
+    (vcpus, mem_mib, cpuid): (u8, u64, Vec<crate::manifest::CpuidLeaf>),
+    kernel_sha: String,
+) -> Result<Manifest, SnapshotError> {
+    let final_dir = req.dir.join(req.tag);
 
     std::fs::create_dir_all(req.dir).map_err(io("cannot create", req.dir))?;
     let tmp = req
@@ -81,8 +128,8 @@ pub fn capture<V: Snapshottable>(
 
     let mut files = Vec::new();
     let mut d = FileDigest::new();
-    d.update(&state_bytes);
-    write_file(&tmp.join(VMSTATE), &state_bytes)?;
+    d.update(state_bytes);
+    write_file(&tmp.join(VMSTATE), state_bytes)?;
     files.push(FileEntry {
         name: VMSTATE.into(),
         size: state_bytes.len() as u64,
@@ -92,16 +139,43 @@ pub fn capture<V: Snapshottable>(
 
     let mem_path = tmp.join(MEMORY);
     let mem_file = create(&mem_path)?;
-    let written = memfile::write_memory(vm.guest_memory(), &mem_file, |done, total| {
-        progress(Progress::Memory { done, total })
-    })
-    .map_err(io("cannot write", &mem_path))?;
-    mem_file.sync_all().map_err(io("cannot fsync", &mem_path))?;
-    files.push(FileEntry {
-        name: MEMORY.into(),
-        size: written.size,
-        digest: written.digest,
-    });
+    match (req.parent, dirty) {
+        (Some(_), Some(dirty)) => {
+            memfile::write_dirty_memory(vm.guest_memory(), &mem_file, dirty, |done, total| {
+                progress(Progress::Memory { done, total })
+            })
+            .map_err(io("cannot write", &mem_path))?;
+            mem_file.sync_all().map_err(io("cannot fsync", &mem_path))?;
+            let (digest, size) =
+                digest::file_digest(&mem_path).map_err(io("cannot read", &mem_path))?;
+            files.push(FileEntry {
+                name: MEMORY.into(),
+                size,
+                digest,
+            });
+            let bits = memfile::encode_dirty(vm.guest_memory(), dirty);
+            let mut d = FileDigest::new();
+            d.update(&bits);
+            write_file(&tmp.join(DIRTY), &bits)?;
+            files.push(FileEntry {
+                name: DIRTY.into(),
+                size: bits.len() as u64,
+                digest: d.finish(),
+            });
+        }
+        _ => {
+            let written = memfile::write_memory(vm.guest_memory(), &mem_file, |done, total| {
+                progress(Progress::Memory { done, total })
+            })
+            .map_err(io("cannot write", &mem_path))?;
+            mem_file.sync_all().map_err(io("cannot fsync", &mem_path))?;
+            files.push(FileEntry {
+                name: MEMORY.into(),
+                size: written.size,
+                digest: written.digest,
+            });
+        }
+    }
     faults::checkpoint();
 
     if let Some(src) = req.rootfs {
@@ -127,8 +201,12 @@ pub fn capture<V: Snapshottable>(
     let manifest = Manifest {
         format_version: FORMAT_VERSION,
         tag: req.tag.to_string(),
-        kind: Kind::Full,
-        parent: None,
+        kind: if req.parent.is_some() {
+            Kind::Diff
+        } else {
+            Kind::Full
+        },
+        parent: req.parent.map(str::to_string),
         created: rfc3339(now),
         created_unix: now,
         created_ns: u64::try_from(since_epoch.as_nanos()).unwrap_or(u64::MAX),

@@ -23,7 +23,10 @@ pub use manifest::{CpuidLeaf, Kind, Manifest};
 pub use open::{list, Snapshot, VerifyOptions};
 
 use serde::Serialize;
-use vm_memory::GuestMemoryMmap;
+
+/// Guest RAM as the VMM holds it: mmap-backed regions whose bitmap records every write made
+/// through vm-memory (device emulation), so diff snapshots see them beside KVM's dirty log.
+pub type GuestMemory = vm_memory::GuestMemoryMmap<vm_memory::bitmap::AtomicBitmap>;
 
 /// What a paused VM hands to a capture.
 pub struct SavedVm<S> {
@@ -43,5 +46,12 @@ pub trait Snapshottable {
     fn save(&self) -> Result<SavedVm<Self::State>, Self::Error>;
 
     /// Guest RAM, regions in address order.
-    fn guest_memory(&self) -> &GuestMemoryMmap<()>;
+    fn guest_memory(&self) -> &GuestMemory;
+
+    /// The pages written since the previous capture (per region, one bit per 4 KiB page), or
+    /// `None` when the VM does not track them. Taking them clears them.
+    fn take_dirty(&self) -> Result<Option<Vec<Vec<u64>>>, Self::Error>;
+
+    /// Gives back pages from `take_dirty` when a capture failed.
+    fn requeue_dirty(&self, pages: Vec<Vec<u64>>);
 }

@@ -12,6 +12,11 @@ pub const MANIFEST: &str = "manifest.json";
 pub const VMSTATE: &str = "vmstate.bin";
 pub const MEMORY: &str = "memory.bin";
 pub const ROOTFS: &str = "rootfs.ext4";
+/// In a diff snapshot: which pages `memory.bin` holds (one bit per 4 KiB page, little-endian
+/// u64 words, the regions back to back).
+pub const DIRTY: &str = "dirty.bin";
+/// Longest parent chain a diff may have.
+pub const MAX_CHAIN: usize = 64;
 /// A manifest is a few KiB; anything near this is not one of ours.
 const MAX_MANIFEST_BYTES: u64 = 4 << 20;
 const MAX_FILES: usize = 16;
@@ -220,8 +225,8 @@ impl Manifest {
                 return bad(format!("{needed} is not listed"));
             }
         }
-        if self.kind == Kind::Diff && self.parent.is_none() {
-            return bad("a diff snapshot without a parent".into());
+        if self.kind == Kind::Diff && (self.parent.is_none() || self.file(DIRTY).is_none()) {
+            return bad("a diff snapshot needs a parent and dirty.bin".into());
         }
         if let Some(p) = &self.parent {
             if !is_safe_name(p) {

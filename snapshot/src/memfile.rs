@@ -4,7 +4,9 @@
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 
-use vm_memory::{Address, Bytes, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{Address, Bytes, GuestMemoryBackend, GuestMemoryRegion};
+
+use crate::GuestMemory;
 
 use crate::digest::FileDigest;
 use crate::faults;
@@ -34,7 +36,7 @@ fn is_zero(page: &[u8]) -> bool {
 /// Writes all of `mem` to `file` (which must be empty), skipping zero pages; calls `progress`
 /// with bytes done so far.
 pub fn write_memory(
-    mem: &GuestMemoryMmap<()>,
+    mem: &GuestMemory,
     file: &File,
     mut progress: impl FnMut(u64, u64),
 ) -> std::io::Result<MemoryWritten> {
@@ -80,6 +82,86 @@ pub fn write_memory(
     })
 }
 
+/// Writes only the pages set in `dirty` (per region, a bit per page; zero pages included, as
+/// data) into a sparse file the size of all of guest RAM. Returns the number of pages written.
+pub fn write_dirty_memory(
+    mem: &GuestMemory,
+    file: &File,
+    dirty: &[Vec<u64>],
+    mut progress: impl FnMut(u64, u64),
+) -> std::io::Result<u64> {
+    let total: u64 = mem.iter().map(|r| r.len()).sum();
+    let mut buf = vec![0u8; CHUNK];
+    let mut file_off = 0u64;
+    let mut pages_written = 0u64;
+    for (region, bits) in mem
+        .iter()
+        .zip(dirty.iter().chain(std::iter::repeat(&Vec::new())))
+    {
+        let pages = region.len() / PAGE as u64;
+        let set = |i: u64| {
+            bits.get((i / 64) as usize)
+                .is_some_and(|w| w & (1 << (i % 64)) != 0)
+        };
+        let mut p = 0u64;
+        while p < pages {
+            if !set(p) {
+                p += 1;
+                continue;
+            }
+            let start = p;
+            while p < pages && set(p) && ((p - start) as usize) * PAGE < CHUNK {
+                p += 1;
+            }
+            let len = ((p - start) as usize) * PAGE;
+            let addr = region.start_addr().unchecked_add(start * PAGE as u64);
+            mem.read_slice(&mut buf[..len], addr)
+                .map_err(|e| std::io::Error::other(e.to_string()))?;
+            file.write_all_at(&buf[..len], file_off + start * PAGE as u64)?;
+            pages_written += p - start;
+            faults::checkpoint();
+        }
+        file_off += region.len();
+        progress(file_off, total);
+    }
+    file.set_len(total)?;
+    Ok(pages_written)
+}
+
+/// The dirty bitmaps of all regions as one little-endian byte string, a bit per page, regions
+/// back to back (each region's pages start at the next bit after the previous region's).
+pub fn encode_dirty(mem: &GuestMemory, dirty: &[Vec<u64>]) -> Vec<u8> {
+    let total_pages: u64 = mem.iter().map(|r| r.len() / PAGE as u64).sum();
+    let mut words = vec![0u64; total_pages.div_ceil(64) as usize];
+    let mut base = 0u64;
+    for (region, bits) in mem.iter().zip(dirty) {
+        let pages = region.len() / PAGE as u64;
+        for i in 0..pages {
+            if bits
+                .get((i / 64) as usize)
+                .is_some_and(|w| w & (1 << (i % 64)) != 0)
+            {
+                let g = base + i;
+                words[(g / 64) as usize] |= 1 << (g % 64);
+            }
+        }
+        base += pages;
+    }
+    words.iter().flat_map(|w| w.to_le_bytes()).collect()
+}
+
+/// The inverse of `encode_dirty`: u64 words of a bit per page over all regions.
+pub fn decode_dirty(bytes: &[u8]) -> Vec<u64> {
+    bytes
+        .chunks(8)
+        .map(|c| {
+            let mut b = [0u8; 8];
+            b[..c.len()].copy_from_slice(c);
+            u64::from_le_bytes(b)
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -88,7 +170,7 @@ mod tests {
 
     #[test]
     fn sparse_file_holds_exactly_the_guest_bytes() {
-        let mem = GuestMemoryMmap::<()>::from_ranges(&[
+        let mem = GuestMemory::from_ranges(&[
             (GuestAddress(0), 8 << 20),
             (GuestAddress(1 << 32), 4 << 20),
         ])

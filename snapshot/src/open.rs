@@ -113,6 +113,43 @@ impl Snapshot {
         Ok(())
     }
 
+    /// This snapshot and its ancestors, base (a full snapshot) first. Refuses a missing parent,
+    /// a cycle, or a chain longer than `MAX_CHAIN`.
+    pub fn chain(&self) -> Result<Vec<Snapshot>, SnapshotError> {
+        let mut out = vec![self.clone()];
+        while let Some(parent) = out.last().and_then(|s| s.manifest.parent.clone()) {
+            if out.len() >= crate::manifest::MAX_CHAIN
+                || out.iter().any(|s| s.manifest.tag == parent)
+            {
+                return Err(Refusal::Manifest(ManifestError::Invalid(format!(
+                    "the parent chain of {} is too long or loops",
+                    self.manifest.tag
+                )))
+                .into());
+            }
+            let dir = self.dir.parent().unwrap_or(Path::new(".")).join(&parent);
+            let p = Snapshot::open(&dir).map_err(|e| match e {
+                SnapshotError::NotFound(_) => {
+                    Refusal::MissingFile(format!("parent snapshot {parent}")).into()
+                }
+                e => e,
+            })?;
+            out.push(p);
+        }
+        out.reverse();
+        Ok(out)
+    }
+
+    /// For a diff: the pages its memory file holds (a bit per page over all of guest RAM).
+    pub fn dirty_pages(&self) -> Result<Option<Vec<u64>>, SnapshotError> {
+        if self.manifest.file(crate::manifest::DIRTY).is_none() {
+            return Ok(None);
+        }
+        let p = self.path(crate::manifest::DIRTY);
+        let bytes = std::fs::read(&p).map_err(io("cannot read", &p))?;
+        Ok(Some(crate::memfile::decode_dirty(&bytes)))
+    }
+
     /// Checks `vmstate.bin`'s magic, version and CRC without decoding it.
     pub fn check_state(&self) -> Result<(), SnapshotError> {
         let bytes = self.read_state()?;
@@ -167,6 +204,24 @@ pub fn list(dir: &Path) -> Vec<Snapshot> {
 }
 
 impl Snapshot {
+    /// Points a diff at its renamed parent (the manifest is rewritten atomically).
+    pub fn set_parent(&self, parent: &str) -> Result<(), SnapshotError> {
+        let mut m = self.manifest.clone();
+        m.parent = Some(parent.to_string());
+        self.write_manifest(&m)
+    }
+
+    fn write_manifest(&self, m: &Manifest) -> Result<(), SnapshotError> {
+        let path = self.path(crate::manifest::MANIFEST);
+        let tmp = self.path(".manifest.json.tmp");
+        std::fs::write(&tmp, m.to_json()).map_err(io("cannot write", &tmp))?;
+        std::fs::File::open(&tmp)
+            .and_then(|f| f.sync_all())
+            .map_err(io("cannot fsync", &tmp))?;
+        std::fs::rename(&tmp, &path).map_err(io("cannot replace", &path))?;
+        crate::capture::fsync_dir(&self.dir)
+    }
+
     /// Renames the snapshot and/or changes its note. The manifest is rewritten atomically
     /// (checksum included), then the directory is renamed.
     pub fn edit(

@@ -7,13 +7,14 @@ use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::VmFd;
 use vm_memory::mmap::MmapRegion;
 use vm_memory::{
-    Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, GuestRegionMmap,
+    Address, Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryRegion,
+    GuestRegionMmap,
 };
 
 use crate::arch::layout::{MAX_MEM_MIB, MMIO_GAP_END, MMIO_GAP_START};
 
 /// The guest memory type used throughout the VMM.
-pub type GuestMemory = vm_memory::GuestMemoryMmap<()>;
+pub use snapshot::GuestMemory;
 
 const MIB: u64 = 1 << 20;
 
@@ -45,6 +46,11 @@ pub enum MemoryError {
     },
     #[error("cannot map memory file {path}: {reason}")]
     Map { path: String, reason: String },
+    #[error("KVM_GET_DIRTY_LOG for slot {slot} failed: {source}")]
+    DirtyLog {
+        slot: u32,
+        source: kvm_ioctls::Error,
+    },
 }
 
 /// How guest RAM comes back from a memory file on restore.
@@ -189,6 +195,85 @@ pub fn register(vm: &VmFd, mem: &GuestMemory, flags: u32) -> Result<(), MemoryEr
         // SAFETY: the mapping stays alive as long as `mem`, which the VM holds for its lifetime.
         unsafe { vm.set_user_memory_region(desc) }
             .map_err(|source| MemoryError::Register { slot, source })?;
+    }
+    Ok(())
+}
+
+/// Turns KVM's dirty page log on for every slot (the same regions, registered again with the
+/// flag). From then on `dirty_pages` reports the pages vCPUs wrote.
+pub fn enable_dirty_log(vm: &VmFd, mem: &GuestMemory) -> Result<(), MemoryError> {
+    register(vm, mem, kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES)
+}
+
+/// The pages written since the last call, one bitmap (bit per 4 KiB page, as u64 words) per
+/// region: KVM's log for vCPU writes ORed with vm-memory's for device writes. Both are cleared.
+pub fn take_dirty(vm: &VmFd, mem: &GuestMemory) -> Result<Vec<Vec<u64>>, MemoryError> {
+    let mut out = Vec::with_capacity(mem.num_regions());
+    for (slot, region) in mem.iter().enumerate() {
+        let slot = slot as u32;
+        let mut bits = vm
+            .get_dirty_log(slot, region.len() as usize)
+            .map_err(|source| MemoryError::DirtyLog { slot, source })?;
+        let devices = std::ops::Deref::deref(region).bitmap().get_and_reset();
+        for (w, d) in bits.iter_mut().zip(devices) {
+            *w |= d;
+        }
+        out.push(bits);
+    }
+    Ok(out)
+}
+
+/// Copies pages into guest memory from `overlays`, in order: each is (memory file, bitmap of the
+/// pages it holds, one bit per page over the regions back to back). Used to apply diff snapshots
+/// over their base.
+pub fn apply_overlays(
+    mem: &GuestMemory,
+    overlays: &[(std::path::PathBuf, Vec<u64>)],
+) -> Result<(), MemoryError> {
+    use std::os::unix::fs::FileExt;
+    const PAGE: u64 = 4096;
+    for (path, bits) in overlays {
+        let err = |e: std::io::Error| MemoryError::File {
+            path: path.display().to_string(),
+            source: e,
+        };
+        let file = File::open(path).map_err(err)?;
+        let mut buf = vec![0u8; 1 << 20];
+        let mut file_off = 0u64;
+        let mut page_base = 0u64;
+        for region in mem.iter() {
+            let pages = region.len() / PAGE;
+            let mut p = 0u64;
+            while p < pages {
+                let bit = |i: u64| {
+                    let g = page_base + i;
+                    bits.get((g / 64) as usize)
+                        .is_some_and(|w| w & (1 << (g % 64)) != 0)
+                };
+                if !bit(p) {
+                    p += 1;
+                    continue;
+                }
+                let start = p;
+                while p < pages && bit(p) && (p - start) * PAGE < buf.len() as u64 {
+                    p += 1;
+                }
+                let len = ((p - start) * PAGE) as usize;
+                file.read_exact_at(&mut buf[..len], file_off + start * PAGE)
+                    .map_err(err)?;
+                mem.write_slice(&buf[..len], region.start_addr().unchecked_add(start * PAGE))
+                    .map_err(|e| MemoryError::Map {
+                        path: path.display().to_string(),
+                        reason: e.to_string(),
+                    })?;
+            }
+            file_off += region.len();
+            page_base += pages;
+        }
+    }
+    // Writing the overlays marked pages dirty for devices; they are part of the restored state.
+    for region in mem.iter() {
+        std::ops::Deref::deref(region).bitmap().reset();
     }
     Ok(())
 }

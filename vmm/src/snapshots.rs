@@ -40,6 +40,14 @@ impl Snapshottable for Vm {
     fn guest_memory(&self) -> &GuestMemory {
         self.memory()
     }
+
+    fn take_dirty(&self) -> Result<Option<Vec<Vec<u64>>>, VmError> {
+        self.take_dirty_pages()
+    }
+
+    fn requeue_dirty(&self, pages: Vec<Vec<u64>>) {
+        self.requeue_dirty_pages(pages)
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -67,14 +75,25 @@ pub struct SnapshotRestore<'a> {
 impl Vm {
     /// Verifies a snapshot and rebuilds its VM.
     pub fn restore_snapshot(r: SnapshotRestore<'_>) -> Result<Vm, RestoreError> {
-        r.snapshot.verify(&VerifyOptions {
-            kernel: r.kernel,
-            contents: r.verify_contents,
-        })?;
+        // A diff holds only what changed since its parent: walk the chain down to a full one.
+        let chain = r.snapshot.chain()?;
+        for s in &chain {
+            s.verify(&VerifyOptions {
+                kernel: r.kernel,
+                contents: r.verify_contents,
+            })?;
+        }
         let state: VmState = r.snapshot.load_state()?;
+        let mut overlays = Vec::new();
+        for s in &chain[1..] {
+            if let Some(bits) = s.dirty_pages()? {
+                overlays.push((s.memory_path(), bits));
+            }
+        }
         Ok(Vm::restore(RestoreConfig {
             state,
-            memory_file: r.snapshot.memory_path(),
+            memory_file: chain[0].memory_path(),
+            memory_overlays: overlays,
             memory_mode: r.memory_mode,
             console: r.console,
             paused: r.paused,

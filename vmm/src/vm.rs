@@ -98,6 +98,9 @@ pub struct Vm {
     _kvm: Kvm,
     memory: GuestMemory,
     mem_mib: u64,
+    /// `Some` once dirty tracking is on: pages taken from the logs but not yet captured (a
+    /// failed capture puts its pages back here, so no write is ever lost to the next diff).
+    dirty: Mutex<Option<Vec<Vec<u64>>>>,
 }
 
 const REQUIRED_CAPS: [(Cap, &str); 6] = [
@@ -161,6 +164,8 @@ pub struct RestoreConfig {
     pub state: VmState,
     /// Guest RAM as written by a capture: the regions back to back.
     pub memory_file: PathBuf,
+    /// Diff snapshots to apply over `memory_file`, oldest first: (memory file, page bitmap).
+    pub memory_overlays: Vec<(PathBuf, Vec<u64>)>,
     pub memory_mode: RestoreMode,
     pub console: Console,
     /// Leave the vCPUs parked after restore.
@@ -258,6 +263,7 @@ impl Parts {
             _kvm: self.kvm,
             memory,
             mem_mib: 0,
+            dirty: Mutex::new(None),
         })
     }
 }
@@ -328,6 +334,7 @@ impl Vm {
             .filter(|n| (1..=MAX_VCPUS).contains(n))
             .ok_or(VmError::VcpuCount(state.vcpus.len() as u32))?;
         let memory = memory::restore(state.mem_mib, &config.memory_file, config.memory_mode)?;
+        memory::apply_overlays(&memory, &config.memory_overlays)?;
         let parts = Parts::new(
             vcpu_count,
             &memory,
@@ -349,6 +356,49 @@ impl Vm {
         let mut vm = parts.start(created, memory, config.paused)?;
         vm.mem_mib = state.mem_mib;
         Ok(vm)
+    }
+
+    /// Starts recording which pages change (vCPU writes through KVM's dirty log, device writes
+    /// through vm-memory's bitmap), for diff snapshots relative to the next capture.
+    pub fn enable_dirty_tracking(&self) -> Result<(), VmError> {
+        let mut d = self.dirty.lock().unwrap_or_else(|e| e.into_inner());
+        if d.is_none() {
+            memory::enable_dirty_log(&self.fd, &self.memory)?;
+            memory::take_dirty(&self.fd, &self.memory)?;
+            *d = Some(Vec::new());
+        }
+        Ok(())
+    }
+
+    /// Pages written since the last call (per region, a bit per page); `None` without tracking.
+    pub fn take_dirty_pages(&self) -> Result<Option<Vec<Vec<u64>>>, VmError> {
+        let mut d = self.dirty.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(pending) = d.as_mut() else {
+            return Ok(None);
+        };
+        let mut now = memory::take_dirty(&self.fd, &self.memory)?;
+        for (region, old) in now.iter_mut().zip(pending.drain(..)) {
+            for (w, o) in region.iter_mut().zip(old) {
+                *w |= o;
+            }
+        }
+        Ok(Some(now))
+    }
+
+    /// Puts back pages a failed capture took, so the next diff still includes them.
+    pub fn requeue_dirty_pages(&self, bits: Vec<Vec<u64>>) {
+        let mut d = self.dirty.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(pending) = d.as_mut() {
+            if pending.is_empty() {
+                *pending = bits;
+            } else {
+                for (p, b) in pending.iter_mut().zip(bits) {
+                    for (w, o) in p.iter_mut().zip(b) {
+                        *w |= o;
+                    }
+                }
+            }
+        }
     }
 
     /// The whole VM's state; every vCPU must be paused.
@@ -668,6 +718,7 @@ mod restore_tests {
             let restored = Vm::restore(RestoreConfig {
                 state,
                 memory_file: mem.clone(),
+                memory_overlays: Vec::new(),
                 memory_mode: mode,
                 console: Console::Writer(Box::new(std::io::sink())),
                 paused: true,
@@ -705,6 +756,7 @@ mod restore_tests {
         let restored = Vm::restore(RestoreConfig {
             state: postcard::from_bytes(&encoded).unwrap(),
             memory_file: mem.clone(),
+            memory_overlays: Vec::new(),
             memory_mode: RestoreMode::Eager,
             console: Console::Writer(Box::new(std::io::sink())),
             paused: true,

@@ -34,6 +34,7 @@ fn capture_into(
             image: None,
             workspace: None,
             note: None,
+            parent: None,
         },
         &mut |_| {},
     )

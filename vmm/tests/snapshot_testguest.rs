@@ -24,6 +24,7 @@ fn take(vm: &vmm::Vm, dir: &std::path::Path, tag: &str, kernel: &std::path::Path
             image: None,
             workspace: Some("test"),
             note: None,
+            parent: None,
         },
         &mut |_| {},
     )
@@ -224,5 +225,102 @@ fn twenty_forks_run_at_once_each_with_its_own_memory() {
         "all forks report the same count: {counts:?}"
     );
     drop(forks);
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+fn take_diff(
+    vm: &vmm::Vm,
+    dir: &std::path::Path,
+    tag: &str,
+    parent: &str,
+    kernel: &std::path::Path,
+) -> Snapshot {
+    capture(
+        vm,
+        &CaptureRequest {
+            dir,
+            tag,
+            kernel,
+            cmdline: CMDLINE,
+            rootfs: None,
+            image: None,
+            workspace: Some("test"),
+            note: None,
+            parent: Some(parent),
+        },
+        &mut |_| {},
+    )
+    .unwrap();
+    Snapshot::open(&dir.join(tag)).unwrap()
+}
+
+#[test]
+fn a_diff_chain_of_three_restores_exactly_like_a_full_snapshot() {
+    if !kvm_or_skip("a_diff_chain_of_three_restores_exactly_like_a_full_snapshot") {
+        return;
+    }
+    use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryRegion};
+    let dir = scratch("diffchain");
+    let kernel = testguest(&dir);
+    let snaps = dir.join("snapshots");
+    let (vm, out) = boot(&kernel, 2, 64, CMDLINE);
+    vm.enable_dirty_tracking().unwrap();
+    out.wait_counts_above(&[10, 10], T);
+    vm.pause().unwrap();
+    take(&vm, &snaps, "base", &kernel);
+    let mut parent = "base".to_string();
+    for d in ["d1", "d2", "d3"] {
+        vm.resume().unwrap();
+        let now = out
+            .last_counts(2)
+            .into_iter()
+            .map(|c| c.unwrap_or(0))
+            .collect::<Vec<_>>();
+        out.wait_counts_above(&now.iter().map(|c| c + 50).collect::<Vec<_>>(), T);
+        vm.pause().unwrap();
+        let s = take_diff(&vm, &snaps, d, &parent, &kernel);
+        assert_eq!(s.manifest.kind, snapshot::Kind::Diff);
+        assert_eq!(s.manifest.parent.as_deref(), Some(parent.as_str()));
+        parent = d.to_string();
+    }
+    // The same moment, captured in full (the VM is still paused).
+    let full = take(&vm, &snaps, "full", &kernel);
+    let d3 = Snapshot::open(&snaps.join("d3")).unwrap();
+    assert_eq!(d3.chain().unwrap().len(), 4);
+    // A diff holds far less than the whole memory.
+    let data = |s: &Snapshot| {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(s.memory_path()).unwrap().blocks() * 512
+    };
+    assert!(
+        data(&d3) < data(&full),
+        "diff {} >= full {}",
+        data(&d3),
+        data(&full)
+    );
+    drop(vm);
+
+    let (a, _) = restore(&d3, &kernel, RestoreMode::PrivateMap, true);
+    let (b, _) = restore(&full, &kernel, RestoreMode::Eager, true);
+    for (ra, rb) in a.memory().iter().zip(b.memory().iter()) {
+        let mut x = vec![0u8; ra.len() as usize];
+        let mut y = vec![0u8; rb.len() as usize];
+        a.memory().read_slice(&mut x, ra.start_addr()).unwrap();
+        b.memory().read_slice(&mut y, rb.start_addr()).unwrap();
+        assert!(
+            x == y,
+            "guest memory differs between the diff chain and the full snapshot"
+        );
+    }
+    let (sa, sb) = (a.save_state().unwrap(), b.save_state().unwrap());
+    for (va, vb) in sa.vcpus.iter().zip(&sb.vcpus) {
+        assert_eq!(va.regs.rip, vb.regs.rip);
+        assert_eq!(va.regs.rsp, vb.regs.rsp);
+    }
+    // And the restored chain runs on with consistent memory.
+    a.resume().unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    drop(a);
+    drop(b);
     std::fs::remove_dir_all(dir).unwrap();
 }

@@ -196,3 +196,140 @@ pub fn file_counts(snap: &snapshot::Snapshot, addrs: &[u64]) -> Vec<u64> {
         })
         .collect()
 }
+
+// ---------------------------------------------------------------- virtio devices (test guest
+// modes blk and vsock)
+
+/// Boots the test guest with virtio devices.
+pub fn boot_devices(
+    kernel: &Path,
+    mem_mib: u64,
+    cmdline: &str,
+    devices: vmm::devices::DeviceConfig,
+) -> (Vm, Output) {
+    let out = Output::default();
+    let vm = Vm::boot(VmConfig {
+        kernel: kernel.to_path_buf(),
+        initrd: None,
+        cmdline: cmdline.to_string(),
+        mem_mib,
+        vcpus: 1,
+        console: Console::Writer(Box::new(out.clone())),
+        devices,
+    })
+    .unwrap();
+    (vm, out)
+}
+
+impl Output {
+    /// Waits for a line starting with `prefix` and returns it; fails on a guest ERROR, an
+    /// exception or a panic line.
+    pub fn wait_line(&self, prefix: &str, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let text = self.text();
+            if let Some(l) = text.lines().find(|l| l.starts_with(prefix)) {
+                if text.contains(&format!("{l}\n")) {
+                    return l.to_string();
+                }
+            }
+            assert!(
+                !text.contains("testguest: ERROR")
+                    && !text.contains("testguest: exception")
+                    && !text.contains("testguest: panic"),
+                "guest failed while waiting for {prefix:?}:\n{text}"
+            );
+            assert!(
+                Instant::now() < deadline,
+                "no line {prefix:?} in {timeout:?}:\n{text}"
+            );
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+}
+
+/// The value of `key=` in a guest output line.
+pub fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
+}
+
+/// FNV-1a 64 over `bytes`, as the test guest's blk mode computes it.
+pub fn fnv1a64(bytes: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for &b in bytes {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
+}
+
+/// Deterministic pseudo-random bytes (xorshift64*).
+pub fn pattern_bytes(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        out.extend_from_slice(&x.wrapping_mul(0x2545_f491_4f6c_dd1d).to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// A host client of the VM's hybrid vsock socket: `CONNECT <port>\n`, then `OK <n>\n`.
+pub fn vsock_connect(uds: &Path, port: u32, timeout: Duration) -> std::os::unix::net::UnixStream {
+    use std::io::Read;
+    let deadline = Instant::now() + timeout;
+    let mut s = loop {
+        match std::os::unix::net::UnixStream::connect(uds) {
+            Ok(s) => break s,
+            Err(e) => {
+                assert!(Instant::now() < deadline, "cannot connect to {uds:?}: {e}");
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+    };
+    s.set_read_timeout(Some(timeout)).unwrap();
+    s.set_write_timeout(Some(timeout)).unwrap();
+    s.write_all(format!("CONNECT {port}\n").as_bytes()).unwrap();
+    let mut line = Vec::new();
+    let mut b = [0u8; 1];
+    while line.last() != Some(&b'\n') {
+        let n = s
+            .read(&mut b)
+            .unwrap_or_else(|e| panic!("no OK for CONNECT {port}: {e}"));
+        assert!(
+            n == 1,
+            "vsock socket closed before OK (got {:?})",
+            String::from_utf8_lossy(&line)
+        );
+        line.push(b[0]);
+        assert!(line.len() < 64, "{:?}", String::from_utf8_lossy(&line));
+    }
+    let line = String::from_utf8(line).unwrap();
+    assert!(
+        line.starts_with("OK ") && line[3..].trim().parse::<u32>().is_ok(),
+        "bad answer to CONNECT: {line:?}"
+    );
+    s
+}
+
+/// Sends `data` through an echo connection (from another thread) while reading the echo;
+/// returns what came back.
+pub fn echo_through(s: &std::os::unix::net::UnixStream, data: &[u8], chunk: usize) -> Vec<u8> {
+    use std::io::Read;
+    let mut back = vec![0u8; data.len()];
+    std::thread::scope(|sc| {
+        let mut w = s.try_clone().unwrap();
+        sc.spawn(move || {
+            for c in data.chunks(chunk) {
+                w.write_all(c).unwrap();
+            }
+        });
+        let mut r = s.try_clone().unwrap();
+        r.read_exact(&mut back).unwrap();
+    });
+    back
+}
