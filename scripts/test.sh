@@ -22,6 +22,16 @@ if [[ -z "${MICROAGENT_SKIP_LINUX:-}" && -z "${MICROAGENT_TEST_KERNEL:-}" ]]; th
     MICROAGENT_TEST_KERNEL=$(kernels/linux/build.sh --variant "$variant" --print-path)
     export MICROAGENT_TEST_KERNEL
 fi
+if [[ -z "${MICROAGENT_SKIP_LINUX:-}" && -z "${MICROAGENT_TEST_ROOTFS:-}" ]]; then
+    echo "== guest agent (static) and a busybox rootfs with it"
+    RUSTFLAGS="-C target-feature=+crt-static" cargo build --release -q -p guest-agent --target x86_64-unknown-linux-gnu
+    work=$(mktemp -d /tmp/microagent-test.XXXXXX)
+    trap 'rm -rf "$work"' EXIT
+    strip -o "$work/agent" target/x86_64-unknown-linux-gnu/release/microagent-agent
+    scripts/build-rootfs.sh "$work/rootfs.ext4" --size 64 --add "$work/agent:/usr/sbin/microagent-guest-agent" >/dev/null
+    MICROAGENT_TEST_ROOTFS=$work/rootfs.ext4
+    export MICROAGENT_TEST_ROOTFS
+fi
 
 echo "== cargo test"
 cargo test --workspace --release -- --test-threads=2

@@ -196,6 +196,7 @@ pub fn create(root: &Path, args: CreateArgs, out: Out) -> Result<(), Failure> {
             created: now_rfc3339(),
             forked_from: None,
             expires_unix: None,
+            agent: !is_builtin && rootfs_src.is_some(),
         })
     })?;
     out.emit(
@@ -298,6 +299,11 @@ fn fork(root: &Path, args: &CreateArgs, src: &str, out: Out) -> Result<(), Failu
                     }
                     None => None,
                 };
+                // The source's secrets follow the fork (delivered once it runs).
+                copy_secrets(
+                    &source.path(crate::agent::SECRETS),
+                    &dir.join(crate::agent::SECRETS),
+                )?;
                 Ok(Config {
                     name: n.clone(),
                     kernel_spec: source.config.kernel_spec.clone(),
@@ -311,6 +317,7 @@ fn fork(root: &Path, args: &CreateArgs, src: &str, out: Out) -> Result<(), Failu
                     created: now_rfc3339(),
                     forked_from: Some(format!("{src_name}:{tag}")),
                     expires_unix: ttl.map(|d| now_unix() + d.as_secs()),
+                    agent: source.config.agent,
                 })
             })?;
             created.push(ws);
@@ -323,6 +330,10 @@ fn fork(root: &Path, args: &CreateArgs, src: &str, out: Out) -> Result<(), Failu
         let mut pids = Vec::new();
         for (ws, child) in created.iter().zip(children.iter_mut()) {
             pids.push(process::wait_ready(ws, child)?);
+        }
+        // Each fork takes its own identity and entropy, and gets the secrets back.
+        for ws in &created {
+            crate::agent::deliver(ws, true, true)?;
         }
         Ok(pids)
     })();
@@ -434,6 +445,11 @@ pub fn start(root: &Path, args: StartArgs, out: Out) -> Result<(), Failure> {
     };
     let mut child = process::spawn(&ws, snap.as_ref().map(|s| s.dir.as_path()), args.memory)?;
     let pid = process::wait_ready(&ws, &mut child)?;
+    match &snap {
+        // Restored: thaw, fresh entropy, secrets back (they were scrubbed before the capture).
+        Some(_) => crate::agent::deliver(&ws, true, false)?,
+        None => crate::agent::deliver_after_boot(&ws)?,
+    }
     let human = match (&args.from_snapshot, &hibernated) {
         (Some(t), _) => format!(
             "workspace {} restored from snapshot {t} (pid {pid})",
@@ -683,6 +699,20 @@ pub fn create_for_import(
             created: now_rfc3339(),
             forked_from: None,
             expires_unix: None,
+            agent: !spec.starts_with(builtin::PREFIX)
+                && m.file(snapshot::manifest::ROOTFS).is_some(),
         })
     })
+}
+
+fn copy_secrets(from: &Path, to: &Path) -> Result<(), Failure> {
+    let Ok(entries) = std::fs::read_dir(from) else {
+        return Ok(());
+    };
+    std::fs::create_dir_all(to).map_err(|e| io_fail("cannot create", to, e))?;
+    for e in entries.flatten() {
+        let dst = to.join(e.file_name());
+        std::fs::copy(e.path(), &dst).map_err(|err| io_fail("cannot copy", &dst, err))?;
+    }
+    Ok(())
 }

@@ -1,5 +1,6 @@
 //! `microagent`: boot, snapshot and fork KVM microVMs.
 
+mod agent;
 mod api;
 mod builtin;
 mod commands;
@@ -66,6 +67,12 @@ enum Command {
     /// Show one workspace.
     #[command(after_help = exit::HELP)]
     Status { name: String },
+    /// Run a command in a running workspace (through its guest agent); exits with its code.
+    #[command(after_help = exit::HELP)]
+    Exec(agent::ExecArgs),
+    /// Secrets delivered into the guest's /run/secrets on start, restore and fork.
+    #[command(subcommand, after_help = exit::HELP)]
+    Secret(SecretCommand),
     /// Print a workspace's serial console log.
     #[command(after_help = exit::HELP)]
     Console { name: String },
@@ -83,6 +90,12 @@ enum Command {
     Vmm(vmm_process::VmmArgs),
 }
 
+#[derive(Subcommand)]
+enum SecretCommand {
+    /// Store a secret on the host (mode 0600, outside every snapshot).
+    Set(agent::SecretSetArgs),
+}
+
 /// Maps a snapshot error to the exit code a script can act on.
 pub fn snapshot_failure(e: snapshot::SnapshotError) -> Failure {
     Failure::new(code_from_name(e.code()), e.to_string())
@@ -91,6 +104,15 @@ pub fn snapshot_failure(e: snapshot::SnapshotError) -> Failure {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let out = Out { json: cli.json };
+    if let Command::Exec(a) = cli.command {
+        return match home::state_root().and_then(|root| agent::exec(&root, a)) {
+            Ok(code) => ExitCode::from(code),
+            Err(f) => {
+                out.error(&f);
+                f.code.into()
+            }
+        };
+    }
     let result = match cli.command {
         Command::Run(args) => run::run(args),
         Command::Vmm(args) => vmm_process::run(args),
@@ -103,9 +125,12 @@ fn main() -> ExitCode {
             Command::List => commands::list(&root, out),
             Command::Status { name } => commands::status(&root, &name, out),
             Command::Console { name } => commands::console(&root, &name),
+            Command::Secret(SecretCommand::Set(a)) => agent::secret_set(&root, a, out),
             Command::Snapshot(c) => snapshot_cmd::run(&root, c, out),
             Command::Image(c) => image::run(&root, c, out),
-            Command::Run(_) | Command::Vmm(_) => Err(Failure::new(Code::Error, "unreachable")),
+            Command::Run(_) | Command::Vmm(_) | Command::Exec(_) => {
+                Err(Failure::new(Code::Error, "unreachable"))
+            }
         }),
     };
     match result {

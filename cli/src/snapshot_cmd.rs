@@ -198,6 +198,8 @@ fn create(root: &Path, a: CreateArgs, out: Out) -> Result<(), Failure> {
             format!("invalid snapshot tag {tag:?}"),
         ));
     }
+    // A workspace with an agent syncs, freezes its filesystems and scrubs its secrets first.
+    let prepared = crate::agent::prepare(&ws)?;
     let resp = api::request_with_progress(
         &ws.path(workspace::API_SOCK),
         &Request::Snapshot {
@@ -209,8 +211,12 @@ fn create(root: &Path, a: CreateArgs, out: Out) -> Result<(), Failure> {
         Some(Duration::from_secs(3600)),
         &mut |done, total| out.progress("capturing memory", done, total),
     )
-    .map_err(|e| Failure::new(Code::Error, e.to_string()))?;
-    match resp {
+    .map_err(|e| Failure::new(Code::Error, e.to_string()));
+    if prepared && !no_resume {
+        // The source goes on: thaw it and give its secrets back, whatever the capture did.
+        crate::agent::deliver(&ws, false, false)?;
+    }
+    match resp? {
         Response::Snapshot { manifest } => {
             let dir = ws.snapshots_dir().join(&manifest.tag);
             out.emit(

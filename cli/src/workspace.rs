@@ -49,6 +49,10 @@ pub struct Config {
     /// When set (seconds since the epoch), the VMM halts and deletes the workspace then.
     #[serde(default)]
     pub expires_unix: Option<u64>,
+    /// The guest runs the microagent agent (Linux workspaces with a rootfs): exec, secrets and
+    /// the snapshot hooks go through it.
+    #[serde(default)]
+    pub agent: bool,
 }
 
 /// What a workspace is doing, as `list` and `status` report it.

@@ -1,0 +1,107 @@
+//! A Linux guest with the guest agent, end to end: boot, exec, deliver a secret, snapshot (the
+//! secret's bytes must not be in the memory file), fork, exec in the fork (the client reconnects)
+//! and read the secret there. Needs MICROAGENT_TEST_KERNEL and MICROAGENT_TEST_ROOTFS (an ext4
+//! image with the agent at /usr/sbin/microagent-guest-agent), which scripts/test.sh builds.
+
+mod common;
+use common::*;
+use std::path::PathBuf;
+
+fn inputs_or_skip(test: &str) -> Option<(PathBuf, PathBuf)> {
+    if !kvm_or_skip(test) {
+        return None;
+    }
+    match (
+        std::env::var_os("MICROAGENT_TEST_KERNEL"),
+        std::env::var_os("MICROAGENT_TEST_ROOTFS"),
+    ) {
+        (Some(k), Some(r)) => Some((k.into(), r.into())),
+        _ => {
+            eprintln!("{test}: skipped: MICROAGENT_TEST_KERNEL and MICROAGENT_TEST_ROOTFS are not set (scripts/test.sh sets them)");
+            None
+        }
+    }
+}
+
+#[test]
+fn linux_exec_secrets_snapshot_fork() {
+    let Some((kernel, rootfs)) = inputs_or_skip("linux_exec_secrets_snapshot_fork") else {
+        return;
+    };
+    let h = Home::new("linux-agent");
+    h.ok(&[
+        "create",
+        "lx",
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--rootfs",
+        rootfs.to_str().unwrap(),
+        "--mem",
+        "256",
+        "--cmdline",
+        "console=ttyS0 panic=-1 quiet root=/dev/vda rw init_on_free=1",
+    ]);
+    // `start` returns once the agent answers.
+    let t = std::time::Instant::now();
+    h.ok(&["start", "lx"]);
+    eprintln!("boot to agent: {:.1} s", t.elapsed().as_secs_f64());
+
+    let uname = h.run(&["exec", "lx", "--", "uname", "-a"]);
+    assert!(uname.status.success(), "{}", stderr(&uname));
+    assert!(stdout(&uname).starts_with("Linux "), "{}", stdout(&uname));
+    let code = h.run(&[
+        "exec",
+        "lx",
+        "--",
+        "sh",
+        "-c",
+        "echo out; echo err >&2; exit 3",
+    ]);
+    assert_eq!(code.status.code(), Some(3));
+    assert_eq!(stdout(&code), "out\n");
+    assert_eq!(stderr(&code), "err\n");
+
+    let secret = format!("s3cr3t-{}-{}", std::process::id(), t.elapsed().as_nanos());
+    let file = h.dir.join("secret");
+    std::fs::write(&file, &secret).unwrap();
+    let set = h.ok(&[
+        "secret",
+        "set",
+        "lx",
+        "TOKEN",
+        "--from-file",
+        file.to_str().unwrap(),
+    ]);
+    assert!(set.contains("(delivered)"), "{set}");
+    let mode = std::fs::metadata(h.ws("lx").join("secrets/TOKEN")).unwrap();
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&mode.permissions()) & 0o777,
+        0o600
+    );
+
+    h.ok(&["snapshot", "create", "lx", "--tag", "base"]);
+    let mem = std::fs::read(h.ws("lx").join("snapshots/base/memory.bin")).unwrap();
+    assert!(
+        !mem.windows(secret.len()).any(|w| w == secret.as_bytes()),
+        "the secret's bytes are in memory.bin"
+    );
+    drop(mem);
+    // The source got its secret back after the capture.
+    assert_eq!(
+        stdout(&h.run(&["exec", "lx", "--", "cat", "/run/secrets/TOKEN"])),
+        secret
+    );
+
+    h.ok(&["create", "fk", "--from-snapshot", "lx:base"]);
+    let got = h.run(&["exec", "fk", "--", "cat", "/run/secrets/TOKEN"]);
+    assert!(got.status.success(), "{}", stderr(&got));
+    assert_eq!(stdout(&got), secret, "rehydrated in the fork");
+    assert_eq!(
+        stdout(&h.run(&["exec", "fk", "--", "hostname"])).trim(),
+        "fk"
+    );
+    let id_a = stdout(&h.run(&["exec", "fk", "--", "cat", "/etc/machine-id"]));
+    assert_eq!(id_a.trim().len(), 32, "{id_a}");
+    h.ok(&["delete", "fk", "--yes"]);
+    h.ok(&["delete", "lx", "--yes"]);
+}
