@@ -335,6 +335,7 @@ fn restore_once(
         console: Console::Writer(Box::new(log.clone())),
         paused: false,
         devices: None,
+        page_server: None,
     })
     .map_err(|e| e.to_string())?;
     let ready = secs(t0.elapsed());

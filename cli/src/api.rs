@@ -140,12 +140,13 @@ mod tests {
             tag: "t".into(),
             note: None,
             leave_paused: true,
+            diff: false,
         };
         let mut buf = Vec::new();
         write_msg(&mut buf, &req).unwrap();
         assert_eq!(
             String::from_utf8_lossy(&buf),
-            "{\"op\":\"snapshot\",\"tag\":\"t\",\"note\":null,\"leave_paused\":true}\n"
+            "{\"op\":\"snapshot\",\"tag\":\"t\",\"note\":null,\"leave_paused\":true,\"diff\":false}\n"
         );
         let back: Request = read_msg(&mut &buf[..]).unwrap().unwrap();
         assert_eq!(back, req);

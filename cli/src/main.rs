@@ -9,6 +9,7 @@ mod exit;
 mod home;
 mod image;
 mod output;
+mod pageserver;
 mod process;
 mod run;
 mod snapshot_cmd;
@@ -88,6 +89,9 @@ enum Command {
     /// The VMM process of a running workspace (started by `start`; not for direct use).
     #[command(name = "__vmm", hide = true)]
     Vmm(vmm_process::VmmArgs),
+    /// A snapshot's page server for lazy restores (started on demand; not for direct use).
+    #[command(name = "__pageserver", hide = true)]
+    PageServer(pageserver::PageServerArgs),
 }
 
 #[derive(Subcommand)]
@@ -116,6 +120,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run(args) => run::run(args),
         Command::Vmm(args) => vmm_process::run(args),
+        Command::PageServer(args) => pageserver::run(args),
         other => home::state_root().and_then(|root| match other {
             Command::Create(a) => commands::create(&root, a, out),
             Command::Start(a) => commands::start(&root, a, out),
@@ -128,7 +133,7 @@ fn main() -> ExitCode {
             Command::Secret(SecretCommand::Set(a)) => agent::secret_set(&root, a, out),
             Command::Snapshot(c) => snapshot_cmd::run(&root, c, out),
             Command::Image(c) => image::run(&root, c, out),
-            Command::Run(_) | Command::Vmm(_) | Command::Exec(_) => {
+            Command::Run(_) | Command::Vmm(_) | Command::Exec(_) | Command::PageServer(_) => {
                 Err(Failure::new(Code::Error, "unreachable"))
             }
         }),

@@ -34,6 +34,9 @@ pub fn spawn(ws: &Workspace, restore: Option<&Path>, memory: MemoryArg) -> Resul
     }
     let mut cmd = Command::new(exe);
     cmd.arg("__vmm").arg("--workspace").arg(&ws.dir);
+    if let (Some(r), MemoryArg::Uffd) = (restore, memory) {
+        crate::pageserver::ensure(r)?;
+    }
     if let Some(r) = restore {
         cmd.arg("--restore")
             .arg(r)
@@ -41,6 +44,7 @@ pub fn spawn(ws: &Workspace, restore: Option<&Path>, memory: MemoryArg) -> Resul
             .arg(match memory {
                 MemoryArg::Eager => "eager",
                 MemoryArg::Mmap => "mmap",
+                MemoryArg::Uffd => "uffd",
             });
     }
     cmd.stdin(Stdio::null())

@@ -38,13 +38,15 @@ pub enum MemoryArg {
     Eager,
     /// Map the memory file copy-on-write (pages load on first touch, shared by forks).
     Mmap,
+    /// Serve pages lazily through userfaultfd from the snapshot's page server.
+    Uffd,
 }
 
 impl From<MemoryArg> for RestoreMode {
     fn from(m: MemoryArg) -> Self {
         match m {
             MemoryArg::Eager => RestoreMode::Eager,
-            MemoryArg::Mmap => RestoreMode::PrivateMap,
+            MemoryArg::Mmap | MemoryArg::Uffd => RestoreMode::PrivateMap,
         }
     }
 }
@@ -116,6 +118,8 @@ pub fn run(args: VmmArgs) -> Result<(), Failure> {
         .map_err(crate::run::vm_failure)?,
         Some(dir) => {
             let snap = Snapshot::open(dir).map_err(crate::snapshot_failure)?;
+            let page_server =
+                (args.memory == MemoryArg::Uffd).then(|| crate::pageserver::socket_for(&snap.dir));
             // The CLI verified the contents once before starting us (forks share that work).
             Vm::restore_snapshot(SnapshotRestore {
                 snapshot: &snap,
@@ -126,6 +130,7 @@ pub fn run(args: VmmArgs) -> Result<(), Failure> {
                 paused: false,
                 // This workspace's own disk copy and vsock socket, whoever took the snapshot.
                 devices: Some(device_config(&ws)),
+                page_server: page_server.as_deref(),
             })
             .map_err(|e| match e {
                 vmm::snapshots::RestoreError::Snapshot(e) => crate::snapshot_failure(e),

@@ -70,6 +70,8 @@ pub struct SnapshotRestore<'a> {
     pub paused: bool,
     /// A fork's own device host sides (see `RestoreConfig::devices`).
     pub devices: Option<crate::devices::DeviceConfig>,
+    /// Serve memory lazily from this page server socket (see `RestoreConfig::page_server`).
+    pub page_server: Option<&'a std::path::Path>,
 }
 
 impl Vm {
@@ -94,6 +96,7 @@ impl Vm {
             state,
             memory_file: chain[0].memory_path(),
             memory_overlays: overlays,
+            page_server: r.page_server.map(std::path::Path::to_path_buf),
             memory_mode: r.memory_mode,
             console: r.console,
             paused: r.paused,

@@ -86,6 +86,12 @@ pub enum VmError {
     VcpusGone,
     #[error("the guest is still running")]
     WaitTimeout,
+    #[error("cannot restore lazily: {0}")]
+    PageServer(String),
+    #[error(
+        "lazy (userfaultfd) restore serves full snapshots only; restore a diff with mmap or eager"
+    )]
+    LazyDiff,
 }
 
 /// A VM whose vCPUs are running.
@@ -101,7 +107,12 @@ pub struct Vm {
     /// `Some` once dirty tracking is on: pages taken from the logs but not yet captured (a
     /// failed capture puts its pages back here, so no write is ever lost to the next diff).
     dirty: Mutex<Option<Vec<Vec<u64>>>>,
+    /// The lazy-restore connection; kept (never closed) for the life of the VM.
+    page_server: Option<snapshot::pageserver::client::Client>,
 }
+
+/// Exit status of a VMM process whose page server went away.
+pub const EXIT_PAGE_SERVER_GONE: i32 = 70;
 
 const REQUIRED_CAPS: [(Cap, &str); 6] = [
     (Cap::Irqchip, "KVM_CAP_IRQCHIP"),
@@ -166,6 +177,9 @@ pub struct RestoreConfig {
     pub memory_file: PathBuf,
     /// Diff snapshots to apply over `memory_file`, oldest first: (memory file, page bitmap).
     pub memory_overlays: Vec<(PathBuf, Vec<u64>)>,
+    /// Serve memory lazily from the page server listening here (userfaultfd) instead of
+    /// `memory_mode`. A server that goes away ends this process with a clear error.
+    pub page_server: Option<PathBuf>,
     pub memory_mode: RestoreMode,
     pub console: Console,
     /// Leave the vCPUs parked after restore.
@@ -264,6 +278,7 @@ impl Parts {
             memory,
             mem_mib: 0,
             dirty: Mutex::new(None),
+            page_server: None,
         })
     }
 }
@@ -333,8 +348,34 @@ impl Vm {
             .ok()
             .filter(|n| (1..=MAX_VCPUS).contains(n))
             .ok_or(VmError::VcpuCount(state.vcpus.len() as u32))?;
-        let memory = memory::restore(state.mem_mib, &config.memory_file, config.memory_mode)?;
-        memory::apply_overlays(&memory, &config.memory_overlays)?;
+        let (memory, uffd) = match &config.page_server {
+            Some(sock) => {
+                if !config.memory_overlays.is_empty() {
+                    return Err(VmError::LazyDiff);
+                }
+                // Fresh, untouched memory: every first touch is the page server's to fill.
+                let memory = memory::create(state.mem_mib)?;
+                let client = snapshot::pageserver::client::Client::connect_guest_memory(
+                    sock,
+                    &memory,
+                    &snapshot::pageserver::client::ClientOptions::labelled("vmm"),
+                )
+                .map_err(|e| VmError::PageServer(e.to_string()))?;
+                client.watchdog().on_gone(|gone| {
+                    // vCPUs blocked on a fault can never be joined, and closing the uffd would
+                    // hand them zero pages: stop the whole process, loudly.
+                    eprintln!("microagent vmm: the page server is gone ({gone}); stopping the VM");
+                    std::process::exit(EXIT_PAGE_SERVER_GONE);
+                });
+                (memory, Some(client))
+            }
+            None => {
+                let memory =
+                    memory::restore(state.mem_mib, &config.memory_file, config.memory_mode)?;
+                memory::apply_overlays(&memory, &config.memory_overlays)?;
+                (memory, None)
+            }
+        };
         let parts = Parts::new(
             vcpu_count,
             &memory,
@@ -355,6 +396,7 @@ impl Vm {
         }
         let mut vm = parts.start(created, memory, config.paused)?;
         vm.mem_mib = state.mem_mib;
+        vm.page_server = uffd;
         Ok(vm)
     }
 
@@ -719,6 +761,7 @@ mod restore_tests {
                 state,
                 memory_file: mem.clone(),
                 memory_overlays: Vec::new(),
+                page_server: None,
                 memory_mode: mode,
                 console: Console::Writer(Box::new(std::io::sink())),
                 paused: true,
@@ -757,6 +800,7 @@ mod restore_tests {
             state: postcard::from_bytes(&encoded).unwrap(),
             memory_file: mem.clone(),
             memory_overlays: Vec::new(),
+            page_server: None,
             memory_mode: RestoreMode::Eager,
             console: Console::Writer(Box::new(std::io::sink())),
             paused: true,

@@ -326,6 +326,7 @@ fn vsock_snapshot_with_an_open_connection_resets_it_and_listens_again() {
         console: Console::Writer(Box::new(out.clone())),
         paused: false,
         devices: Some(vsock_config(&fork_uds)),
+        page_server: None,
     })
     .unwrap();
     let reset = out.wait_line("testguest: vsock transport reset", T);
@@ -354,5 +355,42 @@ fn vsock_snapshot_with_an_open_connection_resets_it_and_listens_again() {
     assert!(!out.text().contains("ERROR"), "{}", out.text());
     drop(fork);
     drop(src);
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// Exposes a lost-notification race in the device side of virtio (`drain_queue` in
+/// vmm/src/devices/virtio/mod.rs): a pass that pops nothing, then finds new buffers when it
+/// re-enables notifications (`enable_notification` returns true), stops instead of draining
+/// them; the driver had seen NO_NOTIFY and did not kick, so the request waits for the next
+/// kick, forever for a driver with one request in flight. The test guest re-notifies after
+/// `rescue_ms` without progress and counts it (`rescue_kicks=`); with one request at a time
+/// (blk_depth=1) over ~650 requests, the race shows in most runs. Ignored until the device
+/// is fixed (`Ok(true) => continue` there; the pass bound already caps a bogus avail index).
+#[test]
+#[ignore = "fails until drain_queue stops losing notifications (see the doc comment)"]
+fn blk_device_never_loses_a_notification() {
+    if !kvm_or_skip("blk_device_never_loses_a_notification") {
+        return;
+    }
+    let dir = scratch("blk-lost-kick");
+    let kernel = testguest(&dir);
+    let img = dir.join("disk.img");
+    std::fs::write(&img, vec![1u8; 64 << 20]).unwrap();
+    for run in 0..3 {
+        let (vm, out) = boot_devices(
+            &kernel,
+            64,
+            "mode=blk blk_bench=1 blk_depth=1 blk_write_mib=16 rescue_ms=10000",
+            blk_config(&img),
+        );
+        expect_reset(vm, &out);
+        let kicks = out.wait_line("testguest: virtio kicks=", Duration::ZERO);
+        assert_eq!(
+            field(&kicks, "rescue_kicks"),
+            Some("0"),
+            "run {run}: a request waited 10 s for a notification the device had dropped:\n{}",
+            out.text()
+        );
+    }
     std::fs::remove_dir_all(dir).unwrap();
 }

@@ -215,6 +215,7 @@ fn flipped_bytes_and_a_different_kernel_are_refused() {
                     console: vmm::Console::Writer(Box::new(std::io::sink())),
                     paused: true,
                     devices: None,
+                    page_server: None,
                 });
                 assert!(r.is_err(), "{file} flipped at {off} restored");
             }

@@ -4,7 +4,7 @@
 //!
 //! ```no_run
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
-//! # let mem: vm_memory::GuestMemoryMmap<()> = unimplemented!();
+//! # let mem: snapshot::GuestMemory = unimplemented!();
 //! use snapshot::pageserver::{Client, ClientOptions};
 //! // `mem`: fresh anonymous guest RAM (MAP_PRIVATE|MAP_ANONYMOUS|MAP_NORESERVE), never touched.
 //! let client = Client::connect_guest_memory(
@@ -352,7 +352,7 @@ impl Client {
     /// [`crate::memfile::write_memory`] (its regions back to back).
     pub fn connect_guest_memory(
         socket: &Path,
-        mem: &vm_memory::GuestMemoryMmap<()>,
+        mem: &crate::GuestMemory,
         opts: &ClientOptions,
     ) -> Result<Self, ClientError> {
         Self::connect(socket, &Layout::from_guest_memory(mem), opts)

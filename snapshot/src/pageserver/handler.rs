@@ -287,22 +287,97 @@ pub enum End {
 }
 
 pub struct SessionConfig {
+    /// The chunk, or with `adaptive` the largest chunk.
     pub chunk_pages: u64,
+    pub adaptive: bool,
     pub prefetch_step_pages: u64,
     pub after_remove: AfterRemove,
 }
 
-/// Recording of first touches, handed to `sink` once (at the deadline or at the end).
+/// Sequential-fault detection for adaptive chunks, like file read-ahead: a fault that lands in
+/// the window just past a recent chunk continues that stream and gets a window four times larger
+/// (up to the maximum); any other fault starts a new stream with a single page. A few streams are
+/// tracked, so vCPUs walking memory in parallel each keep theirs.
+#[derive(Debug, Clone)]
+pub struct Streams {
+    next_page: [u64; 4],
+    window: [u64; 4],
+    slot: usize,
+    max: u64,
+}
+
+impl Streams {
+    pub fn new(max_pages: u64) -> Self {
+        Self {
+            next_page: [0; 4],
+            window: [0; 4],
+            slot: 0,
+            max: max_pages.max(1),
+        }
+    }
+
+    /// Pages to serve from file page `fp` on.
+    pub fn window(&mut self, fp: u64) -> u64 {
+        for i in 0..4 {
+            let (next, w) = (self.next_page[i], self.window[i]);
+            if w > 0 && fp >= next && fp < next + w {
+                let grown = (w * 4).min(self.max);
+                self.window[i] = grown;
+                self.next_page[i] = fp + grown;
+                return grown;
+            }
+        }
+        let i = self.slot;
+        self.slot = (i + 1) % 4;
+        self.window[i] = 1;
+        self.next_page[i] = fp + 1;
+        1
+    }
+}
+
+/// A working set ready to prefetch: the set and where each page sits in it.
+#[derive(Debug)]
+pub struct PrefetchPlan {
+    pub set: WorkingSet,
+    pos: std::collections::HashMap<u32, u32>,
+}
+
+impl PrefetchPlan {
+    pub fn new(set: WorkingSet) -> Self {
+        let pos = set
+            .pages
+            .iter()
+            .enumerate()
+            .map(|(i, p)| (*p, i as u32))
+            .collect();
+        Self { set, pos }
+    }
+
+    fn position(&self, fp: u64) -> Option<usize> {
+        u32::try_from(fp)
+            .ok()
+            .and_then(|p| self.pos.get(&p))
+            .map(|i| *i as usize)
+    }
+}
+
+/// Recording of first touches, handed to `sink` once (at the deadline or at the end; `None`
+/// if nothing faulted).
 pub struct Recording {
     pub recorder: Recorder,
     pub deadline: Option<Instant>,
-    pub sink: Box<dyn FnOnce(WorkingSet) + Send>,
+    pub sink: Box<dyn FnOnce(Option<WorkingSet>) + Send>,
 }
 
 struct Prefetch {
-    set: Arc<WorkingSet>,
+    plan: Arc<PrefetchPlan>,
+    /// The next entry to prefetch.
     next: usize,
+    /// Where to go back to once the end is reached, after a fault made `next` jump ahead.
+    resume: Option<usize>,
     chunk_pages: u64,
+    /// Replays the recording server's adaptive chunks.
+    streams: Option<Streams>,
 }
 
 /// A fault read from the uffd, stamped with the read that returned it.
@@ -342,6 +417,7 @@ pub struct Session<'a> {
     cfg: SessionConfig,
     recording: Option<Recording>,
     prefetch: Option<Prefetch>,
+    streams: Streams,
     pending: VecDeque<Fault>,
     filled: Vec<Filled>,
     reads: u64,
@@ -358,19 +434,23 @@ impl<'a> Session<'a> {
         shared: Arc<SessionShared>,
         cfg: SessionConfig,
         recording: Option<Recording>,
-        prefetch: Option<Arc<WorkingSet>>,
+        prefetch: Option<Arc<PrefetchPlan>>,
     ) -> Self {
         regions.sort_by_key(|r| r.host_addr);
+        let cfg_chunk = cfg.chunk_pages;
         let mut by_file: Vec<usize> = (0..regions.len()).collect();
         by_file.sort_by_key(|&i| regions[i].file_offset);
-        let prefetch = prefetch.map(|set| {
+        let prefetch = prefetch.map(|plan| {
             shared
                 .prefetch_total
-                .store(set.pages.len() as u64, Ordering::Relaxed);
+                .store(plan.set.pages.len() as u64, Ordering::Relaxed);
+            let chunk_pages = (plan.set.chunk_bytes / PAGE).max(1);
             Prefetch {
-                chunk_pages: (set.chunk_bytes / PAGE).max(1),
-                set,
+                streams: plan.set.adaptive.then(|| Streams::new(chunk_pages)),
+                chunk_pages,
+                plan,
                 next: 0,
+                resume: None,
             }
         });
         if prefetch.is_none() {
@@ -389,6 +469,7 @@ impl<'a> Session<'a> {
             cfg,
             recording,
             prefetch,
+            streams: Streams::new(cfg_chunk),
             pending: VecDeque::new(),
             filled: Vec::new(),
             reads: 0,
@@ -452,9 +533,8 @@ impl<'a> Session<'a> {
 
     fn flush_recording(&mut self) {
         if let Some(r) = self.recording.take() {
-            if !r.recorder.is_empty() {
-                (r.sink)(r.recorder.finish());
-            }
+            let set = (!r.recorder.is_empty()).then(|| r.recorder.finish());
+            (r.sink)(set);
         }
     }
 
@@ -562,6 +642,19 @@ impl<'a> Session<'a> {
         if let Some(rec) = self.recording.as_mut() {
             rec.recorder.touch(fp);
         }
+        // Prefetch follows the guest: once it faults on an entry of the working set, prefetch
+        // carries on from the entry after it (and comes back for the skipped ones at the end).
+        if let Some(pf) = self.prefetch.as_mut() {
+            if let Some(i) = pf.plan.position(fp).filter(|i| *i >= pf.next) {
+                if i > pf.next && pf.resume.is_none() {
+                    pf.resume = Some(pf.next);
+                }
+                pf.next = i + 1;
+                if let Some(st) = pf.streams.as_mut() {
+                    st.window(fp);
+                }
+            }
+        }
         if self.populated.get(fp) {
             if self
                 .filled
@@ -576,8 +669,12 @@ impl<'a> Session<'a> {
             self.populated.clear(fp);
         }
         let pages = r.len / PAGE;
-        let start = p - p % self.cfg.chunk_pages;
-        let end = (start + self.cfg.chunk_pages).min(pages);
+        let (start, end) = if self.cfg.adaptive {
+            (p, (p + self.streams.window(fp)).min(pages))
+        } else {
+            let start = p - p % self.cfg.chunk_pages;
+            (start, (start + self.cfg.chunk_pages).min(pages))
+        };
         let zero_write = f.write && self.zero_kind(fp);
         let first = if zero_write {
             // A write to a zero page: place a private zero-filled page at once rather than the
@@ -758,14 +855,26 @@ impl<'a> Session<'a> {
             .prefetched_pages
             .load(Ordering::Relaxed);
         let mut visited = 0;
-        while pf.next < pf.set.pages.len() && visited < 4 * budget {
-            let fp = u64::from(pf.set.pages[pf.next]);
+        let len = pf.plan.set.pages.len();
+        while visited < 4 * budget {
+            if pf.next >= len {
+                match pf.resume.take() {
+                    Some(r) => pf.next = r,
+                    None => break,
+                }
+            }
+            let fp = u64::from(pf.plan.set.pages[pf.next]);
             pf.next += 1;
             visited += 1;
             if let Some((ri, p)) = self.region_of_file_page(fp) {
                 let pages = self.regions[ri].len / PAGE;
-                let start = p - p % pf.chunk_pages;
-                let end = (start + pf.chunk_pages).min(pages);
+                let (start, end) = match pf.streams.as_mut() {
+                    Some(st) => (p, (p + st.window(fp)).min(pages)),
+                    None => {
+                        let start = p - p % pf.chunk_pages;
+                        (start, (start + pf.chunk_pages).min(pages))
+                    }
+                };
                 self.fill(ri, p, end, true)?;
                 self.fill(ri, start, p, true)?;
             }
@@ -779,7 +888,7 @@ impl<'a> Session<'a> {
                 break;
             }
         }
-        if pf.next < pf.set.pages.len() {
+        if pf.next < len || pf.resume.is_some() {
             self.prefetch = Some(pf);
         } else {
             self.shared.prefetch_done.store(true, Ordering::Relaxed);

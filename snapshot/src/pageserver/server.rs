@@ -11,7 +11,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use super::handler::{
-    AfterRemove, AtomicCounters, End, MemoryFile, Recording, Session, SessionConfig, SessionShared,
+    AfterRemove, AtomicCounters, End, MemoryFile, PrefetchPlan, Recording, Session, SessionConfig,
+    SessionShared,
 };
 use super::protocol::{Accept, Counters, Message, RefuseCode, MAX_FRAME};
 use super::sys::{self, EventFd, Seqpacket, PAGE};
@@ -22,8 +23,12 @@ use crate::open::Snapshot;
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
     /// Bytes served around each fault (aligned, clipped to the region): a power of two, at least
-    /// one page.
+    /// one page. With `adaptive_chunks`, the largest chunk.
     pub chunk_bytes: u64,
+    /// Serve an isolated fault with its page alone, and grow the chunk (x4 per step, up to
+    /// `chunk_bytes`, forward from the fault) while faults continue sequentially, like file
+    /// read-ahead. Off: every fault gets the aligned `chunk_bytes` around it.
+    pub adaptive_chunks: bool,
     /// Prefetch the snapshot's recorded working set into each new VMM.
     pub prefetch: bool,
     /// With no working set yet, record the first VMM's first touches and write them.
@@ -41,13 +46,15 @@ pub struct ServerConfig {
     pub handshake_timeout: Duration,
 }
 
-/// Measured with `cargo bench -p snapshot --bench uffd`: see the module docs.
-pub const DEFAULT_CHUNK_BYTES: u64 = 64 << 10;
+/// The largest chunk (adaptive chunks are the default): measured with
+/// `cargo bench -p snapshot --bench uffd`, see the module docs.
+pub const DEFAULT_CHUNK_BYTES: u64 = 256 << 10;
 
 impl Default for ServerConfig {
     fn default() -> Self {
         Self {
             chunk_bytes: DEFAULT_CHUNK_BYTES,
+            adaptive_chunks: true,
             prefetch: true,
             record: true,
             record_for: Some(Duration::from_secs(30)),
@@ -123,7 +130,7 @@ struct Shared {
     mem: MemoryFile,
     stop: EventFd,
     ws_path: Option<PathBuf>,
-    prefetch_set: Mutex<Option<Arc<WorkingSet>>>,
+    prefetch_set: Mutex<Option<Arc<PrefetchPlan>>>,
     recording_claimed: AtomicBool,
     ws_info: Mutex<WorkingSetInfo>,
     sessions: Mutex<HashMap<u64, Arc<SessionShared>>>,
@@ -179,10 +186,11 @@ impl PageServer {
         };
         let mut prefetch_set = None;
         if let Some(p) = &working_set {
+            workingset::sweep_temporaries(p);
             match WorkingSet::load(p, mem.len()) {
                 Ok(Some(ws)) => {
                     info.loaded = Some(ws.pages.len());
-                    prefetch_set = Some(Arc::new(ws));
+                    prefetch_set = Some(Arc::new(PrefetchPlan::new(ws)));
                 }
                 Ok(None) => {}
                 Err(e) => info.load_error = Some(e.to_string()),
@@ -478,28 +486,42 @@ fn session(sh: &Arc<Shared>, conn: Seqpacket) {
     let accept = Accept {
         client_id: id,
         chunk_bytes: sh.config.chunk_bytes,
-        prefetch_pages: prefetch.as_ref().map_or(0, |p| p.pages.len() as u64),
+        prefetch_pages: prefetch.as_ref().map_or(0, |p| p.set.pages.len() as u64),
         recording,
     };
-    if conn.send(&Message::Accept(accept).encode(), &[]).is_err() {
-        return;
-    }
+    // Visible in the statistics before the VMM learns it was accepted.
     sh.clients_total.fetch_add(1, Ordering::Relaxed);
     lock(&sh.sessions).insert(id, shared.clone());
     if recording {
         lock(&sh.ws_info).recording_client = Some(id);
     }
+    if conn.send(&Message::Accept(accept).encode(), &[]).is_err() {
+        lock(&sh.sessions).remove(&id);
+        return;
+    }
 
     let rec = recording.then(|| {
         let s = sh.clone();
         Recording {
-            recorder: Recorder::new(sh.mem.len(), sh.config.chunk_bytes),
+            recorder: Recorder::new(
+                sh.mem.len(),
+                sh.config.chunk_bytes,
+                sh.config.adaptive_chunks,
+            ),
             deadline: sh.config.record_for.map(|d| Instant::now() + d),
-            sink: Box::new(move |ws: WorkingSet| write_working_set(&s, ws)),
+            sink: Box::new(move |ws: Option<WorkingSet>| match ws {
+                Some(ws) => write_working_set(&s, ws),
+                None => {
+                    // Nothing touched (a VMM that went away at once): let the next one record.
+                    lock(&s.ws_info).recording_client = None;
+                    s.recording_claimed.store(false, Ordering::SeqCst);
+                }
+            }),
         }
     });
     let cfg = SessionConfig {
         chunk_pages: sh.config.chunk_bytes / PAGE,
+        adaptive: sh.config.adaptive_chunks,
         prefetch_step_pages: (sh.config.prefetch_step_bytes / PAGE).max(1),
         after_remove: sh.config.after_remove,
     };
@@ -550,7 +572,7 @@ fn write_working_set(sh: &Shared, ws: WorkingSet) {
             info.load_error = None;
             drop(info);
             if sh.config.prefetch {
-                *lock(&sh.prefetch_set) = Some(Arc::new(ws));
+                *lock(&sh.prefetch_set) = Some(Arc::new(PrefetchPlan::new(ws)));
             }
         }
         Err(e) => lock(&sh.ws_info).write_error = Some(e.to_string()),

@@ -3,10 +3,12 @@
 //!
 //! Layout (little endian):
 //! `magic "MAWRKSET" | version u32 | page size u32 | memory bytes u64 | chunk bytes u64 |
-//!  count u64 | count x page index u32 | CRC32 u32` (the CRC covers everything before it).
+//!  flags u32 | reserved u32 | count u64 | count x page index u32 | CRC32 u32`
+//! (the CRC covers everything before it).
 //!
-//! Page indices are file pages of `memory.bin` (offset / 4096), each at most once. `chunk bytes`
-//! is the chunk the recording server served around each fault; prefetch serves the same chunks.
+//! Page indices are file pages of `memory.bin` (offset / 4096) that faulted, each at most once,
+//! in the order they first faulted. `chunk bytes` and `flags` (bit 0: adaptive chunks) say how
+//! the recording server served each fault; prefetch replays the same chunks.
 //! The file is written atomically (temporary file, fsync, rename, fsync of the directory).
 
 use std::fs::File;
@@ -19,7 +21,9 @@ pub const FILE_NAME: &str = "workingset.bin";
 pub const MAGIC: [u8; 8] = *b"MAWRKSET";
 /// Bump on any incompatible change; loaders refuse other versions.
 pub const VERSION: u32 = 1;
-const HEADER: usize = 8 + 4 + 4 + 8 + 8 + 8;
+const HEADER: usize = 8 + 4 + 4 + 8 + 8 + 4 + 4 + 8;
+/// Flag: chunks grew with sequential faults (up to `chunk_bytes`) instead of being fixed.
+pub const FLAG_ADAPTIVE: u32 = 1;
 const TRAILER: usize = 4;
 
 #[derive(Debug, thiserror::Error)]
@@ -43,6 +47,8 @@ pub enum WorkingSetError {
     PageSize(u32),
     #[error("working set chunk size {0} is not a power-of-two multiple of the page size")]
     Chunk(u64),
+    #[error("working set has unknown flags {0:#x}")]
+    Flags(u32),
     #[error("working set lists page {index}, past the memory file's {pages} pages")]
     BadIndex { index: u32, pages: u64 },
     #[error("working set lists page {0} twice")]
@@ -54,8 +60,10 @@ pub enum WorkingSetError {
 pub struct WorkingSet {
     /// Size of the memory file the indices refer to.
     pub memory_bytes: u64,
-    /// The chunk served around each fault when it was recorded.
+    /// The chunk served around each fault when it was recorded (the largest, if adaptive).
     pub chunk_bytes: u64,
+    /// Chunks grew with sequential faults.
+    pub adaptive: bool,
     pub pages: Vec<u32>,
 }
 
@@ -71,6 +79,9 @@ impl WorkingSet {
         out.extend_from_slice(&(PAGE as u32).to_le_bytes());
         out.extend_from_slice(&self.memory_bytes.to_le_bytes());
         out.extend_from_slice(&self.chunk_bytes.to_le_bytes());
+        let flags = if self.adaptive { FLAG_ADAPTIVE } else { 0 };
+        out.extend_from_slice(&flags.to_le_bytes());
+        out.extend_from_slice(&0u32.to_le_bytes());
         out.extend_from_slice(&(self.pages.len() as u64).to_le_bytes());
         for p in &self.pages {
             out.extend_from_slice(&p.to_le_bytes());
@@ -100,7 +111,7 @@ impl WorkingSet {
         if version != VERSION {
             return Err(WorkingSetError::UnknownVersion { found: version });
         }
-        let count = u64_at(32);
+        let count = u64_at(40);
         let expect_len = count
             .checked_mul(4)
             .and_then(|n| n.checked_add((HEADER + TRAILER) as u64));
@@ -126,6 +137,10 @@ impl WorkingSet {
         if !valid_chunk(chunk_bytes) {
             return Err(WorkingSetError::Chunk(chunk_bytes));
         }
+        let flags = u32_at(32);
+        if flags & !FLAG_ADAPTIVE != 0 || u32_at(36) != 0 {
+            return Err(WorkingSetError::Flags(flags));
+        }
         let pages_in_file = memory_bytes / PAGE;
         let mut seen = super::handler::Bitmap::new(pages_in_file);
         let mut pages = Vec::with_capacity(count as usize);
@@ -145,6 +160,7 @@ impl WorkingSet {
         Ok(Self {
             memory_bytes,
             chunk_bytes,
+            adaptive: flags & FLAG_ADAPTIVE != 0,
             pages,
         })
     }
@@ -202,6 +218,36 @@ impl WorkingSet {
     }
 }
 
+/// Removes temporary files a writer of `path` left when it died mid-write (its process gone).
+pub fn sweep_temporaries(path: &Path) {
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let Some(name) = path.file_name().map(|n| n.to_string_lossy().into_owned()) else {
+        return;
+    };
+    let prefix = format!(".{name}.tmp-");
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let n = e.file_name().to_string_lossy().into_owned();
+        let Some(rest) = n.strip_prefix(&prefix) else {
+            continue;
+        };
+        let pid = rest.split('-').next().and_then(|p| p.parse::<i32>().ok());
+        let alive = match pid {
+            // SAFETY: signal 0 only checks that the process exists.
+            Some(p) if p > 0 => unsafe { libc::kill(p, 0) == 0 },
+            _ => false,
+        };
+        if !alive {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+}
+
 /// Records first touches: each file page once, in order.
 #[derive(Debug)]
 pub struct Recorder {
@@ -209,15 +255,17 @@ pub struct Recorder {
     pages: Vec<u32>,
     memory_bytes: u64,
     chunk_bytes: u64,
+    adaptive: bool,
 }
 
 impl Recorder {
-    pub fn new(memory_bytes: u64, chunk_bytes: u64) -> Self {
+    pub fn new(memory_bytes: u64, chunk_bytes: u64, adaptive: bool) -> Self {
         Self {
             seen: super::handler::Bitmap::new(memory_bytes / PAGE),
             pages: Vec::new(),
             memory_bytes,
             chunk_bytes,
+            adaptive,
         }
     }
 
@@ -243,6 +291,7 @@ impl Recorder {
         WorkingSet {
             memory_bytes: self.memory_bytes,
             chunk_bytes: self.chunk_bytes,
+            adaptive: self.adaptive,
             pages: self.pages.clone(),
         }
     }
@@ -256,6 +305,7 @@ mod tests {
         WorkingSet {
             memory_bytes: 64 << 20,
             chunk_bytes: 65536,
+            adaptive: true,
             pages: vec![5, 0, 16383, 77, 6],
         }
     }
@@ -303,7 +353,7 @@ mod tests {
 
     #[test]
     fn recorder_keeps_first_touch_order_and_atomic_write() {
-        let mut r = Recorder::new(1 << 20, 4096);
+        let mut r = Recorder::new(1 << 20, 4096, false);
         for p in [3, 1, 3, 2, 1, 255, 256, 0] {
             r.touch(p);
         }
@@ -315,6 +365,14 @@ mod tests {
         assert!(WorkingSet::load(&path, 1 << 20).unwrap().is_none());
         w.write_atomic(&path).unwrap();
         assert_eq!(WorkingSet::load(&path, 1 << 20).unwrap().unwrap(), w);
+        // A temporary left by a dead writer is swept; a live writer's is kept.
+        let dead = dir.join(format!(".{FILE_NAME}.tmp-999999999-0"));
+        let live = dir.join(format!(".{FILE_NAME}.tmp-{}-77", std::process::id()));
+        std::fs::write(&dead, b"x").unwrap();
+        std::fs::write(&live, b"x").unwrap();
+        sweep_temporaries(&path);
+        assert!(!dead.exists() && live.exists());
+        std::fs::remove_file(&live).unwrap();
         // Overwrite in place; no temporary files left behind.
         r.touch(9);
         r.finish().write_atomic(&path).unwrap();

@@ -169,6 +169,7 @@ pub fn restore(
         console: Console::Writer(Box::new(out.clone())),
         paused,
         devices: None,
+        page_server: None,
     })
     .unwrap();
     (vm, out)

@@ -1,0 +1,150 @@
+//! One page server process per snapshot (`microagent __pageserver`), shared by every VM restored
+//! lazily from it; it stops by itself once no VM has used it for a while.
+
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use clap::Args;
+use snapshot::pageserver::server::{PageServer, ServerConfig};
+use snapshot::Snapshot;
+
+use crate::exit::{Code, Failure};
+
+pub const SOCKET: &str = "pageserver.sock";
+const LOG: &str = "pageserver.log";
+/// How long a server with no VM stays up.
+const IDLE: Duration = Duration::from_secs(60);
+
+#[derive(Args)]
+pub struct PageServerArgs {
+    /// The snapshot directory to serve.
+    #[arg(long)]
+    snapshot: PathBuf,
+}
+
+pub fn socket_for(snapshot_dir: &Path) -> PathBuf {
+    snapshot_dir.join(SOCKET)
+}
+
+/// The page server process body.
+pub fn run(args: PageServerArgs) -> Result<(), Failure> {
+    let snap = Snapshot::open(&args.snapshot).map_err(crate::snapshot_failure)?;
+    let sock = socket_for(&snap.dir);
+    let server = PageServer::for_snapshot(&snap, &sock, ServerConfig::default())
+        .map_err(|e| Failure::new(Code::Error, format!("page server: {e}")))?;
+    let mut idle_since = Some(Instant::now());
+    loop {
+        std::thread::sleep(Duration::from_millis(500));
+        let active = !server.stats().clients.is_empty();
+        match (active, idle_since) {
+            (true, _) => idle_since = None,
+            (false, None) => idle_since = Some(Instant::now()),
+            (false, Some(t)) if t.elapsed() > IDLE => break,
+            _ => {}
+        }
+    }
+    server.shutdown();
+    let _ = std::fs::remove_file(&sock);
+    Ok(())
+}
+
+/// Makes sure a page server for `snapshot_dir` runs, starting one if none answers.
+pub fn ensure(snapshot_dir: &Path) -> Result<PathBuf, Failure> {
+    let sock = socket_for(snapshot_dir);
+    // One server per snapshot, however many forks start at once.
+    let _lock = lock(snapshot_dir)?;
+    if answers(&sock) {
+        return Ok(sock);
+    }
+    let _ = std::fs::remove_file(&sock);
+    let exe = std::env::current_exe()
+        .map_err(|e| Failure::new(Code::Error, format!("cannot find my own binary: {e}")))?;
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(snapshot_dir.join(LOG))
+        .map_err(|e| Failure::new(Code::Error, format!("cannot open the page server log: {e}")))?;
+    let log2 = log
+        .try_clone()
+        .map_err(|e| Failure::new(Code::Error, format!("cannot open the page server log: {e}")))?;
+    let mut child = Command::new(exe)
+        .arg("__pageserver")
+        .arg("--snapshot")
+        .arg(snapshot_dir)
+        .stdin(Stdio::null())
+        .stdout(log)
+        .stderr(log2)
+        .process_group(0)
+        .spawn()
+        .map_err(|e| Failure::new(Code::Error, format!("cannot start the page server: {e}")))?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if answers(&sock) {
+            return Ok(sock);
+        }
+        if let Ok(Some(st)) = child.try_wait() {
+            return Err(Failure::new(
+                Code::Error,
+                format!(
+                    "the page server exited ({st}); see {}",
+                    snapshot_dir.join(LOG).display()
+                ),
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    Err(Failure::new(
+        Code::Error,
+        "the page server did not start within 10 s",
+    ))
+}
+
+fn lock(snapshot_dir: &Path) -> Result<std::fs::File, Failure> {
+    use std::os::fd::AsRawFd;
+    let p = snapshot_dir.join("pageserver.lock");
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&p)
+        .map_err(|e| Failure::new(Code::Error, format!("cannot open {}: {e}", p.display())))?;
+    // SAFETY: flock on a descriptor we own; blocks until the other starter is done.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } != 0 {
+        return Err(Failure::new(
+            Code::Error,
+            format!("cannot lock {}", p.display()),
+        ));
+    }
+    Ok(f)
+}
+
+/// Whether a server listens on `sock` (a SOCK_SEQPACKET Unix socket).
+fn answers(sock: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let bytes = sock.as_os_str().as_bytes();
+    // SAFETY: a zeroed sockaddr_un is valid; the path is bounds-checked before the copy.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    if bytes.len() >= addr.sun_path.len() {
+        return false;
+    }
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    for (d, s) in addr.sun_path.iter_mut().zip(bytes) {
+        *d = *s as libc::c_char;
+    }
+    // SAFETY: plain socket calls on a descriptor we own and close.
+    unsafe {
+        let fd = libc::socket(libc::AF_UNIX, libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return false;
+        }
+        let ok = libc::connect(
+            fd,
+            std::ptr::addr_of!(addr).cast(),
+            std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t,
+        ) == 0;
+        libc::close(fd);
+        ok
+    }
+}
