@@ -19,7 +19,7 @@ impl Snapshottable for FakeVm {
             mem_mib: (self
                 .0
                 .iter()
-                .map(|r| vm_memory::GuestMemoryRegion::len(r))
+                .map(vm_memory::GuestMemoryRegion::len)
                 .sum::<u64>()
                 >> 20),
             cpuid: Vec::<CpuidLeaf>::new(),
