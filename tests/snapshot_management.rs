@@ -396,3 +396,52 @@ fn diff_chains_list_restore_and_cascade() {
     assert!(tags(&h, "w", &[]).is_empty());
     h.ok(&["delete", "w", "--yes"]);
 }
+
+#[test]
+fn disk_snapshots_need_a_halted_workspace_and_restore_the_disk() {
+    if !kvm_or_skip("disk_snapshots_need_a_halted_workspace_and_restore_the_disk") {
+        return;
+    }
+    let h = Home::new("disk");
+    let img = h.dir.join("disk.img");
+    std::fs::write(&img, vec![0xabu8; 1 << 20]).unwrap();
+    h.ok(&[
+        "create",
+        "w",
+        "--kernel",
+        "builtin:testguest",
+        "--mem",
+        "64",
+        "--rootfs",
+        img.to_str().unwrap(),
+        "--cmdline",
+        "mode=counter mem=1 tick_ms=5",
+    ]);
+    h.ok(&["start", "w"]);
+    h.wait_counts("w", &[5]);
+    let busy = h.run(&["snapshot", "create", "w", "--tag", "d", "--type", "disk"]);
+    assert_eq!(busy.status.code(), Some(4), "{}", stderr(&busy));
+    assert!(stderr(&busy).contains("needs a halted workspace"));
+    h.ok(&["halt", "w"]);
+    let made = h.ok(&["snapshot", "create", "w", "--tag", "d", "--type", "disk"]);
+    assert!(made.starts_with("snapshot d created (disk only)"), "{made}");
+    let files: Vec<String> = leftovers(&h.ws("w").join("snapshots/d"));
+    assert!(
+        files.contains(&"rootfs.ext4".to_string()) && !files.contains(&"memory.bin".to_string()),
+        "{files:?}"
+    );
+    assert!(h
+        .ok(&["snapshot", "list", "w"])
+        .lines()
+        .any(|l| l.starts_with("d ") && l.contains(" disk ")));
+    // Change the disk, then roll it back: the disk returns, the VM boots afresh.
+    std::fs::write(h.ws("w").join("rootfs.ext4"), vec![0x11u8; 1 << 20]).unwrap();
+    h.ok(&["start", "w", "--from-snapshot", "d"]);
+    assert_eq!(
+        std::fs::read(h.ws("w").join("rootfs.ext4")).unwrap(),
+        vec![0xabu8; 1 << 20]
+    );
+    h.wait_counts("w", &[5]);
+    assert!(h.console("w").contains("testguest: ready"), "booted afresh");
+    h.ok(&["delete", "w", "--yes"]);
+}

@@ -322,10 +322,12 @@ fn fork(root: &Path, args: &CreateArgs, src: &str, out: Out) -> Result<(), Failu
             })?;
             created.push(ws);
         }
-        // Start them all, then wait for all: restores run concurrently.
+        // Start them all, then wait for all: restores run concurrently. A disk snapshot's
+        // forks boot afresh from their disk copy.
+        let restore = (snap.manifest.kind != snapshot::Kind::Disk).then_some(snap.dir.as_path());
         let mut children = Vec::new();
         for ws in &created {
-            children.push(process::spawn(ws, Some(&snap.dir), args.memory)?);
+            children.push(process::spawn(ws, restore, args.memory)?);
         }
         let mut pids = Vec::new();
         for (ws, child) in created.iter().zip(children.iter_mut()) {
@@ -333,7 +335,10 @@ fn fork(root: &Path, args: &CreateArgs, src: &str, out: Out) -> Result<(), Failu
         }
         // Each fork takes its own identity and entropy, and gets the secrets back.
         for ws in &created {
-            crate::agent::deliver(ws, true, true)?;
+            match restore {
+                Some(_) => crate::agent::deliver(ws, true, true)?,
+                None => crate::agent::deliver_after_boot(ws)?,
+            }
         }
         Ok(pids)
     })();
@@ -443,6 +448,8 @@ pub fn start(root: &Path, args: StartArgs, out: Out) -> Result<(), Failure> {
             Some(snap)
         }
     };
+    // A disk snapshot only brings the disk back (copied above): the VM boots afresh.
+    let snap = snap.filter(|s| s.manifest.kind != snapshot::Kind::Disk);
     let mut child = process::spawn(&ws, snap.as_ref().map(|s| s.dir.as_path()), args.memory)?;
     let pid = process::wait_ready(&ws, &mut child)?;
     match &snap {

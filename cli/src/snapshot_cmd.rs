@@ -82,6 +82,8 @@ pub struct CreateArgs {
 pub enum SnapshotKind {
     Full,
     Diff,
+    /// Only the rootfs, of a halted workspace; restoring it boots afresh.
+    Disk,
 }
 
 #[derive(Args)]
@@ -179,6 +181,9 @@ fn create(root: &Path, a: CreateArgs, out: Out) -> Result<(), Failure> {
     let name = name.as_str();
     let ws = Workspace::open(root, name)?;
     let _lock = ws.lock()?;
+    if kind == SnapshotKind::Disk {
+        return disk_snapshot(&ws, tag, note, out);
+    }
     match ws.state() {
         State::Running | State::Paused => {}
         s => {
@@ -265,6 +270,7 @@ fn list(root: &Path, name: &str, search: Option<&str>, out: Out) -> Result<(), F
             match m.kind {
                 snapshot::Kind::Full => "full",
                 snapshot::Kind::Diff => "diff",
+                snapshot::Kind::Disk => "disk",
             },
             m.parent.as_deref().unwrap_or("-"),
             m.image.as_deref().unwrap_or("-")
@@ -543,6 +549,57 @@ fn import(root: &Path, a: ImportArgs, out: Out) -> Result<(), Failure> {
             snap.manifest.tag
         ),
         json!({"workspace": name, "snapshot": manifest_json(&snap.manifest, &snap.dir)}),
+    );
+    Ok(())
+}
+
+fn disk_snapshot(
+    ws: &Workspace,
+    tag: Option<String>,
+    note: Option<String>,
+    out: Out,
+) -> Result<(), Failure> {
+    let name = ws.name();
+    match ws.state() {
+        State::Stopped | State::Crashed => {}
+        s => {
+            return Err(Failure::new(
+                Code::Conflict,
+                format!(
+                    "workspace {name} is {}; a disk snapshot needs a halted workspace",
+                    s.as_str()
+                ),
+            ))
+        }
+    }
+    if ws.config.rootfs.is_none() {
+        return Err(Failure::new(
+            Code::Usage,
+            format!("workspace {name} has no rootfs to snapshot"),
+        ));
+    }
+    let tag = tag.unwrap_or_else(default_tag);
+    let cfg = &ws.config;
+    let m = snapshot::capture_disk(
+        &snapshot::CaptureRequest {
+            dir: &ws.snapshots_dir(),
+            tag: &tag,
+            kernel: &cfg.kernel,
+            cmdline: &cfg.cmdline,
+            rootfs: cfg.rootfs.as_deref(),
+            image: cfg.image.as_deref(),
+            workspace: Some(name),
+            note: note.as_deref(),
+            parent: None,
+        },
+        cfg.vcpus,
+        cfg.mem_mib,
+    )
+    .map_err(crate::snapshot_failure)?;
+    let dir = ws.snapshots_dir().join(&m.tag);
+    out.emit(
+        format!("snapshot {} created (disk only) at {}", m.tag, m.created),
+        json!({"workspace": name, "snapshot": manifest_json(&m, &dir)}),
     );
     Ok(())
 }

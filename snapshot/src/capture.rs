@@ -301,3 +301,76 @@ pub fn sweep_leftovers(dir: &Path) -> usize {
     }
     removed
 }
+
+/// A disk-only snapshot of a halted workspace: its rootfs copy and a manifest, written the same
+/// crash-safe way as a full capture.
+pub fn capture_disk(
+    req: &CaptureRequest<'_>,
+    vcpus: u8,
+    mem_mib: u64,
+) -> Result<Manifest, SnapshotError> {
+    if !is_safe_name(req.tag) {
+        return Err(SnapshotError::InvalidTag(req.tag.to_string()));
+    }
+    let final_dir = req.dir.join(req.tag);
+    if final_dir.exists() {
+        return Err(SnapshotError::Exists(req.tag.to_string()));
+    }
+    let rootfs = req.rootfs.ok_or_else(|| SnapshotError::Rootfs {
+        path: req.dir.to_path_buf(),
+        source: std::io::Error::new(std::io::ErrorKind::NotFound, "the workspace has no rootfs"),
+    })?;
+    let kernel_sha = digest::sha256_file(req.kernel).map_err(|source| SnapshotError::Kernel {
+        path: req.kernel.to_path_buf(),
+        source,
+    })?;
+    std::fs::create_dir_all(req.dir).map_err(io("cannot create", req.dir))?;
+    let tmp = req
+        .dir
+        .join(format!("{TMP_PREFIX}{}-{}", req.tag, std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir(&tmp).map_err(io("cannot create", &tmp))?;
+    let guard = RemoveOnDrop(Some(tmp.clone()));
+    let dst = tmp.join(ROOTFS);
+    rootfs::copy_image(rootfs, &dst).map_err(io("cannot copy rootfs to", &dst))?;
+    File::open(&dst)
+        .and_then(|f| f.sync_all())
+        .map_err(io("cannot fsync", &dst))?;
+    let (digest, size) = digest::file_digest(&dst).map_err(io("cannot read", &dst))?;
+    let since_epoch = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    let manifest = Manifest {
+        format_version: FORMAT_VERSION,
+        tag: req.tag.to_string(),
+        kind: Kind::Disk,
+        parent: None,
+        created: rfc3339(since_epoch.as_secs()),
+        created_unix: since_epoch.as_secs(),
+        created_ns: u64::try_from(since_epoch.as_nanos()).unwrap_or(u64::MAX),
+        workspace: req.workspace.map(str::to_string),
+        image: req.image.map(str::to_string),
+        vcpus,
+        mem_mib,
+        kernel: KernelRef {
+            path: req.kernel.display().to_string(),
+            sha256: kernel_sha,
+        },
+        cmdline: req.cmdline.to_string(),
+        host_cpu: HostCpu::current(),
+        cpuid: Vec::new(),
+        files: vec![FileEntry {
+            name: ROOTFS.into(),
+            size,
+            digest,
+        }],
+        note: req.note.map(str::to_string),
+        checksum: String::new(),
+    };
+    write_file(&tmp.join(MANIFEST), &manifest.to_json())?;
+    fsync_dir(&tmp)?;
+    std::fs::rename(&tmp, &final_dir).map_err(io("cannot rename into place", &final_dir))?;
+    guard.disarm();
+    fsync_dir(req.dir)?;
+    Ok(manifest)
+}

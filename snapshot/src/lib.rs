@@ -17,7 +17,7 @@ pub mod pageserver;
 pub mod rootfs;
 pub mod vmstate;
 
-pub use capture::{capture, sweep_leftovers, CaptureRequest, Progress};
+pub use capture::{capture, capture_disk, sweep_leftovers, CaptureRequest, Progress};
 pub use error::{Refusal, SnapshotError};
 pub use manifest::{CpuidLeaf, Kind, Manifest};
 pub use open::{list, Snapshot, VerifyOptions};

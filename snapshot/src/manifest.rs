@@ -28,6 +28,8 @@ pub enum Kind {
     Full,
     /// Only the pages dirtied since `parent`.
     Diff,
+    /// Only the rootfs of a halted workspace: restoring it boots afresh from that disk.
+    Disk,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -220,7 +222,11 @@ impl Manifest {
                 return bad(format!("file name {:?} is not a plain name", f.name));
             }
         }
-        for needed in [VMSTATE, MEMORY] {
+        let needed: &[&str] = match self.kind {
+            Kind::Disk => &[ROOTFS],
+            Kind::Full | Kind::Diff => &[VMSTATE, MEMORY],
+        };
+        for needed in needed {
             if self.file(needed).is_none() {
                 return bad(format!("{needed} is not listed"));
             }
