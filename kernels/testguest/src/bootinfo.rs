@@ -139,6 +139,42 @@ pub struct Config {
     pub gbpages: bool,
     /// `crash=pf|ud|panic`: fail on purpose after the ready line (tests the error paths).
     pub crash: u8,
+    /// mode=blk: sectors [0, N) are read and checksummed, the result goes to sector N.
+    pub blk_sectors: u64,
+    /// mode=blk: the benchmark instead (whole-disk read, then a write of `blk_write_mib`).
+    pub blk_bench: bool,
+    pub blk_write_mib: u64,
+    /// Requests in flight (1..=16).
+    pub blk_depth: u64,
+    /// mode=vsock: the port the guest listens on (echo), and whether it listens at all.
+    pub vsock_port: u64,
+    pub vsock_listen: bool,
+    /// mode=vsock: connect to this host port first (0: no).
+    pub vsock_connect: u64,
+    /// Device modes: re-notify a queue whose kick was suppressed (NO_NOTIFY) after this many
+    /// milliseconds without progress (see virtio::Queue::rescue).
+    pub rescue_ms: u64,
+}
+
+impl Config {
+    pub const DEFAULT: Config = Config {
+        mode: [0; 32],
+        mode_len: 0,
+        mem_mib: 1,
+        count: 0,
+        tick_ms: 10,
+        layout: false,
+        gbpages: true,
+        crash: 0,
+        blk_sectors: 2048,
+        blk_bench: false,
+        blk_write_mib: 64,
+        blk_depth: 8,
+        vsock_port: 5000,
+        vsock_listen: true,
+        vsock_connect: 0,
+        rescue_ms: 20,
+    };
 }
 
 impl Config {
@@ -148,16 +184,7 @@ impl Config {
 
     /// `key=value` words separated by spaces; unknown keys are ignored.
     pub fn parse(cmdline: &[u8]) -> Config {
-        let mut c = Config {
-            mode: [0; 32],
-            mode_len: 7,
-            mem_mib: 1,
-            count: 0,
-            tick_ms: 10,
-            layout: false,
-            gbpages: true,
-            crash: 0,
-        };
+        let mut c = Config { mode_len: 7, ..Config::DEFAULT };
         c.mode[..7].copy_from_slice(b"counter");
         for word in cmdline.split(|&b| b == b' ' || b == b'\t' || b == b'\n') {
             let Some(eq) = word.iter().position(|&b| b == b'=') else { continue };
@@ -173,6 +200,14 @@ impl Config {
                 b"tick_ms" => c.tick_ms = number(key, val),
                 b"layout" => c.layout = number(key, val) != 0,
                 b"gbpages" => c.gbpages = number(key, val) != 0,
+                b"blk_sectors" => c.blk_sectors = number(key, val),
+                b"blk_bench" => c.blk_bench = number(key, val) != 0,
+                b"blk_write_mib" => c.blk_write_mib = number(key, val),
+                b"blk_depth" => c.blk_depth = number(key, val).clamp(1, 16),
+                b"vsock_port" => c.vsock_port = number(key, val),
+                b"vsock_listen" => c.vsock_listen = number(key, val) != 0,
+                b"vsock_connect" => c.vsock_connect = number(key, val),
+                b"rescue_ms" => c.rescue_ms = number(key, val).max(1),
                 b"crash" => {
                     c.crash = match val {
                         b"pf" => CRASH_PF,

@@ -5,6 +5,7 @@
 #![no_std]
 #![no_main]
 
+mod blk;
 mod boot;
 mod bootinfo;
 mod counter;
@@ -12,6 +13,8 @@ mod cpu;
 mod paging;
 mod serial;
 mod smp;
+mod virtio;
+mod vsock;
 
 use core::fmt::Write;
 use core::sync::atomic::{AtomicU64, Ordering};
@@ -87,7 +90,7 @@ pub struct Run {
 }
 
 pub static mut RUN: Run = Run {
-    cfg: Config { mode: [0; 32], mode_len: 0, mem_mib: 0, count: 0, tick_ms: 0, layout: false, gbpages: false, crash: 0 },
+    cfg: Config::DEFAULT,
     ncpus: 1,
     tsc_per_ms: 0,
 };
@@ -102,9 +105,11 @@ extern "C" fn bsp_main() -> ! {
     let (info, kind) = unsafe { (BOOT_INFO, BOOT_KIND) };
     let bi = BootInfo::parse(info, kind);
     let cfg = Config::parse(bi.cmdline);
-    if cfg.mode() != "counter" {
-        fail(format_args!("unknown mode={}", cfg.mode()));
-    }
+    let device_mode = match cfg.mode() {
+        "counter" => false,
+        "blk" | "vsock" => true,
+        m => fail(format_args!("unknown mode={}", m)),
+    };
 
     // Memory after the image must be RAM; everything we allocate comes from there.
     let image_start = boot::addr_of_sym(unsafe { &boot::__image_start });
@@ -121,6 +126,24 @@ extern "C" fn bsp_main() -> ! {
 
     let (cpus, cpu_source) = smp::discover(smp::bsp_apic_id(), bi.rsdp);
     let tsc_per_ms = cpu::kcall(cpu::KC_CALIBRATE_TSC, 0, 0);
+    if device_mode {
+        // Device modes: the BSP alone drives the devices by polling; APs are not started.
+        unsafe {
+            let run = &raw mut RUN;
+            (*run).cfg = cfg;
+            (*run).ncpus = 1;
+            (*run).tsc_per_ms = tsc_per_ms;
+        }
+        let run = run();
+        if run.cfg.layout {
+            print_info(cpu_source, gb);
+        }
+        println!("testguest: ready vcpus={} mode={} mem={}", cpus.n, run.cfg.mode(), run.cfg.mem_mib);
+        match run.cfg.mode() {
+            "blk" => blk::run(),
+            _ => vsock::run(),
+        }
+    }
     smp::prepare_aps(&cpus);
     let regions = counter::place_regions(&bi, cpus.n, cfg.mem_mib);
 
@@ -138,16 +161,7 @@ extern "C" fn bsp_main() -> ! {
 
     let run = run();
     if run.cfg.layout {
-        let since_entry = cpu::rdtsc() - unsafe { TSC_ENTRY };
-        println!(
-            "testguest: info boot={} cpus_from={} tsc_khz={} gbpages={} user_io={} entry_to_here_us={}",
-            match unsafe { BOOT_KIND } { bootinfo::KIND_LINUX => "linux64", _ => "pvh" },
-            cpu_source,
-            run.tsc_per_ms,
-            gb as u8,
-            if cpu::io_direct() { "direct" } else { "kcall" },
-            if run.tsc_per_ms != 0 { since_entry * 1000 / run.tsc_per_ms } else { 0 }
-        );
+        print_info(cpu_source, gb);
         for i in 0..cpus.n {
             counter::print_layout(i);
         }
@@ -164,6 +178,20 @@ extern "C" fn bsp_main() -> ! {
     }
     counter::go();
     counter::run(0)
+}
+
+fn print_info(cpu_source: &str, gb: bool) {
+    let run = run();
+    let since_entry = cpu::rdtsc() - unsafe { TSC_ENTRY };
+    println!(
+        "testguest: info boot={} cpus_from={} tsc_khz={} gbpages={} user_io={} entry_to_here_us={}",
+        match unsafe { BOOT_KIND } { bootinfo::KIND_LINUX => "linux64", _ => "pvh" },
+        cpu_source,
+        run.tsc_per_ms,
+        gb as u8,
+        if cpu::io_direct() { "direct" } else { "kcall" },
+        if run.tsc_per_ms != 0 { since_entry * 1000 / run.tsc_per_ms } else { 0 }
+    );
 }
 
 /// AP at CPL3, from `ap_entry64`.

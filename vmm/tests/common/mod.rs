@@ -281,40 +281,51 @@ pub fn pattern_bytes(len: usize, seed: u64) -> Vec<u8> {
 
 /// A host client of the VM's hybrid vsock socket: `CONNECT <port>\n`, then `OK <n>\n`.
 pub fn vsock_connect(uds: &Path, port: u32, timeout: Duration) -> std::os::unix::net::UnixStream {
+    try_vsock_connect(uds, port, timeout).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// `vsock_connect` that reports what went wrong instead of panicking.
+pub fn try_vsock_connect(
+    uds: &Path,
+    port: u32,
+    timeout: Duration,
+) -> Result<std::os::unix::net::UnixStream, String> {
     use std::io::Read;
     let deadline = Instant::now() + timeout;
     let mut s = loop {
         match std::os::unix::net::UnixStream::connect(uds) {
             Ok(s) => break s,
-            Err(e) => {
-                assert!(Instant::now() < deadline, "cannot connect to {uds:?}: {e}");
-                std::thread::sleep(Duration::from_millis(5));
-            }
+            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(5)),
+            Err(e) => return Err(format!("cannot connect to {uds:?}: {e}")),
         }
     };
-    s.set_read_timeout(Some(timeout)).unwrap();
-    s.set_write_timeout(Some(timeout)).unwrap();
-    s.write_all(format!("CONNECT {port}\n").as_bytes()).unwrap();
+    let io = |e: std::io::Error| format!("vsock CONNECT {port}: {e}");
+    s.set_read_timeout(Some(timeout)).map_err(io)?;
+    s.set_write_timeout(Some(timeout)).map_err(io)?;
+    s.write_all(format!("CONNECT {port}\n").as_bytes())
+        .map_err(io)?;
     let mut line = Vec::new();
     let mut b = [0u8; 1];
     while line.last() != Some(&b'\n') {
-        let n = s
-            .read(&mut b)
-            .unwrap_or_else(|e| panic!("no OK for CONNECT {port}: {e}"));
-        assert!(
-            n == 1,
-            "vsock socket closed before OK (got {:?})",
-            String::from_utf8_lossy(&line)
-        );
+        if s.read(&mut b).map_err(io)? != 1 {
+            return Err(format!(
+                "vsock socket closed before OK for CONNECT {port} (got {:?})",
+                String::from_utf8_lossy(&line)
+            ));
+        }
         line.push(b[0]);
-        assert!(line.len() < 64, "{:?}", String::from_utf8_lossy(&line));
+        if line.len() >= 64 {
+            return Err(format!(
+                "bad answer to CONNECT: {:?}",
+                String::from_utf8_lossy(&line)
+            ));
+        }
     }
-    let line = String::from_utf8(line).unwrap();
-    assert!(
-        line.starts_with("OK ") && line[3..].trim().parse::<u32>().is_ok(),
-        "bad answer to CONNECT: {line:?}"
-    );
-    s
+    let line = String::from_utf8_lossy(&line).into_owned();
+    if !(line.starts_with("OK ") && line[3..].trim().parse::<u32>().is_ok()) {
+        return Err(format!("bad answer to CONNECT: {line:?}"));
+    }
+    Ok(s)
 }
 
 /// Sends `data` through an echo connection (from another thread) while reading the echo;

@@ -247,9 +247,11 @@ where
     F: FnMut(virtio_queue::DescriptorChain<&GuestMemory>) -> Option<u32>,
 {
     let mut used_any = false;
-    // Each pass pops at most a queue's worth; the bound only guards against a driver that keeps
-    // the ring full forever (we then come back on the next notification).
-    for _ in 0..64 {
+    // Drain until the ring stays empty with notifications on: a driver that adds work while we
+    // drain sees notifications off and (rightly) does not kick, so stopping early would lose its
+    // request. Only passes that find work but can pop nothing (a broken ring) end the loop.
+    let mut fruitless = 0;
+    loop {
         let _ = queue.disable_notification(mem);
         let mut popped = 0u32;
         let mut stalled = false;
@@ -276,7 +278,12 @@ where
             break;
         }
         match queue.enable_notification(mem) {
-            Ok(true) if popped > 0 => continue,
+            Ok(true) => {
+                fruitless = if popped == 0 { fruitless + 1 } else { 0 };
+                if fruitless > 2 {
+                    break;
+                }
+            }
             _ => break,
         }
     }

@@ -487,7 +487,19 @@ impl Vsock {
 
     /// Rebuilds the device for a restored guest (same CID; `uds_path` may be a fork's new one).
     pub fn from_state(state: &VsockState, uds_path: &Path) -> Result<Self, VsockError> {
-        Self::new(state.guest_cid, uds_path)
+        let mut dev = Self::new(state.guest_cid, uds_path)?;
+        // Packets of connections from before the snapshot may still sit in the guest's rings,
+        // and the guest answers them with RST: new host ports must not reuse those numbers.
+        let mut r = [0u8; 4];
+        // SAFETY: getrandom writes at most the buffer's length.
+        let n = unsafe { libc::getrandom(r.as_mut_ptr().cast(), r.len(), 0) };
+        let offset = if n == 4 { u32::from_ne_bytes(r) % (1 << 29) } else { 1 << 28 };
+        dev.muxer_set_next_port(FIRST_LOCAL_PORT + offset);
+        Ok(dev)
+    }
+
+    fn muxer_set_next_port(&mut self, port: u32) {
+        self.muxer.next_local_port = port;
     }
 
     pub fn state(&self) -> VsockState {
