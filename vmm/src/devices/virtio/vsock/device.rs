@@ -493,7 +493,11 @@ impl Vsock {
         let mut r = [0u8; 4];
         // SAFETY: getrandom writes at most the buffer's length.
         let n = unsafe { libc::getrandom(r.as_mut_ptr().cast(), r.len(), 0) };
-        let offset = if n == 4 { u32::from_ne_bytes(r) % (1 << 29) } else { 1 << 28 };
+        let offset = if n == 4 {
+            u32::from_ne_bytes(r) % (1 << 29)
+        } else {
+            1 << 28
+        };
         dev.muxer_set_next_port(FIRST_LOCAL_PORT + offset);
         Ok(dev)
     }
