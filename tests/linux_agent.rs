@@ -61,6 +61,33 @@ fn linux_exec_secrets_snapshot_fork() {
     assert_eq!(stdout(&code), "out\n");
     assert_eq!(stderr(&code), "err\n");
 
+    // Guest-initiated vsock: a program in the guest connects to host port 7000, which the VMM
+    // forwards to `<vsock.sock>_7000` where this test listens.
+    let listener =
+        std::os::unix::net::UnixListener::bind(h.ws("lx").join("vsock.sock_7000")).unwrap();
+    let server = std::thread::spawn(move || {
+        use std::io::{BufRead, Write};
+        let (mut conn, _) = listener.accept().unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(conn.try_clone().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        conn.write_all(b"ok\n").unwrap();
+        line
+    });
+    let sent = h.run(&[
+        "exec",
+        "lx",
+        "--",
+        "/usr/sbin/microagent-guest-agent",
+        "--send-line",
+        "7000",
+        "hello from linux",
+    ]);
+    assert!(sent.status.success(), "{}", stderr(&sent));
+    assert_eq!(stdout(&sent), "ok\n");
+    assert_eq!(server.join().unwrap(), "hello from linux\n");
+
     let secret = format!("s3cr3t-{}-{}", std::process::id(), t.elapsed().as_nanos());
     let file = h.dir.join("secret");
     std::fs::write(&file, &secret).unwrap();

@@ -126,7 +126,11 @@ fn notes_edit_search_and_prune() {
         .map(|v| v.as_str().unwrap().into())
         .collect();
     assert_eq!(would, did);
-    assert_eq!(did, vec!["s1", "s2"]);
+    assert_eq!(
+        did,
+        vec!["s2", "s1"],
+        "newest first, so a diff always goes before its parent"
+    );
     assert_eq!(tags(&h, "w", &[]), vec!["golden", "s4"]);
     // Nothing is older than a week.
     let none = json(&h.ok(&["--json", "snapshot", "prune", "w", "--older-than", "7d"]));

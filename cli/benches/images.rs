@@ -28,7 +28,13 @@ fn tool(name: &str) -> Option<PathBuf> {
 }
 
 fn sha256(b: &[u8]) -> String {
-    format!("sha256:{}", Sha256::digest(b).iter().map(|x| format!("{x:02x}")).collect::<String>())
+    format!(
+        "sha256:{}",
+        Sha256::digest(b)
+            .iter()
+            .map(|x| format!("{x:02x}"))
+            .collect::<String>()
+    )
 }
 
 /// A deterministic byte stream: `text` gives compressible words, otherwise incompressible noise.
@@ -43,7 +49,20 @@ impl Gen {
     }
 
     fn bytes(&mut self, n: usize, text: bool) -> Vec<u8> {
-        const WORDS: [&str; 12] = ["alpha ", "kernel ", "vsock ", "snapshot ", "fork ", "ext4 ", "layer ", "agent\n", "microvm ", "digest ", "tar ", "image "];
+        const WORDS: [&str; 12] = [
+            "alpha ",
+            "kernel ",
+            "vsock ",
+            "snapshot ",
+            "fork ",
+            "ext4 ",
+            "layer ",
+            "agent\n",
+            "microvm ",
+            "digest ",
+            "tar ",
+            "image ",
+        ];
         let mut v = Vec::with_capacity(n + 16);
         while v.len() < n {
             let r = self.next();
@@ -75,36 +94,86 @@ fn layers() -> Vec<Vec<u8>> {
     // 1: ~45 MiB in 3000 text files across 60 directories.
     let mut b = tar::Builder::new(Vec::new());
     for d in 0..60 {
-        b.append_data(&mut header(tar::EntryType::Directory, 0o755, 0), format!("usr/share/pkg{d}"), &[][..]).unwrap();
+        b.append_data(
+            &mut header(tar::EntryType::Directory, 0o755, 0),
+            format!("usr/share/pkg{d}"),
+            &[][..],
+        )
+        .unwrap();
         for f in 0..50 {
             let n = 1000 + (g.next() % 29_000) as usize;
             let data = g.bytes(n, true);
-            b.append_data(&mut header(tar::EntryType::Regular, 0o644, n as u64), format!("usr/share/pkg{d}/file{f}.txt"), &data[..]).unwrap();
+            b.append_data(
+                &mut header(tar::EntryType::Regular, 0o644, n as u64),
+                format!("usr/share/pkg{d}/file{f}.txt"),
+                &data[..],
+            )
+            .unwrap();
         }
     }
     let l1 = b.into_inner().unwrap();
     // 2: ~40 MiB in 5 incompressible binaries.
     let mut b = tar::Builder::new(Vec::new());
-    b.append_data(&mut header(tar::EntryType::Directory, 0o755, 0), "opt/bin", &[][..]).unwrap();
+    b.append_data(
+        &mut header(tar::EntryType::Directory, 0o755, 0),
+        "opt/bin",
+        &[][..],
+    )
+    .unwrap();
     for i in 0..5 {
         let data = g.bytes(8 << 20, false);
-        b.append_data(&mut header(tar::EntryType::Regular, 0o755, data.len() as u64), format!("opt/bin/tool{i}"), &data[..]).unwrap();
+        b.append_data(
+            &mut header(tar::EntryType::Regular, 0o755, data.len() as u64),
+            format!("opt/bin/tool{i}"),
+            &data[..],
+        )
+        .unwrap();
     }
     let l2 = b.into_inner().unwrap();
     // 3: ~15 MiB of changes: replaced files, whiteouts, an opaque directory, links.
     let mut b = tar::Builder::new(Vec::new());
     for d in 0..20 {
-        b.append_data(&mut header(tar::EntryType::Regular, 0, 0), format!("usr/share/pkg{d}/.wh.file0.txt"), &[][..]).unwrap();
+        b.append_data(
+            &mut header(tar::EntryType::Regular, 0, 0),
+            format!("usr/share/pkg{d}/.wh.file0.txt"),
+            &[][..],
+        )
+        .unwrap();
         for f in 1..20 {
             let data = g.bytes(30_000, true);
-            b.append_data(&mut header(tar::EntryType::Regular, 0o644, data.len() as u64), format!("usr/share/pkg{d}/file{f}.txt"), &data[..]).unwrap();
+            b.append_data(
+                &mut header(tar::EntryType::Regular, 0o644, data.len() as u64),
+                format!("usr/share/pkg{d}/file{f}.txt"),
+                &data[..],
+            )
+            .unwrap();
         }
     }
-    b.append_data(&mut header(tar::EntryType::Regular, 0, 0), "usr/share/pkg59/.wh..wh..opq", &[][..]).unwrap();
+    b.append_data(
+        &mut header(tar::EntryType::Regular, 0, 0),
+        "usr/share/pkg59/.wh..wh..opq",
+        &[][..],
+    )
+    .unwrap();
     let data = g.bytes(2 << 20, false);
-    b.append_data(&mut header(tar::EntryType::Regular, 0o4755, data.len() as u64), "opt/bin/suid", &data[..]).unwrap();
-    b.append_link(&mut header(tar::EntryType::Link, 0o755, 0), "opt/bin/tool0-hard", "opt/bin/tool0").unwrap();
-    b.append_link(&mut header(tar::EntryType::Symlink, 0o777, 0), "opt/bin/latest", "tool4").unwrap();
+    b.append_data(
+        &mut header(tar::EntryType::Regular, 0o4755, data.len() as u64),
+        "opt/bin/suid",
+        &data[..],
+    )
+    .unwrap();
+    b.append_link(
+        &mut header(tar::EntryType::Link, 0o755, 0),
+        "opt/bin/tool0-hard",
+        "opt/bin/tool0",
+    )
+    .unwrap();
+    b.append_link(
+        &mut header(tar::EntryType::Symlink, 0o777, 0),
+        "opt/bin/latest",
+        "tool4",
+    )
+    .unwrap();
     let l3 = b.into_inner().unwrap();
     vec![l1, l2, l3]
 }
@@ -141,10 +210,24 @@ fn write_layout(dir: &Path, tars: &[Vec<u8>]) -> u64 {
     compressed
 }
 
-/// Runs a command to completion: wall time and the peak RSS (KiB) of it and its descendants.
-fn measured(mut c: Command) -> (Duration, u64) {
+/// A run: wall time, the peak RSS (KiB) of the largest process (the command or a descendant,
+/// from wait4), and the command's own peak (its VmHWM, polled until it exits).
+struct Measured {
+    time: Duration,
+    tree_kib: u64,
+    own_kib: u64,
+}
+
+/// Runs a command to completion and measures it.
+#[allow(clippy::zombie_processes)] // reaped by wait4, which also gives its rusage
+fn measured(mut c: Command) -> Measured {
     let t = Instant::now();
-    let child: Child = c.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().expect("spawn");
+    let child: Child = c
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
     let pid = child.id() as i32;
     let mut stderr = child.stderr.unwrap();
     let reader = std::thread::spawn(move || {
@@ -152,15 +235,41 @@ fn measured(mut c: Command) -> (Duration, u64) {
         let _ = stderr.read_to_string(&mut s);
         s
     });
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = done.clone();
+    let poller = std::thread::spawn(move || {
+        let mut hwm = 0u64;
+        while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+            let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+            if let Some(v) = status
+                .lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            {
+                hwm = hwm.max(v);
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        hwm
+    });
     let mut status = 0;
     // SAFETY: a zeroed rusage is valid; wait4 reaps our own child and fills it.
     let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
     // SAFETY: as above.
     let r = unsafe { libc::wait4(pid, &mut status, 0, &mut ru) };
     let elapsed = t.elapsed();
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    let own_kib = poller.join().unwrap_or(0);
     let err = reader.join().unwrap_or_default();
-    assert!(r == pid && libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0, "{c:?} failed: {err}");
-    (elapsed, ru.ru_maxrss as u64)
+    assert!(
+        r == pid && libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+        "{c:?} failed: {err}"
+    );
+    Measured {
+        time: elapsed,
+        tree_kib: ru.ru_maxrss as u64,
+        own_kib,
+    }
 }
 
 struct Registry(Child, PathBuf);
@@ -174,7 +283,11 @@ impl Drop for Registry {
 }
 
 fn start_registry(dir: &Path) -> (Registry, u16) {
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     std::fs::create_dir_all(dir).unwrap();
     let cfg = format!(
         "version: 0.1\nlog:\n  level: error\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\n",
@@ -210,7 +323,12 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 fn du_bytes(p: &Path) -> u64 {
     let o = Command::new("du").args(["-sb"]).arg(p).output().unwrap();
-    String::from_utf8_lossy(&o.stdout).split_whitespace().next().unwrap_or("0").parse().unwrap_or(0)
+    String::from_utf8_lossy(&o.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap_or("0")
+        .parse()
+        .unwrap_or(0)
 }
 
 fn main() {
@@ -218,7 +336,13 @@ fn main() {
         return;
     }
     let mut missing = Vec::new();
-    for (t, pkg) in [("docker-registry", "docker-registry"), ("skopeo", "skopeo"), ("umoci", "umoci"), ("mkfs.ext4", "e2fsprogs"), ("busybox", "busybox-static")] {
+    for (t, pkg) in [
+        ("docker-registry", "docker-registry"),
+        ("skopeo", "skopeo"),
+        ("umoci", "umoci"),
+        ("mkfs.ext4", "e2fsprogs"),
+        ("busybox", "busybox-static"),
+    ] {
         if tool(t).is_none() {
             missing.push(format!("{t} (apt-get install {pkg})"));
         }
@@ -228,9 +352,12 @@ fn main() {
         return;
     }
     let bin = PathBuf::from(env!("CARGO_BIN_EXE_microagent"));
-    let agent = std::env::var_os("MICROAGENT_AGENT").map(PathBuf::from).unwrap_or_else(|| {
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/x86_64-unknown-linux-gnu/release/microagent-agent")
-    });
+    let agent = std::env::var_os("MICROAGENT_AGENT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../target/x86_64-unknown-linux-gnu/release/microagent-agent")
+        });
     if !agent.is_file() {
         println!(
             "images bench: skipped: no guest agent at {} (build it: RUSTFLAGS=\"-C target-feature=+crt-static\" \
@@ -239,7 +366,11 @@ fn main() {
         );
         return;
     }
-    let runs: usize = std::env::var("RUNS").ok().and_then(|v| v.parse().ok()).unwrap_or(3).max(1);
+    let runs: usize = std::env::var("RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3)
+        .max(1);
     let work = std::env::temp_dir().join(format!("ma-bench-images-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(&work).unwrap();
@@ -261,8 +392,9 @@ fn main() {
     assert!(st.success(), "skopeo push failed");
     const HEADROOM_MIB: u64 = 256;
 
-    let mut ours: Vec<(f64, u64)> = Vec::new();
-    let mut theirs: Vec<(f64, [f64; 3], u64)> = Vec::new();
+    // (seconds, largest process KiB, the pipeline's own processes KiB), and step times.
+    let mut ours: Vec<(f64, u64, u64)> = Vec::new();
+    let mut theirs: Vec<(f64, [f64; 3], u64, u64)> = Vec::new();
     for run in 0..runs {
         // Alternate which goes first, so neither always finds a warmer page cache.
         for which in if run % 2 == 0 { [0, 1] } else { [1, 0] } {
@@ -270,19 +402,26 @@ fn main() {
             std::fs::create_dir_all(&dir).unwrap();
             if which == 0 {
                 let mut c = Command::new(&bin);
-                c.args(["--json", "image", "pull", &reference, "--headroom", &HEADROOM_MIB.to_string()])
-                    .env("MICROAGENT_HOME", dir.join("home"))
-                    .env("MICROAGENT_AGENT", &agent)
-                    .env("DOCKER_CONFIG", "/nonexistent");
-                let (t, rss) = measured(c);
-                ours.push((t.as_secs_f64(), rss));
+                c.args([
+                    "--json",
+                    "image",
+                    "pull",
+                    &reference,
+                    "--headroom",
+                    &HEADROOM_MIB.to_string(),
+                ])
+                .env("MICROAGENT_HOME", dir.join("home"))
+                .env("MICROAGENT_AGENT", &agent)
+                .env("DOCKER_CONFIG", "/nonexistent");
+                let m = measured(c);
+                ours.push((m.time.as_secs_f64(), m.tree_kib, m.own_kib));
             } else {
                 let oci = dir.join("oci");
                 let mut c = Command::new(tool("skopeo").unwrap());
                 c.args(["--insecure-policy", "copy", "--src-tls-verify=false"])
                     .arg(format!("docker://{reference}"))
                     .arg(format!("oci:{}:bench", oci.display()));
-                let (t1, r1) = measured(c);
+                let pull = measured(c);
                 let bundle = dir.join("bundle");
                 let mut c = Command::new(tool("umoci").unwrap());
                 c.arg("unpack");
@@ -290,8 +429,10 @@ fn main() {
                 if unsafe { libc::geteuid() } != 0 {
                     c.arg("--rootless");
                 }
-                c.arg("--image").arg(format!("{}:bench", oci.display())).arg(&bundle);
-                let (t2, r2) = measured(c);
+                c.arg("--image")
+                    .arg(format!("{}:bench", oci.display()))
+                    .arg(&bundle);
+                let unpack = measured(c);
                 let rootfs = bundle.join("rootfs");
                 let size_mib = du_bytes(&rootfs) * 11 / 10 / (1 << 20) + HEADROOM_MIB + 64;
                 let mut c = Command::new(tool("mkfs.ext4").unwrap());
@@ -299,9 +440,18 @@ fn main() {
                     .arg(&rootfs)
                     .arg(dir.join("rootfs.ext4"))
                     .arg(format!("{size_mib}M"));
-                let (t3, r3) = measured(c);
-                let parts = [t1.as_secs_f64(), t2.as_secs_f64(), t3.as_secs_f64()];
-                theirs.push((parts.iter().sum(), parts, r1.max(r2).max(r3)));
+                let ext4 = measured(c);
+                let parts = [
+                    pull.time.as_secs_f64(),
+                    unpack.time.as_secs_f64(),
+                    ext4.time.as_secs_f64(),
+                ];
+                theirs.push((
+                    parts.iter().sum(),
+                    parts,
+                    pull.tree_kib.max(unpack.tree_kib).max(ext4.tree_kib),
+                    pull.own_kib.max(unpack.own_kib),
+                ));
             }
             let _ = std::fs::remove_dir_all(&dir);
         }
@@ -318,23 +468,29 @@ fn main() {
         mib(compressed),
         headroom = HEADROOM_MIB
     );
-    println!("| pipeline                                   | total s | pull s | unpack s | ext4 s | peak RSS MiB |");
-    println!("|--------------------------------------------|--------:|-------:|---------:|-------:|-------------:|");
+    println!("| pipeline                                  | total s | pull s | unpack s | ext4 s | peak RSS MiB | puller RSS MiB |");
+    println!("|-------------------------------------------|--------:|-------:|---------:|-------:|-------------:|---------------:|");
+    let med = |v: Vec<f64>| median(v);
     println!(
-        "| microagent image pull (pull+unpack+ext4)   | {:>7.2} | {:>6} | {:>8} | {:>6} | {:>12.1} |",
-        median(ours.iter().map(|o| o.0).collect()),
+        "| microagent image pull (one process + mkfs) | {:>7.2} | {:>6} | {:>8} | {:>6} | {:>12.1} | {:>14.1} |",
+        med(ours.iter().map(|o| o.0).collect()),
         "-",
         "-",
         "-",
-        median(ours.iter().map(|o| o.1 as f64 / 1024.0).collect())
+        med(ours.iter().map(|o| o.1 as f64 / 1024.0).collect()),
+        med(ours.iter().map(|o| o.2 as f64 / 1024.0).collect())
     );
     println!(
-        "| skopeo copy + umoci unpack + mkfs.ext4 -d  | {:>7.2} | {:>6.2} | {:>8.2} | {:>6.2} | {:>12.1} |",
-        median(theirs.iter().map(|o| o.0).collect()),
-        median(theirs.iter().map(|o| o.1[0]).collect()),
-        median(theirs.iter().map(|o| o.1[1]).collect()),
-        median(theirs.iter().map(|o| o.1[2]).collect()),
-        median(theirs.iter().map(|o| o.2 as f64 / 1024.0).collect())
+        "| skopeo copy + umoci unpack + mkfs.ext4 -d | {:>7.2} | {:>6.2} | {:>8.2} | {:>6.2} | {:>12.1} | {:>14.1} |",
+        med(theirs.iter().map(|o| o.0).collect()),
+        med(theirs.iter().map(|o| o.1[0]).collect()),
+        med(theirs.iter().map(|o| o.1[1]).collect()),
+        med(theirs.iter().map(|o| o.1[2]).collect()),
+        med(theirs.iter().map(|o| o.2 as f64 / 1024.0).collect()),
+        med(theirs.iter().map(|o| o.3 as f64 / 1024.0).collect())
     );
-    println!("(peak RSS: the largest single process of the pipeline, descendants included)");
+    println!(
+        "(peak RSS: the largest single process, mkfs.ext4 included (wait4); puller RSS: microagent's own \
+         process, or the larger of skopeo and umoci (VmHWM))"
+    );
 }

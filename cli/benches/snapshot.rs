@@ -653,19 +653,37 @@ fn components(dir: &Path) {
         }
         (file, t.elapsed())
     };
-    std::thread::sleep(Duration::from_secs(6));
-    let (file, cold) = write(&path);
-    drop(file);
-    let _ = std::fs::remove_file(&path);
-    warm_now(512);
-    let (file, hot) = write(&path);
+    // Free page reporting works through a large free in batches every ~2 s: give it 20 s.
+    let (mut cold, mut hot) = (Vec::new(), Vec::new());
+    let mut last = None;
+    for _ in 0..2 {
+        drop(last.take());
+        let _ = std::fs::remove_file(&path);
+        std::thread::sleep(Duration::from_secs(20));
+        let (file, t) = write(&path);
+        cold.push(t);
+        drop(file);
+        let _ = std::fs::remove_file(&path);
+        warm_now(512);
+        let (file, t) = write(&path);
+        hot.push(t);
+        last = Some(file);
+    }
+    let file = last.expect("two rounds ran");
+    let each = |v: &[Duration]| {
+        v.iter()
+            .map(|d| rate(LEN, *d))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
     rows.push(vec![
-        "pwrite into the page cache, 6 s after the last free (cold)".into(),
-        rate(LEN, cold),
+        "pwrite into the page cache, 20 s after the last free (cold), 2 rounds".into(),
+        each(&cold),
     ]);
     rows.push(vec![
-        "pwrite into the page cache, right after touching and freeing 512 MiB (warm)".into(),
-        rate(LEN, hot),
+        "pwrite into the page cache, right after touching and freeing 512 MiB (warm), 2 rounds"
+            .into(),
+        each(&hot),
     ]);
     let t = Instant::now();
     file.sync_all().expect("fsync");

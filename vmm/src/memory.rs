@@ -107,6 +107,20 @@ fn host_ram_mib() -> Option<u64> {
 
 /// Allocates anonymous guest RAM of `mem_mib` MiB.
 pub fn create(mem_mib: u64) -> Result<GuestMemory, MemoryError> {
+    let mem = create_unadvised(mem_mib)?;
+    // Transparent huge pages where the host offers them on request: a first touch then costs
+    // one fault per 2 MiB instead of per 4 KiB (measured 3.7-8.9x slower boots without).
+    for region in mem.iter() {
+        if let Ok(host) = region.get_host_address(vm_memory::MemoryRegionAddress(0)) {
+            // SAFETY: advice on a mapping we own; failure only means no huge pages.
+            unsafe { libc::madvise(host.cast(), region.len() as usize, libc::MADV_HUGEPAGE) };
+        }
+    }
+    Ok(mem)
+}
+
+/// Anonymous guest RAM with no advice: for lazy restore, whose pages the page server places.
+pub fn create_unadvised(mem_mib: u64) -> Result<GuestMemory, MemoryError> {
     let bytes = check_size(mem_mib)?;
     let ranges: Vec<(GuestAddress, usize)> = ram_ranges(bytes)
         .into_iter()
@@ -136,12 +150,19 @@ pub fn restore(mem_mib: u64, path: &Path, mode: RestoreMode) -> Result<GuestMemo
             let mem = create(mem_mib)?;
             let mut file = file;
             // The file holds the regions back to back, in order, exactly as they were written.
+            // Read in chunks: one read() returns at most ~2 GiB, which vm-memory would call short.
+            const CHUNK: u64 = 256 << 20;
             for (addr, len) in ram_ranges(bytes) {
-                mem.read_exact_volatile_from(addr, &mut file, len as usize)
-                    .map_err(|e| MemoryError::Map {
-                        path: path.display().to_string(),
-                        reason: e.to_string(),
-                    })?;
+                let mut done = 0u64;
+                while done < len {
+                    let n = (len - done).min(CHUNK);
+                    mem.read_exact_volatile_from(addr.unchecked_add(done), &mut file, n as usize)
+                        .map_err(|e| MemoryError::Map {
+                            path: path.display().to_string(),
+                            reason: e.to_string(),
+                        })?;
+                    done += n;
+                }
             }
             Ok(mem)
         }

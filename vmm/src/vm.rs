@@ -354,7 +354,7 @@ impl Vm {
                     return Err(VmError::LazyDiff);
                 }
                 // Fresh, untouched memory: every first touch is the page server's to fill.
-                let memory = memory::create(state.mem_mib)?;
+                let memory = memory::create_unadvised(state.mem_mib)?;
                 let client = snapshot::pageserver::client::Client::connect_guest_memory(
                     sock,
                     &memory,

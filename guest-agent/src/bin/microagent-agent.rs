@@ -15,6 +15,7 @@ use guest_agent::{Server, ServerConfig};
 const USAGE: &str = "\
 usage: microagent-agent [--vsock-port PORT | --unix PATH] [--secrets-dir DIR] [--quiet]
        microagent-agent --version
+       microagent-agent --send-line PORT TEXT   (connect to the host, CID 2, send one line)
 
 Serves the microagent guest protocol: on vsock port 1024 (any CID) by default, or on a Unix socket.
   --vsock-port PORT   vsock port to listen on (default 1024)
@@ -54,6 +55,17 @@ fn parse_args() -> Result<Option<Args>, String> {
             Some("--unix") => listen = Listen::Unix(value("--unix")?.into()),
             Some("--secrets-dir") => config.secrets_dir = value("--secrets-dir")?.into(),
             Some("--quiet") => config.log_errors = false,
+            Some("--send-line") => {
+                // A connectivity probe for the host side's guest-initiated vsock path.
+                let v = value("--send-line")?;
+                let port: u32 = v
+                    .to_str()
+                    .and_then(|s| s.parse().ok())
+                    .ok_or_else(|| format!("bad port {v:?}"))?;
+                let text = value("--send-line")?;
+                send_line(port, &text.to_string_lossy())?;
+                return Ok(None);
+            }
             Some("--version") => {
                 println!(
                     "microagent-agent {} (protocol {PROTOCOL_VERSION})",
@@ -69,6 +81,19 @@ fn parse_args() -> Result<Option<Args>, String> {
         }
     }
     Ok(Some(Args { listen, config }))
+}
+
+fn send_line(port: u32, text: &str) -> Result<(), String> {
+    use std::io::{Read, Write};
+    const HOST_CID: u32 = 2;
+    let mut s = guest_agent::transport::VsockStream::connect(HOST_CID, port)
+        .map_err(|e| format!("connect to host port {port}: {e}"))?;
+    s.write_all(format!("{text}\n").as_bytes())
+        .map_err(|e| format!("send: {e}"))?;
+    let mut reply = [0u8; 256];
+    let n = s.read(&mut reply).map_err(|e| format!("receive: {e}"))?;
+    print!("{}", String::from_utf8_lossy(&reply[..n]));
+    Ok(())
 }
 
 fn main() -> ExitCode {
