@@ -329,13 +329,15 @@ fn gzip(b: &[u8]) -> Vec<u8> {
     e.finish().unwrap()
 }
 
+type Mutation = Box<dyn Fn(usize, Vec<u8>) -> Vec<u8>>;
+
 /// How to write a layout; the defaults give a well-formed linux/amd64 image tagged `v1`.
 struct LayoutOpts {
     arch: &'static str,
     /// Put the manifest inside an index with this platform (a multi-platform image).
     in_index: bool,
     /// Changes a layer's compressed blob before it is named (digest and size follow it).
-    mutate: Option<Box<dyn Fn(usize, Vec<u8>) -> Vec<u8>>>,
+    mutate: Option<Mutation>,
 }
 
 impl Default for LayoutOpts {
@@ -1063,7 +1065,7 @@ fn hostile_images_are_refused_and_leave_nothing() {
     // 4. Only another architecture: in an index, and as a plain manifest.
     write_layout(
         &layout,
-        &[ok_layer.clone()],
+        std::slice::from_ref(&ok_layer),
         &LayoutOpts {
             arch: "arm64",
             in_index: true,
@@ -1073,7 +1075,7 @@ fn hostile_images_are_refused_and_leave_nothing() {
     refused(&h, &layout, 2, &["no linux/amd64 image", "linux/arm64"]);
     write_layout(
         &layout,
-        &[ok_layer.clone()],
+        std::slice::from_ref(&ok_layer),
         &LayoutOpts {
             arch: "arm64",
             ..Default::default()

@@ -468,8 +468,8 @@ fn main() {
         mib(compressed),
         headroom = HEADROOM_MIB
     );
-    println!("| pipeline                                  | total s | pull s | unpack s | ext4 s | peak RSS MiB | puller RSS MiB |");
-    println!("|-------------------------------------------|--------:|-------:|---------:|-------:|-------------:|---------------:|");
+    println!("| pipeline                                   | total s | pull s | unpack s | ext4 s | peak RSS MiB | puller RSS MiB |");
+    println!("|--------------------------------------------|--------:|-------:|---------:|-------:|-------------:|---------------:|");
     let med = |v: Vec<f64>| median(v);
     println!(
         "| microagent image pull (one process + mkfs) | {:>7.2} | {:>6} | {:>8} | {:>6} | {:>12.1} | {:>14.1} |",
@@ -481,7 +481,7 @@ fn main() {
         med(ours.iter().map(|o| o.2 as f64 / 1024.0).collect())
     );
     println!(
-        "| skopeo copy + umoci unpack + mkfs.ext4 -d | {:>7.2} | {:>6.2} | {:>8.2} | {:>6.2} | {:>12.1} | {:>14.1} |",
+        "| skopeo copy + umoci unpack + mkfs.ext4 -d  | {:>7.2} | {:>6.2} | {:>8.2} | {:>6.2} | {:>12.1} | {:>14.1} |",
         med(theirs.iter().map(|o| o.0).collect()),
         med(theirs.iter().map(|o| o.1[0]).collect()),
         med(theirs.iter().map(|o| o.1[1]).collect()),

@@ -302,6 +302,7 @@ pub struct Build {
 }
 
 impl Build {
+    #[cfg(test)]
     pub fn dir(&self) -> &Path {
         &self.dir
     }

@@ -64,11 +64,6 @@ impl Digest {
         h.update(bytes);
         h.finish()
     }
-
-    /// The first 12 hex digits, for people.
-    pub fn short(&self) -> &str {
-        &self.hex[..12]
-    }
 }
 
 impl fmt::Display for Digest {
@@ -211,7 +206,6 @@ mod tests {
         let d = Digest::parse(EMPTY).unwrap();
         assert_eq!(Digest::of(b""), d);
         assert_eq!(d.to_string(), EMPTY);
-        assert_eq!(d.short(), "e3b0c44298fc");
         for bad in [
             "sha256:E3B0C44298FC1C149AFBF4C8996FB92427AE41E4649B934CA495991B7852B855",
             "sha256:../../etc/passwd",

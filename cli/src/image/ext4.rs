@@ -343,8 +343,10 @@ pub fn build(
             .arg("-N")
             .arg(inodes.to_string())
             .arg("-E")
+            // The file is new and sparse, so the journal already reads as zeros; inode tables
+            // stay uninitialised (the guest mounts with noinit_itable, see KERNEL_ARGS).
             .arg(format!(
-                "root_owner={}:{}",
+                "root_owner={}:{},lazy_journal_init=1,lazy_itable_init=1",
                 tree.root_owner.0, tree.root_owner.1
             ))
             .arg("-d")
@@ -392,7 +394,14 @@ fn apply_fixups(image: &Path, tree: &Tree) -> Result<(), ImageError> {
     for (path, f) in &tree.fixups {
         let q = quote(path)?;
         if let Some((kind, major, minor)) = f.device {
-            cmds.push_str(&format!("rm {q}\nmknod {q} {kind} {major} {minor}\n"));
+            // debugfs makes a node in its current directory, by a plain name.
+            let (parent, name) = path.rsplit_once('/').unwrap_or(("", path));
+            let parent = if parent.is_empty() { "/" } else { parent };
+            cmds.push_str(&format!(
+                "rm {q}\ncd {}\nmknod {} {kind} {major} {minor}\ncd /\n",
+                quote(parent)?,
+                quote(name)?
+            ));
         }
         let staged_mode_differs = f.device.is_some() || {
             let keep = if f.mode & libc::S_IFMT == libc::S_IFDIR {

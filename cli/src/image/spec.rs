@@ -22,6 +22,9 @@ pub const MAX_MANIFEST: u64 = 4 << 20;
 pub const MAX_CONFIG: u64 = 16 << 20;
 pub const MAX_LAYERS: usize = 1000;
 
+/// Who a platform refusal from an image config names, until the caller names the image.
+pub const CONFIG_WHAT: &str = "the image config";
+
 /// The annotation an OCI layout uses to name its images.
 pub const REF_NAME: &str = "org.opencontainers.image.ref.name";
 
@@ -219,7 +222,7 @@ impl ImageConfig {
             .map_err(|e| ImageError::Malformed(format!("image config: {e}")))?;
         if c.os != "linux" || c.architecture != "amd64" {
             return Err(ImageError::NoPlatform {
-                what: "the image".into(),
+                what: CONFIG_WHAT.into(),
                 found: format!("{}/{}", c.os, c.architecture),
             });
         }

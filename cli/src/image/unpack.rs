@@ -6,8 +6,8 @@
 //! whiteouts apply: `.wh.NAME` deletes NAME from lower layers and `.wh..wh..opq` empties its
 //! directory of lower-layer content.
 //!
-//! Nothing may land outside the staging root: an entry name with `..` or an absolute name is
-//! refused, and the directories above an entry are resolved one component at a time with
+//! Nothing may land outside the staging root: an entry name with `..` is refused (a leading
+//! `/` means the image root, as docker reads it), and the directories above an entry are resolved one component at a time with
 //! `lstat`, following symlinks *inside* the image (an absolute target means the image root, as
 //! the guest will see it); a symlink whose target climbs above the root is refused when an entry
 //! is written through it. The entry's own final component is never followed: whatever is there
@@ -228,7 +228,7 @@ impl Unpacker {
         Ok(())
     }
 
-    /// An entry name as clean components; `..` and absolute names are refused.
+    /// An entry name as clean components below the root; `..` is refused.
     fn clean(layer: usize, raw: &[u8], what: &str) -> Result<Vec<OsString>, ImageError> {
         let refuse = |reason: &str| ImageError::UnsafeEntry {
             layer,
@@ -244,10 +244,9 @@ impl Unpacker {
                     }
                     out.push(s.to_os_string())
                 }
-                Component::CurDir => {}
-                Component::RootDir | Component::Prefix(_) => {
-                    return Err(refuse("is an absolute path"))
-                }
+                // `/etc/x` means the image's /etc/x (umoci writes the root as `/`).
+                Component::CurDir | Component::RootDir => {}
+                Component::Prefix(_) => return Err(refuse("has a path prefix")),
                 Component::ParentDir => {
                     return Err(refuse("climbs out of the image root with '..'"))
                 }
@@ -853,7 +852,6 @@ mod tests {
                 Tar::new().file("../../etc/passwd", b"x").finish(),
                 "climbs out",
             ),
-            (Tar::new().file("/etc/passwd", b"x").finish(), "absolute"),
             (
                 Tar::new()
                     .add("esc", tar::EntryType::Symlink, 0o777, "../../../../..", b"")
@@ -878,6 +876,16 @@ mod tests {
             assert!(matches!(e, ImageError::UnsafeEntry { .. }), "{e}");
             assert!(e.to_string().contains(want), "{e}");
         }
+        // An absolute name is the image's own: it lands inside.
+        let _ = fs::remove_dir_all(&root);
+        let mut u = Unpacker::new(&root, privileged()).unwrap();
+        apply(
+            &mut u,
+            1,
+            Tar::new().dir("/").file("/etc/abs", b"x").finish(),
+        )
+        .unwrap();
+        assert_eq!(fs::read(root.join("etc/abs")).unwrap(), b"x");
         assert!(!s.0.join("pwned").exists());
     }
 
