@@ -150,6 +150,9 @@ pub fn create(root: &Path, args: CreateArgs, out: Out) -> Result<(), Failure> {
             "mode=counter".to_string()
         } else if image.is_some() {
             format!("{DEFAULT_LINUX_CMDLINE} {}", crate::image::KERNEL_ARGS)
+        } else if args.rootfs.is_some() {
+            // The rootfs is the first virtio disk.
+            format!("{DEFAULT_LINUX_CMDLINE} root=/dev/vda rw init_on_free=1")
         } else {
             DEFAULT_LINUX_CMDLINE.to_string()
         }
