@@ -134,6 +134,20 @@ pub struct ActiveQueues {
     pub interrupt: Arc<Interrupt>,
 }
 
+impl ActiveQueues {
+    /// Refuses an activation with other than the `expected` number of queues.
+    pub fn check_count(&self, expected: usize) -> Result<(), ActivateError> {
+        if self.queues.len() == expected {
+            Ok(())
+        } else {
+            Err(ActivateError::QueueCount {
+                expected,
+                got: self.queues.len(),
+            })
+        }
+    }
+}
+
 /// The device side of a virtio device, as the transport sees it.
 pub trait VirtioDevice: Send {
     /// Virtio device type (`TYPE_*`).

@@ -107,12 +107,7 @@ impl VirtioDevice for Rng {
         &self.queue_evts
     }
     fn activate(&mut self, active: ActiveQueues) -> Result<(), ActivateError> {
-        if active.queues.len() != 1 {
-            return Err(ActivateError::QueueCount {
-                expected: 1,
-                got: active.queues.len(),
-            });
-        }
+        active.check_count(1)?;
         self.active = Some(active);
         // Requests queued before DRIVER_OK would otherwise wait for the next kick.
         let _ = self.queue_evts[0].write(1);

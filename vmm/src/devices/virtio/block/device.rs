@@ -409,12 +409,7 @@ impl VirtioDevice for Block {
         &self.queue_evts
     }
     fn activate(&mut self, active: ActiveQueues) -> Result<(), ActivateError> {
-        if active.queues.len() != 1 {
-            return Err(ActivateError::QueueCount {
-                expected: 1,
-                got: active.queues.len(),
-            });
-        }
+        active.check_count(1)?;
         self.active = Some(active);
         let _ = self.queue_evts[0].write(1);
         Ok(())

@@ -259,12 +259,7 @@ impl VirtioDevice for Net {
         &self.queue_evts
     }
     fn activate(&mut self, active: ActiveQueues) -> Result<(), ActivateError> {
-        if active.queues.len() != 2 {
-            return Err(ActivateError::QueueCount {
-                expected: 2,
-                got: active.queues.len(),
-            });
-        }
+        active.check_count(2)?;
         self.active = Some(active);
         let _ = self.control_evt.write(1);
         Ok(())

@@ -645,12 +645,7 @@ impl VirtioDevice for Vsock {
         &self.queue_evts
     }
     fn activate(&mut self, active: ActiveQueues) -> Result<(), ActivateError> {
-        if active.queues.len() != 3 {
-            return Err(ActivateError::QueueCount {
-                expected: 3,
-                got: active.queues.len(),
-            });
-        }
+        active.check_count(3)?;
         self.active = Some(active);
         let _ = self.control_evt.write(1);
         Ok(())
