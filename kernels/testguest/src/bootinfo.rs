@@ -135,6 +135,9 @@ pub struct Config {
     pub mem_mib: u64,
     pub count: u64,
     pub tick_ms: u64,
+    /// Counter mode: after the first round only the first `hot_pct` percent of the region is
+    /// verified and rewritten (an idle guest that keeps touching a small working set).
+    pub hot_pct: u64,
     pub layout: bool,
     pub gbpages: bool,
     /// `crash=pf|ud|panic`: fail on purpose after the ready line (tests the error paths).
@@ -163,6 +166,7 @@ impl Config {
         mem_mib: 1,
         count: 0,
         tick_ms: 10,
+        hot_pct: 100,
         layout: false,
         gbpages: true,
         crash: 0,
@@ -198,6 +202,7 @@ impl Config {
                 b"mem" => c.mem_mib = number(key, val),
                 b"count" => c.count = number(key, val),
                 b"tick_ms" => c.tick_ms = number(key, val),
+                b"hot_pct" => c.hot_pct = number(key, val).clamp(1, 100),
                 b"layout" => c.layout = number(key, val) != 0,
                 b"gbpages" => c.gbpages = number(key, val) != 0,
                 b"blk_sectors" => c.blk_sectors = number(key, val),

@@ -237,13 +237,17 @@ pub fn run(cpu: usize) -> ! {
         fill(base, words, 0, c);
         s.phase.store(0, Ordering::Release);
     }
+    let hot_words = (words * r.cfg.hot_pct / 100).max(1);
     let mut last = rdtsc();
     loop {
         let n = s.count.load(Ordering::Relaxed);
-        verify(base, words, n, c);
+        // Round 0 covers the whole region; later rounds only its hot part (which alone then
+        // holds the current pattern: the rest keeps pattern 1).
+        let w = if n == 0 { words } else { hot_words };
+        verify(base, w, n, c);
         s.phase.store(1, Ordering::Relaxed);
         s.count.store(n + 1, Ordering::Release);
-        fill(base, words, n + 1, c);
+        fill(base, w, n + 1, c);
         s.phase.store(0, Ordering::Release);
 
         let now = rdtsc();
