@@ -59,8 +59,10 @@ fn uffd_forks_continue_record_a_working_set_and_fail_cleanly_without_their_serve
             );
         }
     }
-    // The first VM to go leaves its working set next to the snapshot.
+    // Once the recording VM goes (whichever fork connected first), its working set is written
+    // next to the snapshot.
     h.ok(&["delete", "f-1", "--yes"]);
+    h.ok(&["delete", "f-2", "--yes"]);
     let deadline = Instant::now() + Duration::from_secs(10);
     while !snap.join("workingset.bin").exists() && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(50));
@@ -69,9 +71,20 @@ fn uffd_forks_continue_record_a_working_set_and_fail_cleanly_without_their_serve
         snap.join("workingset.bin").exists(),
         "no working set recorded"
     );
-    // A later lazy fork (prefetching that set) continues as well.
-    h.ok(&["create", "g", "--from-snapshot", "w:b", "--memory", "uffd"]);
-    h.wait_counts("g", &[saved[0] + 100, saved[1] + 100]);
+    // Later lazy forks (prefetching that set) continue as well.
+    h.ok(&[
+        "create",
+        "g",
+        "--from-snapshot",
+        "w:b",
+        "--count",
+        "2",
+        "--memory",
+        "uffd",
+    ]);
+    for g in ["g-1", "g-2"] {
+        h.wait_counts(g, &[saved[0] + 100, saved[1] + 100]);
+    }
 
     // Kill the page server: its VMs stop with a clear error, they do not hang.
     let server_pid: i32 = {
@@ -91,14 +104,14 @@ fn uffd_forks_continue_record_a_working_set_and_fail_cleanly_without_their_serve
         assert_eq!(pids.len(), 1, "one page server per snapshot: {pids:?}");
         pids[0]
     };
-    let vmms = [h.pid("f-2").unwrap(), h.pid("g").unwrap()];
+    let vmms = [h.pid("g-1").unwrap(), h.pid("g-2").unwrap()];
     // SAFETY: killing the page server this test started.
     unsafe { libc::kill(server_pid, libc::SIGKILL) };
     let deadline = Instant::now() + Duration::from_secs(15);
     while vmms.iter().any(|p| alive(*p)) && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(50));
     }
-    for (name, pid) in ["f-2", "g"].iter().zip(vmms) {
+    for (name, pid) in ["g-1", "g-2"].iter().zip(vmms) {
         assert!(
             !alive(pid),
             "{name}'s VMM still runs without its page server"
@@ -112,7 +125,7 @@ fn uffd_forks_continue_record_a_working_set_and_fail_cleanly_without_their_serve
             assert_eq!(w["state"], "crashed", "{w}");
         }
     }
-    for n in ["f-2", "g", "w"] {
+    for n in ["g-1", "g-2", "w"] {
         h.ok(&["delete", n, "--yes"]);
     }
 }
