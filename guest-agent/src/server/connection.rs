@@ -45,7 +45,8 @@ impl Outbox {
         if self.broken.load(Ordering::Relaxed) {
             return false;
         }
-        let frame = match encode_frame(&ServerFrame { id, msg }) {
+        let mut out = ServerFrame { id, msg };
+        let frame = match encode_frame(&out) {
             Ok(frame) => frame,
             Err(e) => {
                 // Only a bug can make a response too large; tell the client rather than vanish.
@@ -59,14 +60,22 @@ impl Outbox {
                 }
             }
         };
+        let mut frame = frame;
         let mut writer = lock(&self.writer);
         let ok = writer
             .write_all(&frame)
             .and_then(|()| writer.flush())
             .is_ok();
+        drop(writer);
         if !ok {
             self.broken.store(true, Ordering::Relaxed);
         }
+        // Command output and file contents may hold secrets: leave none in freed memory, where a
+        // snapshot would capture it.
+        if let ServerMsg::Stdout(b) | ServerMsg::Stderr(b) | ServerMsg::Data(b) = &mut out.msg {
+            crate::zeroize(b);
+        }
+        crate::zeroize(&mut frame);
         ok
     }
 }
