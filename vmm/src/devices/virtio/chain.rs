@@ -12,7 +12,8 @@ use std::ops::Deref;
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::DescriptorChain;
 use vm_memory::{
-    Bytes, GuestAddress, GuestMemoryBackend, ReadVolatile, VolatileMemoryError, WriteVolatile,
+    Address, Bytes, GuestAddress, GuestMemoryBackend, ReadVolatile, VolatileMemoryError,
+    WriteVolatile,
 };
 
 /// A guest buffer of a chain.
@@ -153,7 +154,7 @@ impl<'a, M: GuestMemoryBackend + ?Sized> BufReader<'a, M> {
             };
             let n = ((b.len - self.off) as usize).min(out.len());
             self.mem
-                .read_slice(&mut out[..n], b.addr.unchecked_add_usize(self.off as usize))?;
+                .read_slice(&mut out[..n], b.addr.unchecked_add(u64::from(self.off)))?;
             out = &mut out[n..];
             self.advance(n as u32);
         }
@@ -183,7 +184,7 @@ impl<'a, M: GuestMemoryBackend + ?Sized> BufReader<'a, M> {
                 break;
             };
             let n = u64::from(b.len - self.off).min(max - done) as usize;
-            let addr = b.addr.unchecked_add_usize(self.off as usize);
+            let addr = b.addr.unchecked_add(u64::from(self.off));
             let mut short = false;
             for slice in GuestMemoryBackend::get_slices(self.mem, addr, n) {
                 let slice = slice.map_err(|e| std::io::Error::other(e.to_string()))?;
@@ -265,7 +266,7 @@ impl<'a, M: GuestMemoryBackend + ?Sized> BufWriter<'a, M> {
             };
             let n = ((b.len - self.off) as usize).min(data.len());
             self.mem
-                .write_slice(&data[..n], b.addr.unchecked_add_usize(self.off as usize))?;
+                .write_slice(&data[..n], b.addr.unchecked_add(u64::from(self.off)))?;
             data = &data[n..];
             self.advance(n as u32);
         }
@@ -282,7 +283,7 @@ impl<'a, M: GuestMemoryBackend + ?Sized> BufWriter<'a, M> {
                 break;
             };
             let n = u64::from(b.len - self.off).min(max - done) as usize;
-            let addr = b.addr.unchecked_add_usize(self.off as usize);
+            let addr = b.addr.unchecked_add(u64::from(self.off));
             let mut short = false;
             for slice in GuestMemoryBackend::get_slices(self.mem, addr, n) {
                 let mut slice = slice.map_err(|e| std::io::Error::other(e.to_string()))?;
@@ -318,16 +319,6 @@ fn volatile_io_error(e: VolatileMemoryError) -> std::io::Error {
     match e {
         VolatileMemoryError::IOError(io) => io,
         other => std::io::Error::other(other.to_string()),
-    }
-}
-
-trait AddUsize {
-    fn unchecked_add_usize(self, n: usize) -> GuestAddress;
-}
-impl AddUsize for GuestAddress {
-    // Buffers were checked to lie in guest memory, so base + offset-within-buffer cannot wrap.
-    fn unchecked_add_usize(self, n: usize) -> GuestAddress {
-        GuestAddress(self.0 + n as u64)
     }
 }
 
