@@ -47,7 +47,11 @@ fn tool(name: &str) -> Option<PathBuf> {
 fn tools_or_skip(test: &str, tools: &[(&str, &str)]) -> bool {
     for (t, package) in tools {
         if tool(t).is_none() {
-            eprintln!("{test}: skipped: {t} is not installed (apt-get install {package})");
+            common::require::skip(
+                test,
+                "tools",
+                &format!("{t} is not installed (apt-get install {package})"),
+            );
             return false;
         }
     }
@@ -1339,7 +1343,11 @@ fn image_workspace_boots_to_the_guest_agent() {
         return;
     }
     let Some(kernel) = std::env::var_os("MICROAGENT_TEST_KERNEL") else {
-        eprintln!("{test}: skipped: MICROAGENT_TEST_KERNEL is not set (scripts/test.sh builds the kernel and sets it)");
+        common::require::skip(
+            test,
+            "linux",
+            "MICROAGENT_TEST_KERNEL is not set (scripts/test.sh builds the kernel and sets it)",
+        );
         return;
     };
     let kernel = kernel.to_string_lossy().into_owned();

@@ -17,7 +17,7 @@ fn inputs_or_skip(test: &str) -> Option<(PathBuf, PathBuf)> {
     ) {
         (Some(k), Some(r)) => Some((k.into(), r.into())),
         _ => {
-            eprintln!("{test}: skipped: MICROAGENT_TEST_KERNEL and MICROAGENT_TEST_ROOTFS are not set (scripts/test.sh sets them)");
+            common::require::skip(test, "linux", "MICROAGENT_TEST_KERNEL and MICROAGENT_TEST_ROOTFS are not set (scripts/test.sh sets them)");
             None
         }
     }

@@ -14,8 +14,10 @@ fn kernel_or_skip(test: &str) -> Option<PathBuf> {
     match std::env::var_os("MICROAGENT_TEST_KERNEL") {
         Some(k) => Some(PathBuf::from(k)),
         None => {
-            eprintln!(
-                "{test}: skipped: MICROAGENT_TEST_KERNEL is not set (scripts/test.sh builds the kernel and sets it)"
+            common::require::skip(
+                test,
+                "linux",
+                "MICROAGENT_TEST_KERNEL is not set (scripts/test.sh builds the kernel and sets it)",
             );
             None
         }

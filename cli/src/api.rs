@@ -46,6 +46,9 @@ pub enum Response {
         uptime_ms: u64,
         #[serde(default)]
         restored_from: Option<String>,
+        /// How long the VM has been paused, while it is.
+        #[serde(default)]
+        paused_ms: Option<u64>,
     },
     Ok,
     Progress {

@@ -50,7 +50,8 @@ pub struct CreateArgs {
     /// Fork from a snapshot, `NAME:TAG`, and start the fork(s).
     #[arg(long, value_name = "NAME:TAG")]
     from_snapshot: Option<String>,
-    /// With --from-snapshot: how many forks (named NAME-1..NAME-N).
+    /// With --from-snapshot: how many forks (named NAME-1..NAME-N). All or nothing: if any
+    /// fork fails to start, the error names it and every fork of the batch is removed.
     #[arg(long, requires = "from_snapshot")]
     count: Option<u32>,
     /// With --from-snapshot: how guest memory comes back.
@@ -77,6 +78,38 @@ fn now_rfc3339() -> String {
 
 fn io_fail(what: &str, p: &Path, e: std::io::Error) -> Failure {
     Failure::new(Code::Error, format!("{what} {}: {e}", p.display()))
+}
+
+/// Removes a workspace directory the way `delete` does: out of sight first, then gone.
+pub fn remove_workspace_dir(root: &Path, ws: &Workspace) {
+    let doomed =
+        home::workspaces_dir(root).join(format!(".deleting-{}-{}", ws.name(), std::process::id()));
+    if std::fs::rename(&ws.dir, &doomed).is_ok() {
+        let _ = std::fs::remove_dir_all(&doomed);
+    }
+}
+
+/// Removes what interrupted commands left behind: half-deleted workspaces (`.deleting-*`) and
+/// half-made ones (`.creating-NAME-PID`) whose command is no longer running.
+pub fn sweep_leftovers(root: &Path) {
+    let Ok(entries) = std::fs::read_dir(home::workspaces_dir(root)) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let pid = name
+            .rsplit_once('-')
+            .and_then(|(_, p)| p.parse::<i32>().ok());
+        let stale = match pid {
+            Some(p) if name.starts_with(".deleting-") || name.starts_with(".creating-") => {
+                p != std::process::id() as i32 && !crate::workspace::process_alive(p)
+            }
+            _ => false,
+        };
+        if stale {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
 }
 
 /// Makes `<root>/workspaces/<name>` appear only once fully populated.
@@ -124,6 +157,7 @@ fn stage_kernel(spec: &str, dir: &Path) -> Result<PathBuf, Failure> {
 }
 
 pub fn create(root: &Path, args: CreateArgs, out: Out) -> Result<(), Failure> {
+    sweep_leftovers(root);
     if let Some(src) = args.from_snapshot.clone() {
         return fork(root, &args, &src, out);
     }
@@ -168,6 +202,7 @@ pub fn create(root: &Path, args: CreateArgs, out: Out) -> Result<(), Failure> {
         }
     }
     let ws = new_workspace_dir(root, &args.name, |dir| {
+        crate::testhooks::fail_point("create-fill")?;
         let kernel = stage_kernel(&spec, dir)?;
         let rootfs = match &rootfs_src {
             Some(src) => {
@@ -282,6 +317,7 @@ fn fork(root: &Path, args: &CreateArgs, src: &str, out: Out) -> Result<(), Failu
     .map_err(crate::snapshot_failure)?;
 
     let mut created: Vec<Workspace> = Vec::new();
+    let mut children = Vec::new();
     let result = (|| {
         for n in &names {
             let ws = new_workspace_dir(root, n, |dir| {
@@ -328,20 +364,27 @@ fn fork(root: &Path, args: &CreateArgs, src: &str, out: Out) -> Result<(), Failu
         // Start them all, then wait for all: restores run concurrently. A disk snapshot's
         // forks boot afresh from their disk copy.
         let restore = (snap.manifest.kind != snapshot::Kind::Disk).then_some(snap.dir.as_path());
-        let mut children = Vec::new();
+        // A failure names the fork it hit; the batch is then removed as a whole (see --count).
+        let named = |ws: &Workspace, f: Failure| {
+            Failure::new(f.code, format!("fork {} failed: {}", ws.name(), f.message))
+        };
         for ws in &created {
-            children.push(process::spawn(ws, restore, args.memory)?);
+            crate::testhooks::fail_point(&format!("fork-spawn-{}", ws.name()))
+                .and_then(|()| process::spawn(ws, restore, args.memory))
+                .map(|c| children.push(c))
+                .map_err(|f| named(ws, f))?;
         }
         let mut pids = Vec::new();
         for (ws, child) in created.iter().zip(children.iter_mut()) {
-            pids.push(process::wait_ready(ws, child)?);
+            pids.push(process::wait_ready(ws, child).map_err(|f| named(ws, f))?);
         }
         // Each fork takes its own identity and entropy, and gets the secrets back.
         for ws in &created {
             match restore {
-                Some(_) => crate::agent::deliver(ws, true, true)?,
-                None => crate::agent::deliver_after_boot(ws)?,
+                Some(_) => crate::agent::deliver(ws, true, true),
+                None => crate::agent::deliver_after_boot(ws),
             }
+            .map_err(|f| named(ws, f))?;
         }
         Ok(pids)
     })();
@@ -366,7 +409,11 @@ fn fork(root: &Path, args: &CreateArgs, src: &str, out: Out) -> Result<(), Failu
             Ok(())
         }
         Err(f) => {
-            // Nothing half-made stays behind.
+            // Nothing half-made stays behind: VMMs that were launched, ready or not, go too.
+            for child in &mut children {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
             for ws in &created {
                 let _ = process::halt(ws);
                 let _ = std::fs::remove_dir_all(&ws.dir);
@@ -396,6 +443,10 @@ pub fn start(root: &Path, args: StartArgs, out: Out) -> Result<(), Failure> {
     match ws.state() {
         State::Stopped | State::Hibernated => {}
         State::Crashed => ws.clear_stale_process(),
+        // Starting a paused workspace lets it run on from where it stopped.
+        State::Paused if args.from_snapshot.is_none() => {
+            return set_paused(&ws, true, out);
+        }
         State::Running | State::Paused if args.force => process::halt(&ws)?,
         s => {
             return Err(Failure::new(
@@ -479,6 +530,68 @@ pub fn start(root: &Path, args: StartArgs, out: Out) -> Result<(), Failure> {
     Ok(())
 }
 
+/// `pause NAME` / `resume NAME`: stop or continue a running workspace's vCPUs in place.
+pub fn pause(root: &Path, name: &str, pause: bool, out: Out) -> Result<(), Failure> {
+    let ws = Workspace::open(root, name)?;
+    let _lock = ws.lock()?;
+    let state = ws.state();
+    match (state, pause) {
+        (State::Running, true) | (State::Paused, false) => set_paused(&ws, !pause, out),
+        (State::Paused, true) | (State::Running, false) => {
+            out.emit(
+                format!("workspace {name} is already {}", state.as_str()),
+                json!({"name": name, "state": state}),
+            );
+            Ok(())
+        }
+        (s, _) => Err(Failure::new(
+            Code::Conflict,
+            format!(
+                "workspace {name} is {}; only a running workspace {}",
+                s.as_str(),
+                if pause { "pauses" } else { "resumes" }
+            ),
+        )),
+    }
+}
+
+/// Sends pause or resume to the VMM (`running` true resumes) and reports the new state.
+fn set_paused(ws: &Workspace, running: bool, out: Out) -> Result<(), Failure> {
+    use crate::api::{self, Request, Response};
+    let req = if running {
+        Request::Resume
+    } else {
+        Request::Pause
+    };
+    match api::request(
+        &ws.path(workspace::API_SOCK),
+        &req,
+        std::time::Duration::from_secs(30),
+    ) {
+        Ok(Response::Ok) => {}
+        Ok(Response::Error { code, message }) => {
+            return Err(Failure::new(crate::output::code_from_name(&code), message))
+        }
+        Ok(other) => {
+            return Err(Failure::new(
+                Code::Error,
+                format!("unexpected answer from the VMM: {other:?}"),
+            ))
+        }
+        Err(e) => return Err(Failure::new(Code::Error, e.to_string())),
+    }
+    let (verb, state) = if running {
+        ("resumed", State::Running)
+    } else {
+        ("paused", State::Paused)
+    };
+    out.emit(
+        format!("workspace {} {verb}", ws.name()),
+        json!({"name": ws.name(), "state": state}),
+    );
+    Ok(())
+}
+
 pub fn halt(root: &Path, name: &str, out: Out) -> Result<(), Failure> {
     let ws = Workspace::open(root, name)?;
     let _lock = ws.lock()?;
@@ -504,10 +617,12 @@ pub fn delete(root: &Path, name: &str, yes: bool, out: Out) -> Result<(), Failur
     }
     let _lock = ws.lock()?;
     process::halt(&ws)?;
-    // Rename first so a half-deleted workspace never looks like a workspace.
+    // Rename first so a half-deleted workspace never looks like a workspace; what an
+    // interrupted removal leaves is swept by the next command.
     let doomed =
         home::workspaces_dir(root).join(format!(".deleting-{name}-{}", std::process::id()));
     std::fs::rename(&ws.dir, &doomed).map_err(|e| io_fail("cannot delete", &ws.dir, e))?;
+    crate::testhooks::crash_point("delete-renamed");
     std::fs::remove_dir_all(&doomed).map_err(|e| io_fail("cannot delete", &doomed, e))?;
     out.emit(
         format!("workspace {name} deleted"),
@@ -531,10 +646,25 @@ fn summary(ws: &Workspace) -> serde_json::Value {
         "forked_from": ws.config.forked_from,
         "created": ws.config.created,
         "expires_in_s": ws.config.expires_unix.map(|t| t.saturating_sub(now_unix())),
+        "paused_ms": if state == State::Paused { paused_ms(ws) } else { None },
     })
 }
 
+/// How long the workspace's VM has been paused, as its VMM reports it.
+fn paused_ms(ws: &Workspace) -> Option<u64> {
+    use crate::api::{self, Request, Response};
+    match api::request(
+        &ws.path(workspace::API_SOCK),
+        &Request::Status,
+        std::time::Duration::from_secs(2),
+    ) {
+        Ok(Response::Status { paused_ms, .. }) => paused_ms,
+        _ => None,
+    }
+}
+
 pub fn list(root: &Path, out: Out) -> Result<(), Failure> {
+    sweep_leftovers(root);
     let all: Vec<_> = Workspace::all(root).iter().map(summary).collect();
     let mut human = format!(
         "{:<20} {:<10} {:>5} {:>8} {:>9} {:>8}  {}",
@@ -563,8 +693,12 @@ pub fn list(root: &Path, out: Out) -> Result<(), Failure> {
 pub fn status(root: &Path, name: &str, out: Out) -> Result<(), Failure> {
     let ws = Workspace::open(root, name)?;
     let s = summary(&ws);
+    let paused = s["paused_ms"]
+        .as_u64()
+        .map(|ms| format!(" for {}.{:03} s", ms / 1000, ms % 1000))
+        .unwrap_or_default();
     let human = format!(
-        "name:      {}\nstate:     {}\nvcpus:     {}\nmemory:    {} MiB\nkernel:    {}\nsnapshots: {}{}",
+        "name:      {}\nstate:     {}{paused}\nvcpus:     {}\nmemory:    {} MiB\nkernel:    {}\nsnapshots: {}{}",
         ws.name(),
         s["state"].as_str().unwrap_or(""),
         ws.config.vcpus,

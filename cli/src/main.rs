@@ -13,6 +13,7 @@ mod pageserver;
 mod process;
 mod run;
 mod snapshot_cmd;
+mod testhooks;
 mod vmm_process;
 mod workspace;
 
@@ -51,6 +52,12 @@ enum Command {
     /// Stop a workspace's VM.
     #[command(after_help = exit::HELP)]
     Halt { name: String },
+    /// Pause a running workspace's vCPUs in place (`resume` or `start` continues it).
+    #[command(after_help = exit::HELP)]
+    Pause { name: String },
+    /// Let a paused workspace run on from where it stopped.
+    #[command(after_help = exit::HELP)]
+    Resume { name: String },
     /// Save a running workspace's memory and stop its VMM; the next `start` resumes it.
     #[command(after_help = exit::HELP)]
     Hibernate { name: String },
@@ -125,6 +132,8 @@ fn main() -> ExitCode {
             Command::Create(a) => commands::create(&root, a, out),
             Command::Start(a) => commands::start(&root, a, out),
             Command::Halt { name } => commands::halt(&root, &name, out),
+            Command::Pause { name } => commands::pause(&root, &name, true, out),
+            Command::Resume { name } => commands::pause(&root, &name, false, out),
             Command::Hibernate { name } => commands::hibernate(&root, &name, out),
             Command::Delete { name, yes } => commands::delete(&root, &name, yes, out),
             Command::List => commands::list(&root, out),

@@ -255,25 +255,28 @@ fn list(root: &Path, name: &str, search: Option<&str>, out: Out) -> Result<(), F
         .into_iter()
         .filter(|s| search.is_none_or(|w| matches(&s.manifest, w)))
         .collect();
+    // The documented columns come first, in their documented order (scripts read IMAGE as the
+    // fourth); what came later goes after them. Sizes have no inner space, so every column is
+    // one whitespace-separated word.
     let mut human = format!(
-        "{:<24} {:>10}  {:<20}  {:<5} {:<16} {}",
-        "TAG", "SIZE", "CREATED", "KIND", "PARENT", "IMAGE"
+        "{:<24} {:>10}  {:<20}  {:<24} {:<5} {}",
+        "TAG", "SIZE", "CREATED", "IMAGE", "KIND", "PARENT"
     );
     let mut js = Vec::new();
     for s in &snaps {
         let m = &s.manifest;
         human.push_str(&format!(
-            "\n{:<24} {:>10}  {:<20}  {:<5} {:<16} {}",
+            "\n{:<24} {:>10}  {:<20}  {:<24} {:<5} {}",
             m.tag,
-            human_size(disk_usage(&s.dir)),
+            human_size(disk_usage(&s.dir)).replace(' ', ""),
             m.created,
+            m.image.as_deref().unwrap_or("-"),
             match m.kind {
                 snapshot::Kind::Full => "full",
                 snapshot::Kind::Diff => "diff",
                 snapshot::Kind::Disk => "disk",
             },
             m.parent.as_deref().unwrap_or("-"),
-            m.image.as_deref().unwrap_or("-")
         ));
         js.push(manifest_json(m, &s.dir));
     }
@@ -533,16 +536,26 @@ fn import(root: &Path, a: ImportArgs, out: Out) -> Result<(), Failure> {
             )
         })?;
     crate::home::check_name(&name)?;
-    let ws = match Workspace::open(root, &name) {
-        Ok(ws) => ws,
-        Err(f) if f.code == Code::NotFound => {
-            crate::commands::create_for_import(root, &name, &manifest, a.kernel.as_deref())?
-        }
+    let (ws, made_here) = match Workspace::open(root, &name) {
+        Ok(ws) => (ws, false),
+        Err(f) if f.code == Code::NotFound => (
+            crate::commands::create_for_import(root, &name, &manifest, a.kernel.as_deref())?,
+            true,
+        ),
         Err(f) => return Err(f),
     };
-    let _lock = ws.lock()?;
-    let snap = snapshot::archive::import(&a.file, &ws.snapshots_dir(), None)
-        .map_err(crate::snapshot_failure)?;
+    let lock = ws.lock()?;
+    let snap = match snapshot::archive::import(&a.file, &ws.snapshots_dir(), None) {
+        Ok(snap) => snap,
+        Err(e) => {
+            // All or nothing: a workspace made only to receive this snapshot goes with it.
+            if made_here {
+                drop(lock);
+                crate::commands::remove_workspace_dir(root, &ws);
+            }
+            return Err(crate::snapshot_failure(e));
+        }
+    };
     out.emit(
         format!(
             "snapshot {} imported into workspace {name}",

@@ -81,6 +81,8 @@ struct Daemon {
     vm: Vm,
     ws: Workspace,
     paused: AtomicBool,
+    /// When the VM was last paused (for `status`), while it is.
+    paused_since: Mutex<Option<Instant>>,
     shutdown: AtomicBool,
     started: Instant,
     restored_from: Option<String>,
@@ -159,6 +161,7 @@ pub fn run(args: VmmArgs) -> Result<(), Failure> {
         vm,
         ws,
         paused: AtomicBool::new(false),
+        paused_since: Mutex::new(None),
         shutdown: AtomicBool::new(false),
         started: Instant::now(),
         restored_from: args.restore.as_ref().map(|p| p.display().to_string()),
@@ -286,6 +289,11 @@ fn status(d: &Daemon) -> Response {
         mem_mib: d.ws.config.mem_mib,
         uptime_ms: d.started.elapsed().as_millis() as u64,
         restored_from: d.restored_from.clone(),
+        paused_ms: d
+            .paused_since
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .map(|t| t.elapsed().as_millis() as u64),
     }
 }
 
@@ -296,11 +304,24 @@ fn error(code: &str, message: impl Into<String>) -> Response {
     }
 }
 
+fn mark_paused(d: &Daemon, paused: bool) {
+    let mut since = d.paused_since.lock().unwrap_or_else(|e| e.into_inner());
+    if paused && since.is_none() {
+        *since = Some(Instant::now());
+    } else if !paused {
+        *since = None;
+    }
+    d.paused.store(paused, Ordering::SeqCst);
+}
+
 fn set_paused(d: &Daemon, pause: bool) -> Response {
+    if d.paused.load(Ordering::SeqCst) == pause {
+        return Response::Ok;
+    }
     let r = if pause { d.vm.pause() } else { d.vm.resume() };
     match r {
         Ok(()) => {
-            d.paused.store(pause, Ordering::SeqCst);
+            mark_paused(d, pause);
             Response::Ok
         }
         Err(e) => error("error", e.to_string()),
@@ -375,7 +396,7 @@ fn capture_into(
         if let Err(e) = d.vm.pause() {
             return error("error", format!("cannot pause the VM: {e}"));
         }
-        d.paused.store(true, Ordering::SeqCst);
+        mark_paused(d, true);
     }
     let cfg = &d.ws.config;
     snapshot::sweep_leftovers(dir);
@@ -409,7 +430,7 @@ fn capture_into(
                 format!("snapshot taken but the VM did not resume: {e}"),
             );
         }
-        d.paused.store(false, Ordering::SeqCst);
+        mark_paused(d, false);
     }
     match result {
         Ok(manifest) => Response::Snapshot {

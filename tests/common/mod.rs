@@ -5,6 +5,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
+#[path = "require.rs"]
+pub mod require;
+
 pub fn bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_microagent"))
 }
@@ -14,7 +17,7 @@ pub fn kvm_or_skip(test: &str) -> bool {
     if Path::new("/dev/kvm").exists() {
         return true;
     }
-    eprintln!("{test}: skipped: /dev/kvm is not available on this host");
+    require::skip(test, "kvm", "/dev/kvm is not available on this host");
     false
 }
 

@@ -11,11 +11,14 @@ use vmm::memory::RestoreMode;
 use vmm::snapshots::SnapshotRestore;
 use vmm::{Console, Vm, VmConfig};
 
+#[path = "../../../tests/common/require.rs"]
+pub mod require;
+
 pub fn kvm_or_skip(test: &str) -> bool {
     if Path::new("/dev/kvm").exists() {
         return true;
     }
-    eprintln!("{test}: skipped: /dev/kvm is not available on this host");
+    require::skip(test, "kvm", "/dev/kvm is not available on this host");
     false
 }
 

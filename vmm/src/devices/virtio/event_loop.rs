@@ -124,6 +124,16 @@ impl EventLoop {
     /// Returns once the loop is parked: no device processes anything until `resume`.
     pub fn pause(&self) -> Result<(), EventLoopError> {
         let rx = self.paused_rx.lock().unwrap_or_else(|e| e.into_inner());
+        // Already parked: the thread waits for `resume` and would never acknowledge again.
+        if *self
+            .control
+            .command
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            == Command::Pause
+        {
+            return Ok(());
+        }
         // Forget acknowledgements of earlier pauses.
         while rx.try_recv().is_ok() {}
         self.command(Command::Pause);
@@ -192,6 +202,10 @@ mod tests {
         el.resume();
         assert!(wait_for(&n, 2));
         el.pause().unwrap();
+        // A second pause of a paused loop returns at once (it used to wait 10 s and fail).
+        let t = std::time::Instant::now();
+        el.pause().unwrap();
+        assert!(t.elapsed() < Duration::from_secs(5));
         el.resume();
         drop(el);
     }

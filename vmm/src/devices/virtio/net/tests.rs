@@ -4,6 +4,9 @@ use std::time::{Duration, Instant};
 use event_manager::{EventManager, SubscriberOps};
 use vm_memory::{Bytes, GuestAddress};
 
+#[path = "../../../../../tests/common/require.rs"]
+mod require;
+
 use super::backend::{find_passt, BackendError};
 use super::*;
 use crate::devices::config::{MacAddr, NetBackendConfig, NetConfig};
@@ -89,7 +92,11 @@ pub(crate) fn dhcp_offer(frame: &[u8], xid: u32) -> Option<[u8; 4]> {
 #[test]
 fn passt_answers_a_dhcp_discover_with_an_offer() {
     if find_passt().is_err() {
-        eprintln!("skipped: passt is not installed (apt-get install passt)");
+        require::skip(
+            "passt_answers_a_dhcp_discover_with_an_offer",
+            "net",
+            "passt is not installed (apt-get install passt)",
+        );
         return;
     }
     let m = mem();
@@ -167,7 +174,11 @@ fn passt_answers_a_dhcp_discover_with_an_offer() {
 #[test]
 fn hostile_tx_chains_are_dropped() {
     if find_passt().is_err() {
-        eprintln!("skipped: passt is not installed");
+        require::skip(
+            "hostile_tx_chains_are_dropped",
+            "net",
+            "passt is not installed (apt-get install passt)",
+        );
         return;
     }
     let m = mem();
