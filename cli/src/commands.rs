@@ -19,12 +19,9 @@ use crate::workspace::{self, Config, State, Workspace};
 pub struct CreateArgs {
     /// Workspace name (with --count N, the prefix of NAME-1..NAME-N).
     name: String,
-    /// Kernel: a vmlinux ELF or bzImage path, or `builtin:testguest`.
-    #[arg(
-        long,
-        required_unless_present = "from_snapshot",
-        conflicts_with = "from_snapshot"
-    )]
+    /// Kernel: a vmlinux ELF or bzImage path, or `builtin:testguest` (default: the kernel
+    /// `microagent kernel build` made for this host; `microagent kernel list` shows it).
+    #[arg(long, conflicts_with = "from_snapshot")]
     kernel: Option<String>,
     /// Initial ramdisk.
     #[arg(long, conflicts_with = "from_snapshot")]
@@ -177,7 +174,10 @@ pub fn create(root: &Path, args: CreateArgs, out: Out) -> Result<(), Failure> {
         .rootfs
         .clone()
         .or_else(|| image.as_ref().map(|i| i.rootfs.clone()));
-    let spec = args.kernel.clone().unwrap_or_default();
+    let spec = match &args.kernel {
+        Some(k) => k.clone(),
+        None => crate::kernel_cmd::default_kernel()?.display().to_string(),
+    };
     let is_builtin = spec.starts_with(builtin::PREFIX);
     let cmdline = args.cmdline.clone().unwrap_or_else(|| {
         if is_builtin {

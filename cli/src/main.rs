@@ -8,6 +8,7 @@ mod duration;
 mod exit;
 mod home;
 mod image;
+mod kernel_cmd;
 mod output;
 mod pageserver;
 mod process;
@@ -90,6 +91,9 @@ enum Command {
     /// OCI images: list, pull (and build the root filesystem), rm.
     #[command(subcommand, after_help = exit::HELP)]
     Image(image::ImageCommand),
+    /// Guest kernels: list the cached ones, build the default one for this host.
+    #[command(subcommand, after_help = exit::HELP)]
+    Kernel(kernel_cmd::KernelCommand),
     /// Boot a kernel in the foreground until the guest resets or powers off.
     #[command(after_help = exit::HELP)]
     Run(run::RunArgs),
@@ -142,6 +146,7 @@ fn main() -> ExitCode {
             Command::Secret(SecretCommand::Set(a)) => agent::secret_set(&root, a, out),
             Command::Snapshot(c) => snapshot_cmd::run(&root, c, out),
             Command::Image(c) => image::run(&root, c, out),
+            Command::Kernel(c) => kernel_cmd::run(c, out),
             Command::Run(_) | Command::Vmm(_) | Command::Exec(_) | Command::PageServer(_) => {
                 Err(Failure::new(Code::Error, "unreachable"))
             }

@@ -11,9 +11,10 @@ use crate::exit::{Code, Failure};
 
 #[derive(Args)]
 pub struct RunArgs {
-    /// Kernel: a vmlinux ELF or bzImage path, or `builtin:testguest`.
+    /// Kernel: a vmlinux ELF or bzImage path, or `builtin:testguest` (default: the kernel
+    /// `microagent kernel build` made for this host).
     #[arg(long)]
-    kernel: String,
+    kernel: Option<String>,
     /// Initial ramdisk (an uncompressed cpio boots fastest on nested KVM).
     #[arg(long)]
     initrd: Option<PathBuf>,
@@ -33,9 +34,13 @@ pub struct RunArgs {
 
 pub fn run(args: RunArgs) -> Result<(), Failure> {
     let vcpus = check_vcpus(args.vcpus).map_err(vm_failure)?;
+    let spec = match args.kernel {
+        Some(k) => k,
+        None => crate::kernel_cmd::default_kernel()?.display().to_string(),
+    };
     let kernel =
-        builtin::resolve(&args.kernel).map_err(|e| Failure::new(Code::NotFound, e.to_string()))?;
-    if !args.kernel.starts_with(builtin::PREFIX) && !kernel.path.exists() {
+        builtin::resolve(&spec).map_err(|e| Failure::new(Code::NotFound, e.to_string()))?;
+    if !spec.starts_with(builtin::PREFIX) && !kernel.path.exists() {
         return Err(Failure::new(
             Code::NotFound,
             format!("kernel {} does not exist", kernel.path.display()),

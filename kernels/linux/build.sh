@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build (or fetch from the cache) a microagent guest kernel from Debian's linux-source-6.1.
 #
-#   build.sh [--variant production|nested-test] [--print-path] [--check-config] [--jobs N]
+#   build.sh [--variant production|nested-test] [--print-path] [--cached-only] [--check-config] [--jobs N]
 #
 # Variants:
 #   production   tinyconfig + microvm.config                                  (SLUB, for hardware KVM)
@@ -43,6 +43,7 @@ Builds vmlinux for a microagent guest kernel from Debian's linux-source-6.1 and 
 
   --variant V      production (default) or nested-test (test-only, patched for nested KVM)
   --print-path     print only the cached vmlinux path on stdout (building it first if needed)
+  --cached-only    never build: exit 3 when the kernel is not in the cache
   --check-config   only resolve and check the kernel config, print requested vs final values
   --jobs N         parallel make jobs (default: nproc)
   -h, --help       this text
@@ -55,6 +56,7 @@ die() { printf 'error: %s\n' "$*" >&2; exit 1; }
 VARIANT=production
 PRINT_PATH=0
 CHECK_ONLY=0
+CACHED_ONLY=0
 JOBS="$(nproc)"
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -62,6 +64,7 @@ while [ $# -gt 0 ]; do
         --variant=*) VARIANT="${1#*=}"; shift ;;
         --print-path) PRINT_PATH=1; shift ;;
         --check-config) CHECK_ONLY=1; shift ;;
+        --cached-only) CACHED_ONLY=1; shift ;;
         --jobs) [ $# -ge 2 ] || { usage; exit 2; }; JOBS="$2"; shift 2 ;;
         --jobs=*) JOBS="${1#*=}"; shift ;;
         -h|--help) usage; exit 0 ;;
@@ -119,6 +122,10 @@ finish() {
 # Fast path: the final directory only ever appears complete (it is renamed into place).
 if [ "$CHECK_ONLY" = 0 ] && [ -f "$VMLINUX" ]; then
     finish
+fi
+if [ "$CACHED_ONLY" = 1 ]; then
+    log "not cached: $VMLINUX"
+    exit 3
 fi
 
 # ---------------------------------------------------------------- tools

@@ -77,44 +77,46 @@ fn static_x86_64_elf(p: &Path) -> Result<bool, String> {
         .any(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]) == PT_INTERP))
 }
 
-fn agent_candidates() -> Vec<PathBuf> {
-    let mut v = Vec::new();
-    if let Ok(exe) = std::env::current_exe() {
-        if let Some(dir) = exe.parent() {
-            v.push(dir.join("microagent-agent"));
-            for up in [dir.join(".."), dir.join("../..")] {
-                v.push(up.join("x86_64-unknown-linux-gnu/release/microagent-agent"));
-                v.push(up.join("x86_64-unknown-linux-musl/release/microagent-agent"));
-            }
-        }
+/// Writes the embedded agent (once per digest) into `dir`, where image builds copy it from.
+fn embedded_agent(dir: &Path) -> Result<PathBuf, ImageError> {
+    let sha = sha256_hex(guest_agent_embed::AGENT);
+    let p = dir.join(format!("agent-{}", &sha[..16]));
+    if fs::read(&p).is_ok_and(|b| b == guest_agent_embed::AGENT) {
+        return Ok(p);
     }
-    v.push(PathBuf::from(
-        "/usr/local/libexec/microagent/microagent-agent",
-    ));
-    v.push(PathBuf::from("/usr/libexec/microagent/microagent-agent"));
-    v
+    let tmp = dir.join(format!(".agent-{}.{}", &sha[..16], std::process::id()));
+    fs::write(&tmp, guest_agent_embed::AGENT).map_err(ImageError::io("cannot write", &tmp))?;
+    fs::set_permissions(&tmp, fs::Permissions::from_mode(0o755))
+        .map_err(ImageError::io("cannot chmod", &tmp))?;
+    fs::rename(&tmp, &p).map_err(ImageError::io("cannot write", &p))?;
+    Ok(p)
+}
+
+fn sha256_hex(b: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(b)
+        .iter()
+        .map(|x| format!("{x:02x}"))
+        .collect()
 }
 
 impl GuestFiles {
-    /// The guest agent (`$MICROAGENT_AGENT`, beside this binary, or in the cargo target dir) and
-    /// busybox-static (`$MICROAGENT_BUSYBOX`, else /bin/busybox); both must be static.
-    pub fn locate() -> Result<GuestFiles, ImageError> {
+    /// The guest agent (`$MICROAGENT_AGENT`, else the one built into this binary, written once
+    /// into `cache_dir`) and busybox-static (`$MICROAGENT_BUSYBOX`, else /bin/busybox); both must
+    /// be static.
+    pub fn locate(cache_dir: &Path) -> Result<GuestFiles, ImageError> {
         let agent = match std::env::var_os("MICROAGENT_AGENT").filter(|v| !v.is_empty()) {
             Some(p) => {
                 let p = PathBuf::from(p);
                 if !p.is_file() {
-                    return Err(ImageError::Host(format!("MICROAGENT_AGENT={} does not exist", p.display())));
+                    return Err(ImageError::Host(format!(
+                        "MICROAGENT_AGENT={} does not exist",
+                        p.display()
+                    )));
                 }
                 p
             }
-            None => agent_candidates().into_iter().find(|p| p.is_file()).ok_or_else(|| {
-                ImageError::Host(
-                    "the guest agent binary (microagent-agent) was not found: build it with \
-                     `RUSTFLAGS=\"-C target-feature=+crt-static\" cargo build --release -p guest-agent \
-                     --target x86_64-unknown-linux-gnu` or set MICROAGENT_AGENT"
-                        .into(),
-                )
-            })?,
+            None => embedded_agent(cache_dir)?,
         };
         match static_x86_64_elf(&agent) {
             Ok(true) => {}

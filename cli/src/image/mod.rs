@@ -359,7 +359,7 @@ pub fn pull(
     let mut source = open_source(&spec, opts, cache.dir())?;
     let name = source.name();
     let resolved = source.resolve().map_err(|e| e.naming(&name))?;
-    let guest = ext4::GuestFiles::locate()?;
+    let guest = ext4::GuestFiles::locate(cache.dir())?;
     if !opts.force {
         if let Some(entry) = cache.get(&resolved.digest) {
             if entry.meta.agent_sha256 == guest.agent_sha256 {
