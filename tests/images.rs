@@ -981,7 +981,7 @@ fn hostile_images_are_refused_and_leave_nothing() {
     if !tools_or_skip(test, BASE_TOOLS) {
         return;
     }
-    let h = Home::new("hostile");
+    let mut h = Home::new("hostile");
     let layout = h.dir.join("layout");
     let passwd = sha_of_file(Path::new("/etc/passwd"));
     let outside = std::env::temp_dir().join(format!("ma-escape-{}", std::process::id()));
@@ -1108,6 +1108,35 @@ fn hostile_images_are_refused_and_leave_nothing() {
     let blob = std::fs::read(&w.layer_blobs[1]).unwrap();
     std::fs::write(&w.layer_blobs[1], &blob[..blob.len() / 3]).unwrap();
     refused(&h, &layout, 2, &["layer 2", "mismatch"]);
+
+    // 6. A decompression bomb: a few KiB of gzip that inflate to 40 MiB, past an 8 MiB bound;
+    // and `create --image` of it leaves no workspace.
+    let bomb = Layer::new()
+        .dir("etc", 0o755)
+        .file("etc/zeros", 0o644, &vec![0u8; 40 << 20])
+        .tar();
+    write_layout(&layout, &[ok_layer.clone(), bomb], &LayoutOpts::default());
+    h.env
+        .push(("MICROAGENT_IMAGE_MAX_LAYER_MIB".into(), "8".into()));
+    refused(
+        &h,
+        &layout,
+        2,
+        &[
+            "layer 2",
+            "inflates past 8 MiB",
+            "MICROAGENT_IMAGE_MAX_LAYER_MIB",
+        ],
+    );
+    let o = h.run(&[
+        "create",
+        "bomb",
+        "--image",
+        &format!("oci:{}:v1", layout.display()),
+    ]);
+    assert_eq!(o.status.code(), Some(2), "{}", common::stderr(&o));
+    assert!(!h.state().join("workspaces/bomb").exists());
+    assert!(h.cache_listing().is_empty(), "{:?}", h.cache_listing());
 
     assert_eq!(sha_of_file(Path::new("/etc/passwd")), passwd);
     let _ = std::fs::remove_dir_all(&outside);

@@ -83,6 +83,16 @@ pub enum ImageError {
         digest: String,
         message: String,
     },
+    /// A layer or the whole image inflates past its bound (a decompression bomb, or simply too
+    /// big): `MICROAGENT_IMAGE_MAX_LAYER_MIB`, `MICROAGENT_IMAGE_MAX_MIB`.
+    #[error("layer {layer} ({digest}) {what} inflates past {limit_mib} MiB (set {env} to allow more); refusing the image")]
+    TooLarge {
+        layer: usize,
+        digest: String,
+        what: &'static str,
+        limit_mib: u64,
+        env: &'static str,
+    },
     /// There is no linux/amd64 image to use.
     #[error("{what} has no linux/amd64 image (found: {found})")]
     NoPlatform { what: String, found: String },
@@ -145,6 +155,7 @@ impl ImageError {
             | ImageError::SizeMismatch { .. }
             | ImageError::UnsafeEntry { .. }
             | ImageError::BadLayer { .. }
+            | ImageError::TooLarge { .. }
             | ImageError::NoPlatform { .. }
             | ImageError::Malformed(_)
             | ImageError::Unsupported(_) => Code::Usage,

@@ -117,7 +117,72 @@ struct Attrs {
     xattrs: Vec<(Vec<u8>, Vec<u8>)>,
 }
 
+/// Bounds on what layers may inflate to: each layer's tar stream, and all of them together.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    pub layer_bytes: u64,
+    pub image_bytes: u64,
+}
+
+pub const MAX_LAYER_ENV: &str = "MICROAGENT_IMAGE_MAX_LAYER_MIB";
+pub const MAX_IMAGE_ENV: &str = "MICROAGENT_IMAGE_MAX_MIB";
+
+impl Limits {
+    /// 16 GiB a layer, 32 GiB an image, unless the environment says otherwise.
+    pub fn from_env() -> Result<Self, ImageError> {
+        let mib = |env: &str, default: u64| -> Result<u64, ImageError> {
+            match std::env::var(env) {
+                Ok(v) if !v.is_empty() => v
+                    .parse::<u64>()
+                    .ok()
+                    .filter(|&m| m > 0 && m < (1 << 40))
+                    .ok_or_else(|| ImageError::BadReference {
+                        reference: v.clone(),
+                        reason: format!("{env} must be a positive whole number of MiB"),
+                    }),
+                _ => Ok(default),
+            }
+        };
+        Ok(Limits {
+            layer_bytes: mib(MAX_LAYER_ENV, 16 << 10)? << 20,
+            image_bytes: mib(MAX_IMAGE_ENV, 32 << 10)? << 20,
+        })
+    }
+}
+
+/// Counts what passes through and fails once more than `left` bytes would.
+struct Bounded<R> {
+    inner: R,
+    left: u64,
+    hit: std::rc::Rc<std::cell::Cell<bool>>,
+}
+
+impl<R: Read> Read for Bounded<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if self.left == 0 {
+            // One more byte tells a stream that ends exactly at the bound from a longer one.
+            let mut probe = [0u8; 1];
+            return match self.inner.read(&mut probe)? {
+                0 => Ok(0),
+                _ => {
+                    self.hit.set(true);
+                    Err(std::io::Error::other("size bound reached"))
+                }
+            };
+        }
+        let want = buf
+            .len()
+            .min(usize::try_from(self.left).unwrap_or(usize::MAX));
+        let n = self.inner.read(&mut buf[..want])?;
+        self.left -= n as u64;
+        Ok(n)
+    }
+}
+
 pub struct Unpacker {
+    limits: Limits,
+    /// Uncompressed bytes of the layers applied so far.
+    inflated: u64,
     root: PathBuf,
     privileged: bool,
     fixups: BTreeMap<PathBuf, Fixup>,
@@ -167,10 +232,16 @@ fn remove_any(p: &Path) -> Result<(), ImageError> {
 
 impl Unpacker {
     pub fn new(root: &Path, privileged: bool) -> Result<Self, ImageError> {
+        Self::with_limits(root, privileged, Limits::from_env()?)
+    }
+
+    pub fn with_limits(root: &Path, privileged: bool, limits: Limits) -> Result<Self, ImageError> {
         fs::create_dir_all(root).map_err(ImageError::io("cannot create", root))?;
         fs::set_permissions(root, fs::Permissions::from_mode(0o755))
             .map_err(ImageError::io("cannot chmod", root))?;
         Ok(Unpacker {
+            limits,
+            inflated: 0,
             root: root.to_path_buf(),
             privileged,
             fixups: BTreeMap::new(),
@@ -207,17 +278,58 @@ impl Unpacker {
         } else {
             Box::new(buffered)
         };
-        let mut archive = tar::Archive::new(HashingReader::new(decoded, diff_id.algorithm));
+        // The tighter of this layer's bound and what is left of the image's.
+        let image_left = self.limits.image_bytes.saturating_sub(self.inflated);
+        let (left, what, limit, env) = if self.limits.layer_bytes <= image_left {
+            (
+                self.limits.layer_bytes,
+                "alone",
+                self.limits.layer_bytes,
+                MAX_LAYER_ENV,
+            )
+        } else {
+            (
+                image_left,
+                "with the layers before it",
+                self.limits.image_bytes,
+                MAX_IMAGE_ENV,
+            )
+        };
+        let hit = std::rc::Rc::new(std::cell::Cell::new(false));
+        let bounded = Bounded {
+            inner: decoded,
+            left,
+            hit: hit.clone(),
+        };
+        let too_large = || ImageError::TooLarge {
+            layer,
+            digest: digest.to_string(),
+            what,
+            limit_mib: limit >> 20,
+            env,
+        };
+        let mut archive = tar::Archive::new(HashingReader::new(bounded, diff_id.algorithm));
         self.this_layer.clear();
-        {
+        let applied = (|| {
             let entries = archive.entries().map_err(corrupt)?;
             for entry in entries {
                 let mut entry = entry.map_err(corrupt)?;
                 self.entry(layer, digest, &mut entry)?;
             }
+            Ok(())
+        })();
+        // A bound reached shows up as whatever error the reader above it made of it.
+        if hit.get() {
+            return Err(too_large());
         }
+        applied?;
         // Read to the end, so trailing bytes are hashed and a truncated stream is noticed.
-        let (actual, _) = archive.into_inner().drain().map_err(corrupt)?;
+        let drained = archive.into_inner().drain();
+        if hit.get() {
+            return Err(too_large());
+        }
+        let (actual, n) = drained.map_err(corrupt)?;
+        self.inflated = self.inflated.saturating_add(n);
         if &actual != diff_id {
             return Err(ImageError::DigestMismatch {
                 what: format!("layer {layer} ({digest}) uncompressed content"),
@@ -841,6 +953,82 @@ mod tests {
         } else {
             assert_eq!(tree.fixups["/bin/tool"].mode, libc::S_IFREG | 0o4755);
         }
+    }
+
+    fn gzip(b: &[u8]) -> Vec<u8> {
+        use std::io::Write;
+        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+        e.write_all(b).unwrap();
+        e.finish().unwrap()
+    }
+
+    #[test]
+    fn decompression_bombs_hit_the_layer_and_image_bounds() {
+        let s = Scratch::new("bombs");
+        let mib = 1u64 << 20;
+        let limits = Limits {
+            layer_bytes: 8 * mib,
+            image_bytes: 10 * mib,
+        };
+        // 24 MiB of zeros in a few KiB of gzip.
+        let bomb_tar = Tar::new().file("zeros", &vec![0u8; 24 << 20]).finish();
+        let bomb = gzip(&bomb_tar);
+        assert!(bomb.len() < 100 << 10, "{} bytes", bomb.len());
+        let mut u = Unpacker::with_limits(&s.0.join("a"), privileged(), limits).unwrap();
+        let d = Digest::of(&bomb_tar);
+        let e = u
+            .apply_layer(1, "sha256:bomb", Box::new(std::io::Cursor::new(bomb)), &d)
+            .unwrap_err();
+        assert!(
+            matches!(
+                e,
+                ImageError::TooLarge {
+                    layer: 1,
+                    limit_mib: 8,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        assert!(e.to_string().contains(MAX_LAYER_ENV), "{e}");
+        // Two layers each under the layer bound, together over the image bound.
+        let six = Tar::new().file("six", &vec![7u8; 6 << 20]).finish();
+        let mut u = Unpacker::with_limits(&s.0.join("b"), privileged(), limits).unwrap();
+        let d = Digest::of(&six);
+        u.apply_layer(
+            1,
+            "sha256:six",
+            Box::new(std::io::Cursor::new(gzip(&six))),
+            &d,
+        )
+        .unwrap();
+        let e = u
+            .apply_layer(
+                2,
+                "sha256:six",
+                Box::new(std::io::Cursor::new(gzip(&six))),
+                &d,
+            )
+            .unwrap_err();
+        assert!(
+            matches!(
+                e,
+                ImageError::TooLarge {
+                    layer: 2,
+                    limit_mib: 10,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        assert!(e.to_string().contains(MAX_IMAGE_ENV), "{e}");
+        // A layer of exactly the bound is fine.
+        let exact = Limits {
+            layer_bytes: six.len() as u64,
+            image_bytes: 1 << 40,
+        };
+        let mut u = Unpacker::with_limits(&s.0.join("c"), privileged(), exact).unwrap();
+        apply(&mut u, 1, six).unwrap();
     }
 
     #[test]
