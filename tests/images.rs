@@ -1365,44 +1365,192 @@ fn unprivileged_build_gives_the_same_image() {
     check_tree(Path::new(v["rootfs"].as_str().unwrap()));
 }
 
+/// Splits a README command line as a shell would for these simple cases: words, and '...'
+/// quoted words.
+fn shell_words(line: &str) -> Vec<String> {
+    let mut words = Vec::new();
+    let mut cur = String::new();
+    let mut quoted = false;
+    let mut in_word = false;
+    for c in line.chars() {
+        match c {
+            '\'' => {
+                quoted = !quoted;
+                in_word = true;
+            }
+            c if c.is_whitespace() && !quoted => {
+                if in_word {
+                    words.push(std::mem::take(&mut cur));
+                    in_word = false;
+                }
+            }
+            c => {
+                cur.push(c);
+                in_word = true;
+            }
+        }
+    }
+    assert!(!quoted, "unbalanced quote in {line:?}");
+    if in_word {
+        words.push(cur);
+    }
+    words
+}
+
+/// Whether `got` is the README's `want` line, where `…` stands for any text (pids, times, paths).
+fn line_matches(want: &str, got: &str) -> bool {
+    let parts: Vec<&str> = want.split('…').collect();
+    let norm = |s: &str| s.split_whitespace().collect::<Vec<_>>().join(" ");
+    let got = norm(got);
+    let mut rest = got.as_str();
+    for (i, p) in parts.iter().enumerate() {
+        let p = norm(p);
+        if i == 0 {
+            let Some(r) = rest.strip_prefix(p.as_str()) else {
+                return false;
+            };
+            rest = r;
+        } else if i == parts.len() - 1 {
+            return rest.ends_with(p.as_str());
+        } else {
+            let Some(at) = rest.find(p.as_str()) else {
+                return false;
+            };
+            rest = &rest[at + p.len()..];
+        }
+    }
+    rest.is_empty()
+}
+
 #[test]
-fn image_workspace_boots_to_the_guest_agent() {
-    let test = "image_workspace_boots_to_the_guest_agent";
-    if !tools_or_skip(test, BASE_TOOLS) || !common::kvm_or_skip(test) {
+fn readme_lines_match_with_ellipses() {
+    assert!(line_matches(
+        "workspace w started (pid …)",
+        "workspace w started (pid 42)"
+    ));
+    assert!(line_matches(
+        "TAG  SIZE …  KIND",
+        "TAG SIZE CREATED IMAGE KIND"
+    ));
+    assert!(!line_matches("v1", "v2"));
+    assert!(!line_matches("a … c", "a b d"));
+    assert_eq!(
+        shell_words("exec b -- sh -c 'echo v1 > /s; cat /s'"),
+        ["exec", "b", "--", "sh", "-c", "echo v1 > /s; cat /s"]
+    );
+}
+
+/// The README's walk-through, run as typed on what a fresh machine has after the set-up: no
+/// --kernel (the default kernel), no MICROAGENT_* variables (the agent built into the binary), an
+/// image that started as a docker archive and is served by a local registry. Each command's
+/// output is compared with the lines the README shows for it.
+#[test]
+fn readme_walkthrough_runs_as_typed() {
+    let test = "readme_walkthrough_runs_as_typed";
+    if !tools_or_skip(test, BASE_TOOLS)
+        || !tools_or_skip(test, REGISTRY_TOOLS)
+        || !common::kvm_or_skip(test)
+    {
         return;
     }
-    let Some(kernel) = std::env::var_os("MICROAGENT_TEST_KERNEL") else {
+    let kernels: Value = serde_json::from_str(&common::stdout(
+        &Home::new("walkthrough-kernels").run(&["--json", "kernel", "list"]),
+    ))
+    .unwrap();
+    if !kernels["kernels"]
+        .as_array()
+        .is_some_and(|k| k.iter().any(|k| k["default"] == true))
+    {
         common::require::skip(
             test,
             "linux",
-            "MICROAGENT_TEST_KERNEL is not set (scripts/test.sh builds the kernel and sets it)",
+            "this host's default kernel is not built (`microagent kernel build`; scripts/test.sh builds it)",
         );
         return;
-    };
-    let kernel = kernel.to_string_lossy().into_owned();
-    let h = Home::new("boot");
-    let layout = h.dir.join("layout");
-    write_layout(&layout, &test_layers(), &LayoutOpts::default());
-    let image = format!("oci:{}:v1", layout.display());
-    h.ok(&["create", "booted", "--kernel", &kernel, "--image", &image]);
-    h.ok(&["start", "booted"]);
-    // The image's init mounts, says so, and runs the agent, which listens on vsock.
-    let console = h.state().join("workspaces/booted/console.log");
-    let deadline = Instant::now() + Duration::from_secs(180);
-    loop {
-        let text = std::fs::read_to_string(&console).unwrap_or_default();
-        if text.contains("microagent: init ready") && text.contains("listening on vsock port 1024")
-        {
-            assert!(!text.contains("Kernel panic"), "{text}");
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no agent within 180 s; console:\n{text}"
-        );
-        std::thread::sleep(Duration::from_millis(200));
     }
-    h.ok(&["halt", "booted"]);
+    let readme = std::fs::read_to_string(workspace_root().join("README.md")).unwrap();
+    let block = readme
+        .split("<!-- walkthrough: tests/images.rs runs this block -->")
+        .nth(1)
+        .and_then(|r| r.split("```console\n").nth(1))
+        .and_then(|r| r.split("\n```").next())
+        .expect("the README has the walk-through block");
+
+    // A small image with a shell: the host's static busybox, saved as a docker archive, pushed.
+    let mut h = Home::new("walkthrough");
+    h.env = vec![("DOCKER_CONFIG".into(), "/nonexistent".into())];
+    let busybox = std::fs::read(tool("busybox").unwrap()).unwrap();
+    let mut layer = Layer::new()
+        .dir("bin", 0o755)
+        .dir("etc", 0o755)
+        .dir("root", 0o700)
+        .dir("tmp", 0o1777)
+        .file("bin/busybox", 0o755, &busybox);
+    for applet in ["sh", "cat", "echo", "uname", "ls", "sleep"] {
+        layer = layer.link(tar::EntryType::Symlink, &format!("bin/{applet}"), "busybox");
+    }
+    let layout = h.dir.join("layout");
+    write_layout(&layout, &[layer.tar()], &LayoutOpts::default());
+    let archive = h.dir.join("tools.tar");
+    let o = Command::new(tool("skopeo").unwrap())
+        .args(["--insecure-policy", "copy"])
+        .arg(format!("oci:{}:v1", layout.display()))
+        .arg(format!("docker-archive:{}:tools:1", archive.display()))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let reg = Registry::start("walkthrough", false);
+    reg.push(
+        &format!("docker-archive:{}", archive.display()),
+        "tools:1",
+        None,
+    );
+    let registry = reg.reference("");
+    let registry = registry.trim_end_matches('/');
+
+    let mut lines = block.lines().peekable();
+    while let Some(line) = lines.next() {
+        let Some(cmd) = line.strip_prefix("$ microagent ") else {
+            panic!("README walk-through: expected a `$ microagent` line, got {line:?}");
+        };
+        let mut want = Vec::new();
+        while let Some(l) = lines.peek() {
+            if l.starts_with("$ ") {
+                break;
+            }
+            want.push(
+                lines
+                    .next()
+                    .unwrap_or_default()
+                    .replace("localhost:5000", registry),
+            );
+        }
+        let cmd = cmd.replace("localhost:5000", registry);
+        let args = shell_words(&cmd);
+        let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+        eprintln!("$ microagent {cmd}");
+        let o = run_with_timeout(h.command(&argv), Duration::from_secs(600));
+        let out = common::stdout(&o);
+        assert!(
+            o.status.success(),
+            "`microagent {cmd}` failed ({:?}):\n{out}\n{}",
+            o.status,
+            common::stderr(&o)
+        );
+        let got: Vec<&str> = out.lines().collect();
+        assert_eq!(
+            got.len(),
+            want.len(),
+            "`microagent {cmd}` printed\n{out}\nthe README shows\n{}",
+            want.join("\n")
+        );
+        for (w, g) in want.iter().zip(&got) {
+            assert!(
+                line_matches(w, g),
+                "`microagent {cmd}` printed {g:?}, the README shows {w:?}"
+            );
+        }
+    }
 }
 
 #[test]
