@@ -200,6 +200,32 @@ fn load_secrets(ws: &Workspace) -> Vec<Secret> {
         .collect()
 }
 
+/// Runs a short command in the guest through its agent; its failure is ours, with its stderr.
+pub fn run_in_guest(ws: &Workspace, argv: &[&str]) -> Result<(), Failure> {
+    let client = connect(ws, &RetryPolicy::default())?;
+    let out = client
+        .exec_output(ExecRequest {
+            argv: argv.iter().map(|a| a.to_string()).collect(),
+            env: Vec::new(),
+            clear_env: false,
+            cwd: None,
+            stdin: None,
+            timeout_ms: Some(30_000),
+        })
+        .map_err(|e| Failure::new(Code::Error, format!("{}: {e}", argv.join(" "))))?;
+    if out.status.code != Some(0) {
+        return Err(Failure::new(
+            Code::Error,
+            format!(
+                "`{}` failed in the guest: {}",
+                argv.join(" "),
+                String::from_utf8_lossy(&out.stderr).trim()
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// Before a capture: sync, freeze, scrub the secrets. `Ok(false)` when the workspace has no agent.
 pub fn prepare(ws: &Workspace) -> Result<bool, Failure> {
     if !ws.config.agent {

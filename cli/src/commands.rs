@@ -57,6 +57,8 @@ pub struct CreateArgs {
     /// With --from-snapshot: each fork halts and is deleted after this long (e.g. 30m, 2h).
     #[arg(long, value_name = "DURATION", requires = "from_snapshot")]
     ttl: Option<String>,
+    #[command(flatten)]
+    net: crate::net::NetArgs,
 }
 
 const DEFAULT_LINUX_CMDLINE: &str = "console=ttyS0 panic=-1 quiet";
@@ -160,6 +162,11 @@ pub fn create(root: &Path, args: CreateArgs, out: Out) -> Result<(), Failure> {
     }
     let vcpus = vmm::vm::check_vcpus(args.vcpus).map_err(crate::run::vm_failure)?;
     vmm::memory::check_size(args.mem).map_err(|e| Failure::new(Code::Usage, e.to_string()))?;
+    let builtin_kernel = args
+        .kernel
+        .as_deref()
+        .is_some_and(|k| k.starts_with(builtin::PREFIX));
+    let (net, publish) = crate::net::from_args(&args.net, builtin_kernel)?;
     // An image becomes the rootfs: pulled and built once into the image cache, then copied.
     let image = match &args.image {
         Some(r) => Some(crate::image::for_create(
@@ -182,6 +189,13 @@ pub fn create(root: &Path, args: CreateArgs, out: Out) -> Result<(), Failure> {
     let cmdline = args.cmdline.clone().unwrap_or_else(|| {
         if is_builtin {
             "mode=counter".to_string()
+        } else if image.is_some() && net == crate::net::NetMode::User {
+            // The image's init configures eth0 from this.
+            format!(
+                "{DEFAULT_LINUX_CMDLINE} {} {}",
+                crate::image::KERNEL_ARGS,
+                crate::net::kernel_arg()
+            )
         } else if image.is_some() {
             format!("{DEFAULT_LINUX_CMDLINE} {}", crate::image::KERNEL_ARGS)
         } else if args.rootfs.is_some() {
@@ -235,6 +249,8 @@ pub fn create(root: &Path, args: CreateArgs, out: Out) -> Result<(), Failure> {
             forked_from: None,
             expires_unix: None,
             agent: !is_builtin && rootfs_src.is_some(),
+            net: net.clone(),
+            publish: publish.clone(),
         })
     })?;
     out.emit(
@@ -357,6 +373,14 @@ fn fork(root: &Path, args: &CreateArgs, src: &str, out: Out) -> Result<(), Failu
                     forked_from: Some(format!("{src_name}:{tag}")),
                     expires_unix: ttl.map(|d| now_unix() + d.as_secs()),
                     agent: source.config.agent,
+                    // Same network, but fixed host ports cannot be bound twice: free ones.
+                    net: source.config.net.clone(),
+                    publish: source
+                        .config
+                        .publish
+                        .iter()
+                        .map(crate::net::Publish::for_fork)
+                        .collect(),
                 })
             })?;
             created.push(ws);
@@ -381,7 +405,9 @@ fn fork(root: &Path, args: &CreateArgs, src: &str, out: Out) -> Result<(), Failu
         // Each fork takes its own identity and entropy, and gets the secrets back.
         for ws in &created {
             match restore {
-                Some(_) => crate::agent::deliver(ws, true, true),
+                Some(_) => {
+                    crate::agent::deliver(ws, true, true).and_then(|()| crate::net::after_fork(ws))
+                }
                 None => crate::agent::deliver_after_boot(ws),
             }
             .map_err(|f| named(ws, f))?;
@@ -647,6 +673,15 @@ fn summary(ws: &Workspace) -> serde_json::Value {
         "created": ws.config.created,
         "expires_in_s": ws.config.expires_unix.map(|t| t.saturating_sub(now_unix())),
         "paused_ms": if state == State::Paused { paused_ms(ws) } else { None },
+        "net": ws.config.net.describe(),
+        "published": match crate::net::runtime(ws) {
+            Some(rt) if matches!(state, State::Running | State::Paused) => rt
+                .published
+                .iter()
+                .map(crate::net::Publish::describe)
+                .collect::<Vec<_>>(),
+            _ => ws.config.publish.iter().map(crate::net::Publish::describe).collect(),
+        },
     })
 }
 
@@ -698,13 +733,14 @@ pub fn status(root: &Path, name: &str, out: Out) -> Result<(), Failure> {
         .map(|ms| format!(" for {}.{:03} s", ms / 1000, ms % 1000))
         .unwrap_or_default();
     let human = format!(
-        "name:      {}\nstate:     {}{paused}\nvcpus:     {}\nmemory:    {} MiB\nkernel:    {}\nsnapshots: {}{}",
+        "name:      {}\nstate:     {}{paused}\nvcpus:     {}\nmemory:    {} MiB\nkernel:    {}\nsnapshots: {}\nnetwork:   {}{}",
         ws.name(),
         s["state"].as_str().unwrap_or(""),
         ws.config.vcpus,
         ws.config.mem_mib,
         ws.config.kernel_spec,
         s["snapshots"],
+        net_line(&s),
         ws.config
             .forked_from
             .as_ref()
@@ -713,6 +749,25 @@ pub fn status(root: &Path, name: &str, out: Out) -> Result<(), Failure> {
     );
     out.emit(human, s);
     Ok(())
+}
+
+/// `user (8080->80/tcp, ...)`: the mode and, for a running VM, the host ports in force.
+fn net_line(s: &serde_json::Value) -> String {
+    let ports: Vec<String> = s["published"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|p| p.as_str())
+                .map(str::to_string)
+                .collect()
+        })
+        .unwrap_or_default();
+    let mode = s["net"].as_str().unwrap_or("none");
+    if ports.is_empty() {
+        mode.to_string()
+    } else {
+        format!("{mode}, published {}", ports.join(" "))
+    }
 }
 
 pub fn console(root: &Path, name: &str) -> Result<(), Failure> {
@@ -845,6 +900,8 @@ pub fn create_for_import(
             expires_unix: None,
             agent: !spec.starts_with(builtin::PREFIX)
                 && m.file(snapshot::manifest::ROOTFS).is_some(),
+            net: crate::net::NetMode::None,
+            publish: Vec::new(),
         })
     })
 }

@@ -9,6 +9,7 @@ mod exit;
 mod home;
 mod image;
 mod kernel_cmd;
+mod net;
 mod output;
 mod pageserver;
 mod process;
@@ -100,6 +101,9 @@ enum Command {
     /// The VMM process of a running workspace (started by `start`; not for direct use).
     #[command(name = "__vmm", hide = true)]
     Vmm(vmm_process::VmmArgs),
+    /// A workspace's network supervisor: runs its passt (started by `start`; not for direct use).
+    #[command(name = "__netd", hide = true)]
+    Netd(net::NetdArgs),
     /// A snapshot's page server for lazy restores (started on demand; not for direct use).
     #[command(name = "__pageserver", hide = true)]
     PageServer(pageserver::PageServerArgs),
@@ -132,6 +136,7 @@ fn main() -> ExitCode {
         Command::Run(args) => run::run(args),
         Command::Vmm(args) => vmm_process::run(args),
         Command::PageServer(args) => pageserver::run(args),
+        Command::Netd(args) => net::supervise(args),
         other => home::state_root().and_then(|root| match other {
             Command::Create(a) => commands::create(&root, a, out),
             Command::Start(a) => commands::start(&root, a, out),
@@ -147,9 +152,11 @@ fn main() -> ExitCode {
             Command::Snapshot(c) => snapshot_cmd::run(&root, c, out),
             Command::Image(c) => image::run(&root, c, out),
             Command::Kernel(c) => kernel_cmd::run(c, out),
-            Command::Run(_) | Command::Vmm(_) | Command::Exec(_) | Command::PageServer(_) => {
-                Err(Failure::new(Code::Error, "unreachable"))
-            }
+            Command::Run(_)
+            | Command::Vmm(_)
+            | Command::Exec(_)
+            | Command::PageServer(_)
+            | Command::Netd(_) => Err(Failure::new(Code::Error, "unreachable")),
         }),
     };
     match result {

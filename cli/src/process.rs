@@ -32,6 +32,8 @@ pub fn spawn(ws: &Workspace, restore: Option<&Path>, memory: MemoryArg) -> Resul
     if console.exists() {
         let _ = std::fs::rename(&console, ws.path(&format!("{}.1", workspace::CONSOLE)));
     }
+    // The VM's passt runs beside it in the host's network namespace, before the VMM dials it.
+    crate::net::ensure(ws)?;
     let mut cmd = Command::new(exe);
     cmd.arg("__vmm").arg("--workspace").arg(&ws.dir);
     if let (Some(r), MemoryArg::Uffd) = (restore, memory) {
@@ -130,6 +132,7 @@ pub fn halt(ws: &Workspace) -> Result<(), Failure> {
             }
         }
     }
+    crate::net::stop(ws);
     ws.clear_stale_process();
     Ok(())
 }

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use clap::Args;
 use snapshot::{CaptureRequest, Progress, Snapshot};
-use vmm::devices::config::{BlockConfig, DeviceConfig, VsockConfig};
+use vmm::devices::config::{BlockConfig, DeviceConfig, NetBackendConfig, NetConfig, VsockConfig};
 use vmm::memory::RestoreMode;
 use vmm::snapshots::SnapshotRestore;
 use vmm::{Console, Vm, VmConfig};
@@ -65,7 +65,19 @@ fn device_config(ws: &Workspace) -> DeviceConfig {
                 id: Some("rootfs".into()),
             })
             .collect(),
-        net: None,
+        net: match &ws.config.net {
+            crate::net::NetMode::None => None,
+            crate::net::NetMode::User => Some(NetConfig {
+                backend: NetBackendConfig::PasstSocket {
+                    path: ws.path(crate::net::SOCKET),
+                },
+                mac: crate::net::mac_for(ws.name()),
+            }),
+            crate::net::NetMode::Tap { name } => Some(NetConfig {
+                backend: NetBackendConfig::Tap { name: name.clone() },
+                mac: crate::net::mac_for(ws.name()),
+            }),
+        },
         vsock: Some(VsockConfig {
             guest_cid: GUEST_CID,
             uds_path: ws.path(workspace::VSOCK_SOCK),

@@ -53,6 +53,12 @@ pub struct Config {
     /// the snapshot hooks go through it.
     #[serde(default)]
     pub agent: bool,
+    /// How the VM reaches the network (workspaces from before networking: none).
+    #[serde(default)]
+    pub net: crate::net::NetMode,
+    /// Guest ports published on the host (`--net user` only).
+    #[serde(default)]
+    pub publish: Vec<crate::net::Publish>,
 }
 
 /// What a workspace is doing, as `list` and `status` report it.

@@ -34,6 +34,20 @@ $bb mount -t tmpfs -o nosuid,nodev,mode=0755 tmpfs /run
 $bb mkdir -p /run/secrets
 $bb mount -t tmpfs -o nosuid,nodev,noexec,mode=0700 secrets /run/secrets
 [ -s /etc/hostname ] && $bb hostname -F /etc/hostname
+$bb ip link set lo up
+# microagent.net=ADDR/PREFIX,GATEWAY,DNS (from `--net user`): the VM's own passt is the router.
+for arg in $($bb cat /proc/cmdline); do
+    case "$arg" in
+    microagent.net=*)
+        v=${arg#microagent.net=}
+        addr=${v%%,*}; rest=${v#*,}; gw=${rest%%,*}; dns=${rest#*,}
+        $bb ip link set eth0 up && $bb ip addr add "$addr" dev eth0 &&
+            $bb ip route add default via "$gw" &&
+            echo "microagent: eth0 $addr via $gw"
+        [ -n "$dns" ] && echo "nameserver $dns" >/etc/resolv.conf 2>/dev/null
+        ;;
+    esac
+done
 echo "microagent: init ready"
 while :; do
     /.microagent/agent 2>/dev/console
@@ -45,6 +59,7 @@ done
 /// The host files that go into every image.
 pub struct GuestFiles {
     pub agent: PathBuf,
+    /// sha256 of the agent followed by the init script.
     pub agent_sha256: String,
     pub busybox: PathBuf,
 }
@@ -148,8 +163,10 @@ impl GuestFiles {
                 busybox.display()
             )));
         }
+        // The agent and the init script together: a cached image built with another of either
+        // is built again.
         let f = File::open(&agent).map_err(ImageError::io("cannot open", &agent))?;
-        let (d, _) = hash_stream(f, Algorithm::Sha256, u64::MAX - 1)
+        let (d, _) = hash_stream(f.chain(INIT.as_bytes()), Algorithm::Sha256, u64::MAX - 1)
             .map_err(ImageError::io("cannot read", &agent))?;
         Ok(GuestFiles {
             agent,

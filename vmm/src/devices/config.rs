@@ -60,6 +60,9 @@ pub enum NetBackendConfig {
         #[serde(default)]
         args: Vec<String>,
     },
+    /// A passt started and supervised outside this process (in the host's network namespace),
+    /// listening on this Unix socket; reconnected to if it restarts.
+    PasstSocket { path: PathBuf },
     /// An existing or new tap interface.
     Tap { name: String },
 }

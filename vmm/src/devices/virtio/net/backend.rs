@@ -34,6 +34,13 @@ pub enum BackendError {
         path: PathBuf,
         status: std::process::ExitStatus,
     },
+    #[error("cannot connect to passt at {path}: {source}")]
+    PasstConnect {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("this passt back end cannot be reconnected")]
+    PasstNotReconnectable,
     #[error("cannot create the socket pair for passt: {0}")]
     SocketPair(#[source] std::io::Error),
     #[error("tap name {0:?} is empty or longer than 15 bytes")]
@@ -94,10 +101,14 @@ impl Backend {
     }
 }
 
-/// A passt process of our own.
+/// passt, either a process of our own on a socket pair, or one started (and supervised) by
+/// someone else, listening on a Unix socket we connect to: the way a jailed VMM reaches a passt
+/// that must stay in the host's network namespace.
 pub struct Passt {
     stream: UnixStream,
-    child: Child,
+    child: Option<Child>,
+    /// The listening socket, for a passt that is not ours: reconnected to when it restarts.
+    path: Option<PathBuf>,
     rbuf: Vec<u8>,
     rpos: usize,
     wbuf: Vec<u8>,
@@ -142,16 +153,57 @@ impl Passt {
             .map_err(BackendError::SocketPair)?;
         Ok(Self {
             stream: ours,
-            child,
+            child: Some(child),
+            path: None,
             rbuf: Vec::new(),
             rpos: 0,
             wbuf: Vec::new(),
         })
     }
 
-    /// The passt process id (for diagnostics and tests).
-    pub fn pid(&self) -> u32 {
-        self.child.id()
+    /// Connects to a passt listening on `path` (qemu stream protocol).
+    pub fn connect(path: &Path) -> Result<Self, BackendError> {
+        let stream = Self::dial(path)?;
+        Ok(Self {
+            stream,
+            child: None,
+            path: Some(path.to_path_buf()),
+            rbuf: Vec::new(),
+            rpos: 0,
+            wbuf: Vec::new(),
+        })
+    }
+
+    fn dial(path: &Path) -> Result<UnixStream, BackendError> {
+        let connect = |source| BackendError::PasstConnect {
+            path: path.to_path_buf(),
+            source,
+        };
+        let stream = UnixStream::connect(path).map_err(connect)?;
+        stream.set_nonblocking(true).map_err(connect)?;
+        Ok(stream)
+    }
+
+    /// For a passt we connect to: a fresh connection (after it restarted). Partial frames of
+    /// the old one are dropped.
+    pub fn reconnect(&mut self) -> Result<(), BackendError> {
+        let Some(path) = self.path.clone() else {
+            return Err(BackendError::PasstNotReconnectable);
+        };
+        self.stream = Self::dial(&path)?;
+        self.rbuf.clear();
+        self.rpos = 0;
+        self.wbuf.clear();
+        Ok(())
+    }
+
+    pub fn fd(&self) -> RawFd {
+        self.stream.as_raw_fd()
+    }
+
+    /// The passt process id, when it is ours (for diagnostics and tests).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     fn take_frame(&mut self, buf: &mut Vec<u8>) -> Option<usize> {
@@ -240,8 +292,10 @@ impl Passt {
 
 impl Drop for Passt {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        if let Some(c) = &mut self.child {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
     }
 }
 

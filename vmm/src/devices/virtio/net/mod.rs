@@ -67,9 +67,14 @@ pub struct Net {
     /// A frame read from the back end that no guest buffer has taken yet.
     pending_rx: Option<Vec<u8>>,
     backend_readable: bool,
+    /// The back end's connection broke (a supervised passt restarting): reconnect on activity.
+    backend_lost: Option<std::time::Instant>,
     frame: Vec<u8>,
     stats: NetStats,
 }
+
+/// How often a lost passt connection is tried again, at most.
+const RECONNECT_EVERY: std::time::Duration = std::time::Duration::from_millis(50);
 
 impl Net {
     /// Starts the back end now, so a missing passt or tap is an error at start-up.
@@ -78,6 +83,7 @@ impl Net {
             NetBackendConfig::Passt { binary, args } => {
                 Backend::Passt(Passt::spawn(binary.as_deref(), args)?)
             }
+            NetBackendConfig::PasstSocket { path } => Backend::Passt(Passt::connect(path)?),
             NetBackendConfig::Tap { name } => Backend::Tap(Tap::open(name)?),
         };
         Self::with_backend(config.mac, backend)
@@ -97,6 +103,7 @@ impl Net {
             active: None,
             pending_rx: None,
             backend_readable: true,
+            backend_lost: None,
             frame: Vec::with_capacity(MAX_FRAME),
             stats: NetStats::default(),
         })
@@ -187,8 +194,9 @@ impl Net {
                             break;
                         }
                         Err(e) => {
-                            if e.kind() == ErrorKind::UnexpectedEof {
+                            if e.kind() == ErrorKind::UnexpectedEof && self.backend_lost.is_none() {
                                 eprintln!("virtio-net: the network back end closed");
+                                self.backend_lost = Some(std::time::Instant::now());
                             }
                             self.backend_readable = false;
                             break;
@@ -273,6 +281,38 @@ impl VirtioDevice for Net {
     }
 }
 
+impl Net {
+    /// A supervised passt that went away is dialled again, at most every RECONNECT_EVERY,
+    /// whenever the guest or the loop gives us a turn; frames meanwhile are lost, as on a wire.
+    fn maybe_reconnect(&mut self, ops: &mut EventOps) {
+        let Some(since) = self.backend_lost else {
+            return;
+        };
+        let Backend::Passt(p) = &mut self.backend else {
+            return;
+        };
+        if since.elapsed() < RECONNECT_EVERY {
+            return;
+        }
+        // Unwatch the dead connection while its fd is still open (a new one may reuse it).
+        let _ = ops.remove(Events::with_data_raw(p.fd(), EV_BACKEND, EventSet::empty()));
+        if p.reconnect().is_err() {
+            self.backend_lost = Some(std::time::Instant::now());
+            return;
+        }
+        if let Err(e) = ops.add(Events::with_data_raw(
+            p.fd(),
+            EV_BACKEND,
+            EventSet::IN | EventSet::OUT | EventSet::EDGE_TRIGGERED,
+        )) {
+            eprintln!("virtio-net: cannot watch the reconnected back end: {e:?}");
+        }
+        eprintln!("virtio-net: reconnected to passt");
+        self.backend_lost = None;
+        self.backend_readable = true;
+    }
+}
+
 impl MutEventSubscriber for Net {
     fn init(&mut self, ops: &mut EventOps) {
         let evs = [
@@ -292,7 +332,8 @@ impl MutEventSubscriber for Net {
         }
     }
 
-    fn process(&mut self, events: Events, _ops: &mut EventOps) {
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        self.maybe_reconnect(ops);
         match events.data() {
             EV_RXQ => {
                 let _ = self.queue_evts[RXQ].read();

@@ -1,0 +1,479 @@
+//! Networking end to end with Linux guests (the test-only kernel on nested KVM): an image built
+//! by `--image` is networked at boot through its own passt; the guest fetches from a server on
+//! the host's loopback, the host reaches a guest server through `--publish`, and both still work
+//! right after a rollback and in forks running at once. Plus the refusals, which need no guest.
+
+mod common;
+use common::oci::{write_layout, Layer, LayoutOpts};
+use common::*;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::time::Duration;
+
+fn json(s: &str) -> serde_json::Value {
+    serde_json::from_str(s).unwrap_or_else(|e| panic!("not JSON ({e}): {s}"))
+}
+
+/// KVM, busybox and this host's default kernel (CI builds it), or a printed reason.
+fn linux_or_skip(test: &str, h: &Home) -> bool {
+    if !kvm_or_skip(test) {
+        return false;
+    }
+    if common::oci::tool("busybox").is_none() {
+        require::skip(
+            test,
+            "tools",
+            "busybox is not installed (apt-get install busybox-static)",
+        );
+        return false;
+    }
+    let v = json(&h.ok(&["--json", "kernel", "list"]));
+    if !v["kernels"]
+        .as_array()
+        .is_some_and(|k| k.iter().any(|k| k["default"] == true))
+    {
+        require::skip(
+            test,
+            "linux",
+            "this host's default kernel is not built (`microagent kernel build`)",
+        );
+        return false;
+    }
+    if common::oci::tool("passt").is_none() {
+        require::skip(
+            test,
+            "net",
+            "passt is not installed (apt-get install passt)",
+        );
+        return false;
+    }
+    true
+}
+
+/// An OCI layout with busybox and the applets these tests use; returns its reference.
+fn busybox_image(h: &Home) -> String {
+    let busybox = std::fs::read(common::oci::tool("busybox").unwrap()).unwrap();
+    let mut layer = Layer::new()
+        .dir("bin", 0o755)
+        .dir("etc", 0o755)
+        .dir("root", 0o700)
+        .dir("tmp", 0o1777)
+        .dir("www", 0o755)
+        .file("bin/busybox", 0o755, &busybox);
+    for applet in [
+        "sh",
+        "cat",
+        "echo",
+        "wget",
+        "httpd",
+        "sha256sum",
+        "ls",
+        "sleep",
+        "ip",
+        "head",
+        "nc",
+    ] {
+        layer = layer.link(tar::EntryType::Symlink, &format!("bin/{applet}"), "busybox");
+    }
+    let layout = h.dir.join("layout");
+    write_layout(&layout, &[layer.tar()], &LayoutOpts::default());
+    format!("oci:{}:v1", layout.display())
+}
+
+/// A tiny HTTP/1.0 file server on the host's 127.0.0.1: `/NAME` answers `files[NAME]`.
+struct HostServer {
+    port: u16,
+}
+
+impl HostServer {
+    fn start(files: Vec<(String, Vec<u8>)>) -> Self {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        std::thread::spawn(move || {
+            for conn in l.incoming() {
+                let Ok(mut c) = conn else { continue };
+                let files = files.clone();
+                std::thread::spawn(move || {
+                    let mut req = Vec::new();
+                    let mut b = [0u8; 1024];
+                    while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match c.read(&mut b) {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => req.extend_from_slice(&b[..n]),
+                        }
+                    }
+                    let line = String::from_utf8_lossy(&req);
+                    let path = line.split_whitespace().nth(1).unwrap_or("/");
+                    // `/raw/NAME`: the bytes alone, for clients without an HTTP parser.
+                    let (raw, path) = match path.strip_prefix("/raw") {
+                        Some(p) => (true, p),
+                        None => (false, path),
+                    };
+                    let body = files
+                        .iter()
+                        .find(|(n, _)| format!("/{n}") == path)
+                        .map(|(_, d)| d.clone());
+                    let _ = match body {
+                        Some(d) if raw => c.write_all(&d),
+                        Some(d) => c
+                            .write_all(
+                                format!("HTTP/1.0 200 OK\r\nContent-Length: {}\r\n\r\n", d.len())
+                                    .as_bytes(),
+                            )
+                            .and_then(|()| c.write_all(&d)),
+                        None => c.write_all(b"HTTP/1.0 404 Not Found\r\n\r\n"),
+                    };
+                });
+            }
+        });
+        HostServer { port }
+    }
+}
+
+fn pseudo_random(n: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
+fn sha256_hex(b: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(b)
+        .iter()
+        .map(|x| format!("{x:02x}"))
+        .collect()
+}
+
+/// The guest fetches `name` from the host server once, with no retry (nc gives up after 20 s),
+/// and prints its sha256. (busybox-static's wget crashes; its nc does the job.)
+fn guest_fetch(h: &Home, ws: &str, port: u16, name: &str) -> String {
+    let script = format!(
+        "printf 'GET /raw/{name} HTTP/1.0\\r\\n\\r\\n' | nc -w 20 10.0.2.2 {port} > /tmp/{name} \
+         && sha256sum /tmp/{name}"
+    );
+    let o = h.run(&["exec", ws, "--", "sh", "-c", &script]);
+    let out = stdout(&o);
+    assert!(
+        o.status.success(),
+        "{ws}: fetch {name}: {out}\n{}",
+        stderr(&o)
+    );
+    out.split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// The host port published for `guest_port` of a running workspace, from `status --json`.
+fn published_port(h: &Home, ws: &str, guest_port: u16) -> u16 {
+    let st = json(&h.ok(&["--json", "status", ws]));
+    st["published"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|p| p.as_str())
+        .find_map(|p| {
+            let spec = p.strip_suffix("/tcp")?;
+            let (host, guest) = spec.rsplit_once(':')?;
+            (guest == guest_port.to_string())
+                .then(|| host.rsplit(':').next()?.parse().ok())
+                .flatten()
+        })
+        .unwrap_or_else(|| panic!("{ws}: no host port for {guest_port}: {st}"))
+}
+
+/// GET / from a published port on the host: the guest's httpd answers with its index.
+fn host_get(port: u16) -> String {
+    let mut c = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    c.write_all(b"GET /index.html HTTP/1.0\r\n\r\n").unwrap();
+    let mut s = String::new();
+    let _ = c.read_to_string(&mut s);
+    s
+}
+
+#[test]
+fn guests_fetch_from_the_host_and_serve_through_published_ports() {
+    let test = "guests_fetch_from_the_host_and_serve_through_published_ports";
+    let h = Home::new("net-e2e");
+    if !linux_or_skip(test, &h) {
+        return;
+    }
+    let files: Vec<(String, Vec<u8>)> = (0..5)
+        .map(|i| (format!("f{i}"), pseudo_random(256 << 10, 7 + i)))
+        .collect();
+    let server = HostServer::start(files.clone());
+    let image = busybox_image(&h);
+    h.ok(&["create", "n", "--image", &image, "--publish", ":8080"]);
+    let st = json(&h.ok(&["--json", "status", "n"]));
+    assert_eq!(st["net"], "user", "{st}");
+    h.ok(&["start", "n"]);
+
+    // Guest -> host, exact bytes.
+    assert_eq!(
+        guest_fetch(&h, "n", server.port, "f0"),
+        sha256_hex(&files[0].1)
+    );
+    // Host -> guest through the published port.
+    h.ok(&[
+        "exec",
+        "n",
+        "--",
+        "sh",
+        "-c",
+        "echo served-by-n > /www/index.html && httpd -p 8080 -h /www",
+    ]);
+    let port = published_port(&h, "n", 8080);
+    assert!(
+        host_get(port).contains("served-by-n"),
+        "no answer on {port}"
+    );
+
+    // Rollback: the first fetch after the agent answers works at once (wget -T 2, no retry).
+    h.ok(&["snapshot", "create", "n", "--tag", "base"]);
+    h.ok(&["halt", "n"]);
+    h.ok(&["start", "n", "--from-snapshot", "base"]);
+    assert_eq!(
+        guest_fetch(&h, "n", server.port, "f1"),
+        sha256_hex(&files[1].1)
+    );
+    h.ok(&["halt", "n"]);
+
+    // Four forks at once: each fetches its own file; each has its own published host port,
+    // served by the httpd that was running when the snapshot was taken.
+    h.ok(&["create", "f", "--from-snapshot", "n:base", "--count", "4"]);
+    let hashes: Vec<String> = std::thread::scope(|s| {
+        let hs: Vec<_> = (1..=4)
+            .map(|i| {
+                let h = &h;
+                s.spawn(move || guest_fetch(h, &format!("f-{i}"), server.port, &format!("f{i}")))
+            })
+            .collect();
+        hs.into_iter().map(|j| j.join().unwrap()).collect()
+    });
+    let mut ports = Vec::new();
+    for i in 1..=4 {
+        assert_eq!(hashes[i - 1], sha256_hex(&files[i].1), "fork f-{i}");
+        let p = published_port(&h, &format!("f-{i}"), 8080);
+        assert!(host_get(p).contains("served-by-n"), "fork f-{i} on {p}");
+        ports.push(p);
+    }
+    ports.sort();
+    ports.dedup();
+    assert_eq!(ports.len(), 4, "forks share host ports: {ports:?}");
+    // Each fork took a MAC address of its own.
+    let macs: Vec<String> = (1..=4)
+        .map(|i| {
+            h.ok(&[
+                "exec",
+                &format!("f-{i}"),
+                "--",
+                "cat",
+                "/sys/class/net/eth0/address",
+            ])
+            .trim()
+            .to_string()
+        })
+        .collect();
+    let mut unique = macs.clone();
+    unique.sort();
+    unique.dedup();
+    assert_eq!(unique.len(), 4, "{macs:?}");
+    for i in 1..=4 {
+        h.ok(&["delete", &format!("f-{i}"), "--yes"]);
+    }
+    h.ok(&["delete", "n", "--yes"]);
+}
+
+#[test]
+fn none_has_only_loopback_and_a_tap_is_eth0() {
+    let test = "none_has_only_loopback_and_a_tap_is_eth0";
+    let h = Home::new("net-modes");
+    if !linux_or_skip(test, &h) {
+        return;
+    }
+    let image = busybox_image(&h);
+    h.ok(&["create", "off", "--image", &image, "--net", "none"]);
+    h.ok(&["start", "off"]);
+    let ifs = h.ok(&["exec", "off", "--", "ls", "/sys/class/net"]);
+    assert_eq!(ifs.split_whitespace().collect::<Vec<_>>(), ["lo"], "{ifs}");
+    h.ok(&["delete", "off", "--yes"]);
+
+    let tap = format!("matap{}", std::process::id() % 100_000);
+    let made = std::process::Command::new("ip")
+        .args(["tuntap", "add", "dev", &tap, "mode", "tap"])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    if !made {
+        eprintln!(
+            "{test}: tap part skipped: cannot create a tap device here (needs root and iproute2)"
+        );
+        return;
+    }
+    let _ = std::process::Command::new("ip")
+        .args(["link", "set", &tap, "up"])
+        .status();
+    h.ok(&[
+        "create",
+        "t",
+        "--image",
+        &image,
+        "--net",
+        &format!("tap:{tap}"),
+    ]);
+    assert_eq!(
+        json(&h.ok(&["--json", "status", "t"]))["net"],
+        format!("tap:{tap}")
+    );
+    h.ok(&["start", "t"]);
+    let ifs = h.ok(&["exec", "t", "--", "ls", "/sys/class/net"]);
+    let ifs: Vec<&str> = ifs.split_whitespace().collect();
+    assert!(ifs.contains(&"eth0") && ifs.contains(&"lo"), "{ifs:?}");
+    // Frames the guest sends reach the tap.
+    let before = tap_rx_bytes(&tap);
+    let _ = h.run(&[
+        "exec",
+        "t",
+        "--",
+        "sh",
+        "-c",
+        "ip link set eth0 up; ip addr add 10.9.9.2/24 dev eth0; echo x | nc -w 1 10.9.9.1 80; true",
+    ]);
+    assert!(tap_rx_bytes(&tap) > before, "nothing reached {tap}");
+    h.ok(&["delete", "t", "--yes"]);
+    let _ = std::process::Command::new("ip")
+        .args(["link", "del", &tap])
+        .status();
+}
+
+fn tap_rx_bytes(tap: &str) -> u64 {
+    // The host's "tx" on a tap is what the guest sent... from the host's view it is rx.
+    std::fs::read_to_string(format!("/sys/class/net/{tap}/statistics/rx_bytes"))
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+#[test]
+fn bad_network_options_are_one_line_errors_and_create_nothing() {
+    let h = Home::new("net-bad");
+    let cases: &[(&[&str], i32, &str)] = &[
+        (
+            &["--net", "bridge"],
+            2,
+            "--net wants user, none or tap:IFNAME",
+        ),
+        (&["--publish", "80"], 2, "--publish \"80\""),
+        (&["--publish", "1:2:3:4"], 2, "wrong number of fields"),
+        (&["--publish", "8080:80/sctp"], 2, "tcp or udp"),
+        (
+            &["--net", "none", "--publish", ":80"],
+            2,
+            "--publish needs --net user",
+        ),
+    ];
+    for (extra, code, needle) in cases {
+        let mut args = vec!["create", "w", "--kernel", "/nonexistent/vmlinux"];
+        args.extend_from_slice(extra);
+        let o = h.run(&args);
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(*code), "{extra:?}: {err}");
+        assert!(err.contains(needle), "{extra:?}: {err}");
+        assert_eq!(err.trim().lines().count(), 1, "{err}");
+        assert!(!h.ws("w").exists());
+    }
+    // passt missing: exit 6, nothing created.
+    let o = std::process::Command::new(bin())
+        .args([
+            "create",
+            "w",
+            "--kernel",
+            "/nonexistent/vmlinux",
+            "--net",
+            "user",
+        ])
+        .env("MICROAGENT_HOME", &h.dir)
+        .env("PATH", "/nonexistent")
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(6), "{}", stderr(&o));
+    assert!(stderr(&o).contains("passt is not installed"));
+    assert!(!h.ws("w").exists());
+}
+
+#[test]
+fn a_taken_host_port_fails_the_start_and_leaves_nothing_running() {
+    let test = "a_taken_host_port_fails_the_start_and_leaves_nothing_running";
+    if !kvm_or_skip(test) {
+        return;
+    }
+    if common::oci::tool("passt").is_none() {
+        require::skip(
+            test,
+            "net",
+            "passt is not installed (apt-get install passt)",
+        );
+        return;
+    }
+    let h = Home::new("net-taken");
+    let taken = TcpListener::bind("0.0.0.0:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    // The test guest has no network driver, but its VM gets the device and passt all the same.
+    h.ok(&[
+        "create",
+        "w",
+        "--kernel",
+        "builtin:testguest",
+        "--mem",
+        "64",
+        "--net",
+        "user",
+        "--publish",
+        &format!("{port}:80"),
+    ]);
+    let o = h.run(&["start", "w"]);
+    assert_eq!(o.status.code(), Some(4), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains(&format!("host port {port}")),
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(json(&h.ok(&["--json", "status", "w"]))["state"], "stopped");
+    assert!(!h.ws("w").join("netd.pid").exists());
+    drop(taken);
+    // Free again: it starts, with passt supervised beside it, and halts with it.
+    h.ok(&["start", "w"]);
+    let rt: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(h.ws("w").join("net.json")).unwrap()).unwrap();
+    let passt = rt["passt_pid"].as_i64().unwrap() as i32;
+    assert!(alive(passt));
+    // passt dies: the supervisor starts a new one.
+    // SAFETY: killing the passt this test's workspace runs.
+    unsafe { libc::kill(passt, libc::SIGKILL) };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let restarted = loop {
+        let rt: Option<serde_json::Value> = std::fs::read(h.ws("w").join("net.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok());
+        if let Some(p) = rt.and_then(|r| r["passt_pid"].as_i64()) {
+            if p as i32 != passt && alive(p as i32) {
+                break p as i32;
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "passt was not restarted"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    h.ok(&["halt", "w"]);
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(!alive(restarted), "passt outlived its VM");
+}
