@@ -368,10 +368,12 @@ fn diff_chains_list_restore_and_cascade() {
         ]
     );
     let human = h.ok(&["snapshot", "list", "w"]);
+    // Columns: TAG SIZE CREATED IMAGE KIND PARENT, one word each.
     assert!(
-        human
-            .lines()
-            .any(|l| l.starts_with("d2 ") && l.contains(" diff ") && l.contains(" d1 ")),
+        human.lines().any(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.len() == 6 && f[0] == "d2" && f[4] == "diff" && f[5] == "d1"
+        }),
         "{human}"
     );
 

@@ -166,8 +166,8 @@ pub fn run(args: VmmArgs) -> Result<(), Failure> {
     )
     .map_err(|e| Failure::new(Code::Error, format!("cannot write pid file: {e}")))?;
 
-    // Diff snapshots need to know what changed since the last capture.
-    vm.enable_dirty_tracking().map_err(crate::run::vm_failure)?;
+    // No dirty log: it would make every first write after each capture a write-protection
+    // fault (seconds of a busy guest's time on nested KVM). Diffs compare page digests instead.
     let ws_snapshots = ws.snapshots_dir();
     let daemon = Arc::new(Daemon {
         vm,

@@ -13,6 +13,7 @@ use crate::manifest::{
     is_safe_name, rfc3339, FileEntry, KernelRef, Kind, Manifest, DIRTY, FORMAT_VERSION, MANIFEST,
     MEMORY, ROOTFS, VMSTATE,
 };
+use crate::pagedigest::{self, PageDigests};
 use crate::{faults, memfile, rootfs, vmstate, SavedVm, Snapshottable};
 
 pub const TMP_PREFIX: &str = ".tmp-";
@@ -64,14 +65,25 @@ pub fn capture<V: Snapshottable>(
             source,
         })?;
     }
-    if let Some(p) = req.parent {
-        crate::open::Snapshot::open(&req.dir.join(p)).map_err(|e| match e {
-            SnapshotError::NotFound(_) => {
-                SnapshotError::NotFound(format!("parent {p}: take a full snapshot to diff against"))
+    // A diff finds its pages by content: the parent's page digests (and their key).
+    let parent_digests = match req.parent {
+        Some(p) => {
+            let parent = crate::open::Snapshot::open(&req.dir.join(p)).map_err(|e| match e {
+                SnapshotError::NotFound(_) => SnapshotError::NotFound(format!(
+                    "parent {p}: take a full snapshot to diff against"
+                )),
+                e => e,
+            })?;
+            if parent.manifest.file(pagedigest::FILE).is_none() {
+                return Err(SnapshotError::ParentWithoutDigests(p.to_string()));
             }
-            e => e,
-        })?;
-    }
+            Some(
+                PageDigests::read(&parent.dir.join(pagedigest::FILE))
+                    .map_err(|e| SnapshotError::Save(Box::new(e)))?,
+            )
+        }
+        None => None,
+    };
     let SavedVm {
         state,
         vcpus,
@@ -84,20 +96,30 @@ pub fn capture<V: Snapshottable>(
     let dirty = vm
         .take_dirty()
         .map_err(|e| SnapshotError::Save(Box::new(e)))?;
-    if req.parent.is_some() && dirty.is_none() {
-        return Err(SnapshotError::Save(
-            "this VM does not track dirty pages, so it cannot take a diff snapshot".into(),
-        ));
-    }
-    let result = write_snapshot(
-        vm,
-        req,
-        progress,
-        &state_bytes,
-        dirty.as_deref(),
-        (vcpus, mem_mib, cpuid),
-        kernel_sha,
-    );
+    let seed = parent_digests
+        .as_ref()
+        .map_or_else(pagedigest::new_seed, |d| d.seed);
+    let digests = PageDigests::of_memory(vm.guest_memory(), seed)
+        .map_err(|e| SnapshotError::Save(Box::new(e)));
+    // Without an armed dirty log (the normal case), a diff's pages are those whose content
+    // changed since the parent; with one (a live capture), the log says it.
+    let changed = match (&parent_digests, &dirty, &digests) {
+        (Some(_), Some(d), _) => Some(d.clone()),
+        (Some(parent), None, Ok(now)) => Some(now.changed_since(parent, vm.guest_memory())),
+        _ => None,
+    };
+    let result = digests.and_then(|digests| {
+        write_snapshot(
+            vm,
+            req,
+            progress,
+            &state_bytes,
+            changed.as_deref(),
+            &digests,
+            (vcpus, mem_mib, cpuid),
+            kernel_sha,
+        )
+    });
     if result.is_err() {
         if let Some(d) = dirty {
             vm.requeue_dirty(d);
@@ -106,12 +128,14 @@ pub fn capture<V: Snapshottable>(
     result
 }
 
+#[allow(clippy::too_many_arguments)]
 fn write_snapshot<V: Snapshottable>(
     vm: &V,
     req: &CaptureRequest<'_>,
     progress: &mut dyn FnMut(Progress),
     state_bytes: &[u8],
     dirty: Option<&[Vec<u64>]>,
+    digests: &PageDigests,
     (vcpus, mem_mib, cpuid): (u8, u64, Vec<crate::manifest::CpuidLeaf>),
     kernel_sha: String,
 ) -> Result<Manifest, SnapshotError> {
@@ -136,6 +160,16 @@ fn write_snapshot<V: Snapshottable>(
         digest: d.finish(),
     });
     faults::checkpoint();
+
+    let pages = digests.encode();
+    let mut d = FileDigest::new();
+    d.update(&pages);
+    write_file(&tmp.join(pagedigest::FILE), &pages)?;
+    files.push(FileEntry {
+        name: pagedigest::FILE.into(),
+        size: pages.len() as u64,
+        digest: d.finish(),
+    });
 
     let mem_path = tmp.join(MEMORY);
     let mem_file = create(&mem_path)?;

@@ -63,6 +63,9 @@ pub enum SnapshotError {
     Exists(String),
     #[error("snapshot {0} does not exist")]
     NotFound(String),
+    /// A diff's parent predates page digests, so what changed since it cannot be told.
+    #[error("parent {0} has no page digests (an older version took it): take a full snapshot to diff against")]
+    ParentWithoutDigests(String),
     #[error("cannot read kernel {path}: {source}")]
     Kernel {
         path: PathBuf,
@@ -95,7 +98,7 @@ impl SnapshotError {
     pub fn code(&self) -> &'static str {
         match self {
             SnapshotError::InvalidTag(_) => "invalid-argument",
-            SnapshotError::Exists(_) => "conflict",
+            SnapshotError::Exists(_) | SnapshotError::ParentWithoutDigests(_) => "conflict",
             SnapshotError::NotFound(_) => "not-found",
             SnapshotError::Kernel { .. } | SnapshotError::Rootfs { .. } => "not-found",
             SnapshotError::Save(_) => "host-unsupported",

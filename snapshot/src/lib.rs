@@ -13,6 +13,7 @@ pub mod hostcpu;
 pub mod manifest;
 pub mod memfile;
 pub mod open;
+pub mod pagedigest;
 pub mod pageserver;
 pub mod rootfs;
 pub mod vmstate;

@@ -259,12 +259,31 @@ fn a_diff_chain_of_three_restores_exactly_like_a_full_snapshot() {
     if !kvm_or_skip("a_diff_chain_of_three_restores_exactly_like_a_full_snapshot") {
         return;
     }
+    diff_chain_restores_exactly(false);
+}
+
+#[test]
+fn a_diff_chain_taken_with_the_dirty_log_restores_exactly_too() {
+    if !kvm_or_skip("a_diff_chain_taken_with_the_dirty_log_restores_exactly_too") {
+        return;
+    }
+    diff_chain_restores_exactly(true);
+}
+
+/// Diffs find their pages by content (page digests), or from KVM's dirty log when it is armed.
+fn diff_chain_restores_exactly(dirty_log: bool) {
     use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryRegion};
-    let dir = scratch("diffchain");
+    let dir = scratch(if dirty_log {
+        "diffchain-log"
+    } else {
+        "diffchain"
+    });
     let kernel = testguest(&dir);
     let snaps = dir.join("snapshots");
     let (vm, out) = boot(&kernel, 2, 64, CMDLINE);
-    vm.enable_dirty_tracking().unwrap();
+    if dirty_log {
+        vm.enable_dirty_tracking().unwrap();
+    }
     out.wait_counts_above(&[10, 10], T);
     vm.pause().unwrap();
     take(&vm, &snaps, "base", &kernel);
