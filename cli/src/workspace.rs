@@ -53,6 +53,9 @@ pub struct Config {
     /// the snapshot hooks go through it.
     #[serde(default)]
     pub agent: bool,
+    /// The VMM's jail and seccomp filters (both on unless created with --no-jail/--no-seccomp).
+    #[serde(default)]
+    pub sandbox: crate::sandbox::SandboxConfig,
 }
 
 /// What a workspace is doing, as `list` and `status` report it.
@@ -66,6 +69,9 @@ pub enum State {
     Crashed,
     /// Stopped with its memory saved; the next start resumes where it left off.
     Hibernated,
+    /// The VMM was killed for breaking its sandbox (e.g. a system call outside its seccomp
+    /// filter); `status` says why.
+    Failed,
 }
 
 impl State {
@@ -76,6 +82,7 @@ impl State {
             State::Paused => "paused",
             State::Crashed => "crashed",
             State::Hibernated => "hibernated",
+            State::Failed => "failed",
         }
     }
 }
@@ -164,6 +171,9 @@ impl Workspace {
             return State::Stopped;
         };
         if !process_alive(pid) {
+            if crate::sandbox::failure(&self.dir).is_some() {
+                return State::Failed;
+            }
             return State::Crashed;
         }
         match api::request(
