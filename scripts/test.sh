@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"
-cargo clippy --workspace --all-targets -- -D warnings
+cargo clippy --workspace --all-targets --features microagent/test-hooks -- -D warnings
 echo "== duplicate rust-vmm crates"
 scripts/check-deps.sh
 
@@ -34,4 +34,4 @@ if [[ -z "${MICROAGENT_SKIP_LINUX:-}" && -z "${MICROAGENT_TEST_ROOTFS:-}" ]]; th
 fi
 
 echo "== cargo test"
-cargo test --workspace --release -- --test-threads=2
+cargo test --workspace --release --features microagent/test-hooks -- --test-threads=2

@@ -33,6 +33,14 @@ pub enum Request {
     /// Capture into the workspace's hibernation slot (memory and state; the disk stays as it
     /// is), then stop.
     Hibernate,
+    /// Test only: make a system call outside every seccomp filter.
+    #[cfg(feature = "test-hooks")]
+    TestForbiddenSyscall,
+    /// Test only: try to open a (host) path from inside the VMM and say what happened.
+    #[cfg(feature = "test-hooks")]
+    TestOpen {
+        path: String,
+    },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -61,6 +69,12 @@ pub enum Response {
     Error {
         code: String,
         message: String,
+    },
+    /// Test only: the outcome of a test request.
+    #[cfg(feature = "test-hooks")]
+    TestResult {
+        ok: bool,
+        detail: String,
     },
 }
 

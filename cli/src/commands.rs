@@ -59,6 +59,36 @@ pub struct CreateArgs {
     ttl: Option<String>,
     #[command(flatten)]
     net: crate::net::NetArgs,
+    #[command(flatten)]
+    sandbox: SandboxArgs,
+    /// Bound on the console log in KiB (it keeps the latest output; the previous run's log is
+    /// console.log.1).
+    #[arg(long, value_name = "KIB")]
+    console_max_kib: Option<u64>,
+}
+
+/// Debugging switches: the VMM runs jailed and seccomp-filtered unless told otherwise.
+#[derive(Args, Clone, Copy)]
+pub struct SandboxArgs {
+    /// Run the VMM without its jail (namespaces, unprivileged uid, no capabilities, cgroup).
+    #[arg(long)]
+    no_jail: bool,
+    /// Run the VMM without its seccomp filters.
+    #[arg(long)]
+    no_seccomp: bool,
+}
+
+impl CreateArgs {
+    fn sandbox_config(&self, base: crate::sandbox::SandboxConfig) -> crate::sandbox::SandboxConfig {
+        crate::sandbox::SandboxConfig {
+            jail: base.jail && !self.sandbox.no_jail,
+            seccomp: base.seccomp && !self.sandbox.no_seccomp,
+            console_max: self
+                .console_max_kib
+                .map_or(base.console_max, |k| k.saturating_mul(1024)),
+            ..base
+        }
+    }
 }
 
 const DEFAULT_LINUX_CMDLINE: &str = "console=ttyS0 panic=-1 quiet";
@@ -251,6 +281,7 @@ pub fn create(root: &Path, args: CreateArgs, out: Out) -> Result<(), Failure> {
             agent: !is_builtin && rootfs_src.is_some(),
             net: net.clone(),
             publish: publish.clone(),
+            sandbox: args.sandbox_config(Default::default()),
         })
     })?;
     out.emit(
@@ -381,6 +412,7 @@ fn fork(root: &Path, args: &CreateArgs, src: &str, out: Out) -> Result<(), Failu
                         .iter()
                         .map(crate::net::Publish::for_fork)
                         .collect(),
+                    sandbox: args.sandbox_config(source.config.sandbox.clone()),
                 })
             })?;
             created.push(ws);
@@ -461,6 +493,8 @@ pub struct StartArgs {
     /// With --from-snapshot: halt a running workspace first instead of refusing.
     #[arg(long, requires = "from_snapshot")]
     force: bool,
+    #[command(flatten)]
+    sandbox: SandboxArgs,
 }
 
 pub fn start(root: &Path, args: StartArgs, out: Out) -> Result<(), Failure> {
@@ -468,7 +502,7 @@ pub fn start(root: &Path, args: StartArgs, out: Out) -> Result<(), Failure> {
     let _lock = ws.lock()?;
     match ws.state() {
         State::Stopped | State::Hibernated => {}
-        State::Crashed => ws.clear_stale_process(),
+        State::Crashed | State::Failed => ws.clear_stale_process(),
         // Starting a paused workspace lets it run on from where it stopped.
         State::Paused if args.from_snapshot.is_none() => {
             return set_paused(&ws, true, out);
@@ -530,7 +564,16 @@ pub fn start(root: &Path, args: StartArgs, out: Out) -> Result<(), Failure> {
     };
     // A disk snapshot only brings the disk back (copied above): the VM boots afresh.
     let snap = snap.filter(|s| s.manifest.kind != snapshot::Kind::Disk);
-    let mut child = process::spawn(&ws, snap.as_ref().map(|s| s.dir.as_path()), args.memory)?;
+    let flags = crate::sandbox::RunFlags {
+        jail: ws.config.sandbox.jail && !args.sandbox.no_jail,
+        seccomp: ws.config.sandbox.seccomp && !args.sandbox.no_seccomp,
+    };
+    let mut child = process::spawn_with(
+        &ws,
+        snap.as_ref().map(|s| s.dir.as_path()),
+        args.memory,
+        flags,
+    )?;
     let pid = process::wait_ready(&ws, &mut child)?;
     match &snap {
         // Restored: thaw, fresh entropy, secrets back (they were scrubbed before the capture).
@@ -682,7 +725,31 @@ fn summary(ws: &Workspace) -> serde_json::Value {
                 .collect::<Vec<_>>(),
             _ => ws.config.publish.iter().map(crate::net::Publish::describe).collect(),
         },
+        "sandbox": sandbox_summary(ws, state),
+        "failure": if state == State::Failed { crate::sandbox::failure(&ws.dir) } else { None },
     })
+}
+
+/// The running VMM's sandbox as its waiter recorded it, else the workspace's settings.
+fn sandbox_summary(ws: &Workspace, state: State) -> serde_json::Value {
+    let running = matches!(state, State::Running | State::Paused);
+    match crate::sandbox::record(&ws.dir).filter(|r| running && Some(r.pid as i32) == ws.pid()) {
+        Some(r) => json!({
+            "jail": r.jail,
+            "seccomp": r.seccomp,
+            "uid": r.uid,
+            "gid": r.gid,
+            "jail_root": r.jail_root,
+            "cgroups": r.cgroups,
+            "cgroup_note": r.cgroup_note,
+            "summary": crate::sandbox::describe(&r),
+        }),
+        None => json!({
+            "jail": ws.config.sandbox.jail,
+            "seccomp": ws.config.sandbox.seccomp,
+            "console_max": ws.config.sandbox.console_max,
+        }),
+    }
 }
 
 /// How long the workspace's VM has been paused, as its VMM reports it.
@@ -747,6 +814,26 @@ pub fn status(root: &Path, name: &str, out: Out) -> Result<(), Failure> {
             .map(|f| format!("\nforked:    from {f}"))
             .unwrap_or_default()
     );
+    let sandbox = match s["sandbox"]["summary"].as_str() {
+        Some(line) => line.to_string(),
+        None => format!(
+            "{}, {}",
+            if ws.config.sandbox.jail {
+                "jail"
+            } else {
+                "no jail"
+            },
+            if ws.config.sandbox.seccomp {
+                "seccomp"
+            } else {
+                "no seccomp"
+            }
+        ),
+    };
+    let mut human = format!("{human}\nsandbox:   {sandbox}");
+    if let Some(f) = s["failure"].as_str() {
+        human.push_str(&format!("\nfailure:   {f}"));
+    }
     out.emit(human, s);
     Ok(())
 }
@@ -902,6 +989,7 @@ pub fn create_for_import(
                 && m.file(snapshot::manifest::ROOTFS).is_some(),
             net: crate::net::NetMode::None,
             publish: Vec::new(),
+            sandbox: Default::default(),
         })
     })
 }

@@ -2,6 +2,7 @@
 
 mod agent;
 mod api;
+mod boundedlog;
 mod builtin;
 mod commands;
 mod duration;
@@ -14,8 +15,12 @@ mod output;
 mod pageserver;
 mod process;
 mod run;
+mod sandbox;
 mod snapshot_cmd;
+#[cfg(feature = "test-hooks")]
+mod test_hooks;
 mod testhooks;
+mod vmm_jail;
 mod vmm_process;
 mod workspace;
 
@@ -107,6 +112,10 @@ enum Command {
     /// A snapshot's page server for lazy restores (started on demand; not for direct use).
     #[command(name = "__pageserver", hide = true)]
     PageServer(pageserver::PageServerArgs),
+    /// Test-only requests to a VMM (built with the `test-hooks` feature only).
+    #[cfg(feature = "test-hooks")]
+    #[command(name = "__test-hook", hide = true)]
+    TestHook(test_hooks::TestHookArgs),
 }
 
 #[derive(Subcommand)]
@@ -151,6 +160,8 @@ fn main() -> ExitCode {
             Command::Secret(SecretCommand::Set(a)) => agent::secret_set(&root, a, out),
             Command::Snapshot(c) => snapshot_cmd::run(&root, c, out),
             Command::Image(c) => image::run(&root, c, out),
+            #[cfg(feature = "test-hooks")]
+            Command::TestHook(a) => test_hooks::run(&root, a, out),
             Command::Kernel(c) => kernel_cmd::run(c, out),
             Command::Run(_)
             | Command::Vmm(_)

@@ -571,8 +571,8 @@ fn spawn_passt(passt: &Path, published: &[Publish], sock: &Path) -> Result<Child
         })
 }
 
-/// Waits until passt listens, then gives the socket to the workspace directory's owner only (the
-/// VMM, which may run as its own uid in its jail).
+/// Waits until passt listens, then gives the socket to the workspace directory's owner and group
+/// only (the jailed VMM runs with that group, and is handed the socket itself at start).
 fn wait_listening(passt: &mut Child, sock: &Path, dir: &Path) -> Result<(), Failure> {
     use std::os::unix::fs::MetadataExt;
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -596,7 +596,8 @@ fn wait_listening(passt: &mut Child, sock: &Path, dir: &Path) -> Result<(), Fail
         let _ = std::os::unix::fs::chown(sock, Some(uid), Some(gid));
     }
     use std::os::unix::fs::PermissionsExt;
-    let _ = std::fs::set_permissions(sock, std::fs::Permissions::from_mode(0o600));
+    // The workspace directory's group is the jailed VMM's.
+    let _ = std::fs::set_permissions(sock, std::fs::Permissions::from_mode(0o660));
     Ok(())
 }
 

@@ -22,6 +22,12 @@ pub struct PageServerArgs {
     /// The snapshot directory to serve.
     #[arg(long)]
     snapshot: PathBuf,
+    /// Run without the jail.
+    #[arg(long)]
+    no_jail: bool,
+    /// Run without a seccomp filter.
+    #[arg(long)]
+    no_seccomp: bool,
 }
 
 pub fn socket_for(snapshot_dir: &Path) -> PathBuf {
@@ -32,8 +38,21 @@ pub fn socket_for(snapshot_dir: &Path) -> PathBuf {
 pub fn run(args: PageServerArgs) -> Result<(), Failure> {
     let snap = Snapshot::open(&args.snapshot).map_err(crate::snapshot_failure)?;
     let sock = socket_for(&snap.dir);
+    let flags = crate::sandbox::RunFlags {
+        jail: !args.no_jail,
+        seccomp: !args.no_seccomp,
+    };
+    crate::sandbox::enter(crate::vmm_jail::pageserver_spec(&snap.dir, flags))?;
+    if flags.seccomp {
+        crate::sandbox::seccomp::apply(crate::sandbox::seccomp::Kind::PageServer)?;
+    }
     let server = PageServer::for_snapshot(&snap, &sock, ServerConfig::default())
         .map_err(|e| Failure::new(Code::Error, format!("page server: {e}")))?;
+    // Every VMM restoring from this snapshot runs as a uid of its own.
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o666));
+    }
     let mut idle_since = Some(Instant::now());
     loop {
         std::thread::sleep(Duration::from_millis(500));
@@ -51,7 +70,7 @@ pub fn run(args: PageServerArgs) -> Result<(), Failure> {
 }
 
 /// Makes sure a page server for `snapshot_dir` runs, starting one if none answers.
-pub fn ensure(snapshot_dir: &Path) -> Result<PathBuf, Failure> {
+pub fn ensure(snapshot_dir: &Path, flags: crate::sandbox::RunFlags) -> Result<PathBuf, Failure> {
     let sock = socket_for(snapshot_dir);
     // One server per snapshot, however many forks start at once.
     let _lock = lock(snapshot_dir)?;
@@ -61,6 +80,7 @@ pub fn ensure(snapshot_dir: &Path) -> Result<PathBuf, Failure> {
     let _ = std::fs::remove_file(&sock);
     let exe = std::env::current_exe()
         .map_err(|e| Failure::new(Code::Error, format!("cannot find my own binary: {e}")))?;
+    crate::vmm_jail::rotate_log(&snapshot_dir.join(LOG));
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -69,10 +89,15 @@ pub fn ensure(snapshot_dir: &Path) -> Result<PathBuf, Failure> {
     let log2 = log
         .try_clone()
         .map_err(|e| Failure::new(Code::Error, format!("cannot open the page server log: {e}")))?;
-    let mut child = Command::new(exe)
-        .arg("__pageserver")
-        .arg("--snapshot")
-        .arg(snapshot_dir)
+    let mut cmd = Command::new(exe);
+    cmd.arg("__pageserver").arg("--snapshot").arg(snapshot_dir);
+    if !flags.jail {
+        cmd.arg("--no-jail");
+    }
+    if !flags.seccomp {
+        cmd.arg("--no-seccomp");
+    }
+    let mut child = cmd
         .stdin(Stdio::null())
         .stdout(log)
         .stderr(log2)

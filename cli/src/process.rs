@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use crate::api::{self, Request, Response};
 use crate::exit::{Code, Failure};
+use crate::sandbox::RunFlags;
 use crate::vmm_process::MemoryArg;
 use crate::workspace::{self, process_alive, Workspace};
 
@@ -15,10 +16,27 @@ use crate::workspace::{self, process_alive, Workspace};
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
 const HALT_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Launches the VMM process for `ws`, detached into its own process group.
+/// Launches the VMM process for `ws`, detached into its own process group, sandboxed as its
+/// config says.
 pub fn spawn(ws: &Workspace, restore: Option<&Path>, memory: MemoryArg) -> Result<Child, Failure> {
+    let flags = RunFlags {
+        jail: ws.config.sandbox.jail,
+        seccomp: ws.config.sandbox.seccomp,
+    };
+    spawn_with(ws, restore, memory, flags)
+}
+
+/// As [`spawn`], with this run's sandbox settings.
+pub fn spawn_with(
+    ws: &Workspace,
+    restore: Option<&Path>,
+    memory: MemoryArg,
+    flags: RunFlags,
+) -> Result<Child, Failure> {
     let exe = std::env::current_exe()
         .map_err(|e| Failure::new(Code::Error, format!("cannot find my own binary: {e}")))?;
+    crate::vmm_jail::rotate_log(&ws.path(workspace::VMM_LOG));
+    let _ = std::fs::remove_file(ws.path(crate::sandbox::FAILED));
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -37,7 +55,7 @@ pub fn spawn(ws: &Workspace, restore: Option<&Path>, memory: MemoryArg) -> Resul
     let mut cmd = Command::new(exe);
     cmd.arg("__vmm").arg("--workspace").arg(&ws.dir);
     if let (Some(r), MemoryArg::Uffd) = (restore, memory) {
-        crate::pageserver::ensure(r)?;
+        crate::pageserver::ensure(r, flags)?;
     }
     if let Some(r) = restore {
         cmd.arg("--restore")
@@ -48,6 +66,12 @@ pub fn spawn(ws: &Workspace, restore: Option<&Path>, memory: MemoryArg) -> Resul
                 MemoryArg::Mmap => "mmap",
                 MemoryArg::Uffd => "uffd",
             });
+    }
+    if !flags.jail {
+        cmd.arg("--no-jail");
+    }
+    if !flags.seccomp {
+        cmd.arg("--no-seccomp");
     }
     cmd.stdin(Stdio::null())
         .stdout(Stdio::from(log))
@@ -135,4 +159,27 @@ pub fn halt(ws: &Workspace) -> Result<(), Failure> {
     crate::net::stop(ws);
     ws.clear_stale_process();
     Ok(())
+}
+
+/// The error for a request the VMM did not answer: when its sandbox killed it (the waiter says
+/// why), a guest failure naming the workspace; else the request's own error.
+#[cfg_attr(not(feature = "test-hooks"), allow(dead_code))]
+pub fn vmm_gone(ws: &Workspace, why: &str) -> Failure {
+    let start = Instant::now();
+    loop {
+        if let Some(reason) = crate::sandbox::failure(&ws.dir) {
+            return Failure::new(
+                Code::GuestFailed,
+                format!("workspace {} failed: its VMM was {reason}", ws.name()),
+            );
+        }
+        let alive = ws.pid().is_some_and(process_alive);
+        // A dead VMM's waiter writes why within moments; a live one just did not answer.
+        if start.elapsed() > Duration::from_secs(5)
+            || (alive && start.elapsed() > Duration::from_secs(1))
+        {
+            return Failure::new(Code::Error, format!("workspace {}: {why}", ws.name()));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }

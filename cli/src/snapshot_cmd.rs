@@ -574,7 +574,7 @@ fn disk_snapshot(
 ) -> Result<(), Failure> {
     let name = ws.name();
     match ws.state() {
-        State::Stopped | State::Crashed => {}
+        State::Stopped | State::Crashed | State::Failed => {}
         s => {
             return Err(Failure::new(
                 Code::Conflict,

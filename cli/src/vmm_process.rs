@@ -30,6 +30,12 @@ pub struct VmmArgs {
     /// How guest memory comes back on restore.
     #[arg(long, value_enum, default_value_t = MemoryArg::Mmap)]
     memory: MemoryArg,
+    /// Run without the jail (namespaces, unprivileged uid, capabilities, cgroup).
+    #[arg(long)]
+    no_jail: bool,
+    /// Run without seccomp filters.
+    #[arg(long)]
+    no_seccomp: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -117,7 +123,26 @@ pub fn run(args: VmmArgs) -> Result<(), Failure> {
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     let ws = Workspace::open(&root, &name)?;
-    let console = Console::File(ws.path(workspace::CONSOLE));
+    let flags = crate::sandbox::RunFlags {
+        jail: !args.no_jail,
+        seccomp: !args.no_seccomp,
+    };
+    crate::sandbox::enter(crate::vmm_jail::spec(
+        &ws,
+        args.restore.as_deref(),
+        args.memory,
+        flags,
+    ))?;
+    if flags.seccomp {
+        vmm::thread_hook::set(crate::sandbox::seccomp::vmm_thread_hook);
+        crate::sandbox::seccomp::apply(crate::sandbox::seccomp::Kind::VmmProcess)?;
+    }
+    let console_log = crate::boundedlog::BoundedLog::create(
+        &ws.path(workspace::CONSOLE),
+        ws.config.sandbox.console_max,
+    )
+    .map_err(|e| Failure::new(Code::Error, format!("cannot open the console log: {e}")))?;
+    let console = Console::Writer(Box::new(console_log));
     let cfg = &ws.config;
     let vm = match &args.restore {
         None => Vm::boot(VmConfig {
@@ -162,7 +187,7 @@ pub fn run(args: VmmArgs) -> Result<(), Failure> {
     })?;
     workspace::write_atomic(
         &ws.path(workspace::PID),
-        format!("{}\n", std::process::id()).as_bytes(),
+        format!("{}\n", crate::sandbox::host_pid()).as_bytes(),
     )
     .map_err(|e| Failure::new(Code::Error, format!("cannot write pid file: {e}")))?;
 
@@ -180,12 +205,22 @@ pub fn run(args: VmmArgs) -> Result<(), Failure> {
         last_capture: Mutex::new(own_snapshot_tag(&ws_snapshots, args.restore.as_deref())),
         busy: Mutex::new(()),
     });
+    use crate::sandbox::seccomp::Kind;
+    let seccomp = flags.seccomp;
     {
         let d = daemon.clone();
         std::thread::Builder::new()
             .name("api".into())
-            .spawn(move || serve(&d, listener))
+            .spawn(move || {
+                if seccomp && crate::sandbox::seccomp::apply(Kind::Control).is_err() {
+                    std::process::abort();
+                }
+                serve(&d, listener)
+            })
             .map_err(|e| Failure::new(Code::Error, format!("cannot start the API thread: {e}")))?;
+    }
+    if seccomp {
+        crate::sandbox::seccomp::apply(Kind::Control)?;
     }
     let expires = daemon.ws.config.expires_unix;
     let mut expired = false;
@@ -206,15 +241,14 @@ pub fn run(args: VmmArgs) -> Result<(), Failure> {
     for f in [workspace::API_SOCK, workspace::PID, workspace::VSOCK_SOCK] {
         let _ = std::fs::remove_file(daemon.ws.path(f));
     }
-    if expired {
-        // The lifetime ended: the workspace goes, files and all, even with no CLI around.
-        remove_expired(&daemon.ws);
-    }
     if let Err(f) = &result {
         eprintln!("microagent vmm: {}", f.message);
     }
-    // Exit without unwinding the API thread; the VM's threads stop with the process.
+    // Exit without unwinding the API thread; the VM's threads stop with the process. An
+    // expired workspace goes, files and all, even with no CLI around: the waiter (outside the
+    // jail) removes it.
     std::process::exit(match &result {
+        Ok(()) if expired => crate::sandbox::EXIT_EXPIRED,
         Ok(()) => 0,
         Err(f) => f.code as i32,
     })
@@ -289,6 +323,27 @@ fn handle(d: &Daemon, conn: UnixStream) {
             }
             r
         }
+        #[cfg(feature = "test-hooks")]
+        Request::TestForbiddenSyscall => {
+            // syslog(SYSLOG_ACTION_SIZE_BUFFER) is harmless, and in no filter.
+            // SAFETY: a read-only query with no buffer.
+            let r = unsafe { libc::syscall(libc::SYS_syslog, 10, std::ptr::null::<u8>(), 0) };
+            Response::TestResult {
+                ok: false,
+                detail: format!("still alive: syslog returned {r}"),
+            }
+        }
+        #[cfg(feature = "test-hooks")]
+        Request::TestOpen { path } => match std::fs::File::open(&path) {
+            Ok(_) => Response::TestResult {
+                ok: true,
+                detail: format!("opened {path}"),
+            },
+            Err(e) => Response::TestResult {
+                ok: false,
+                detail: format!("cannot open {path}: {e}"),
+            },
+        },
     };
     let _ = api::write_msg(&mut w, &resp);
 }
@@ -296,7 +351,7 @@ fn handle(d: &Daemon, conn: UnixStream) {
 fn status(d: &Daemon) -> Response {
     Response::Status {
         paused: d.paused.load(Ordering::SeqCst),
-        pid: std::process::id(),
+        pid: crate::sandbox::host_pid(),
         vcpus: d.ws.config.vcpus,
         mem_mib: d.ws.config.mem_mib,
         uptime_ms: d.started.elapsed().as_millis() as u64,
@@ -457,14 +512,4 @@ fn now_unix() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0)
-}
-
-fn remove_expired(ws: &Workspace) {
-    let Some(parent) = ws.dir.parent() else {
-        return;
-    };
-    let doomed = parent.join(format!(".deleting-{}-{}", ws.name(), std::process::id()));
-    if std::fs::rename(&ws.dir, &doomed).is_ok() {
-        let _ = std::fs::remove_dir_all(&doomed);
-    }
 }

@@ -59,6 +59,9 @@ pub struct Config {
     /// Guest ports published on the host (`--net user` only).
     #[serde(default)]
     pub publish: Vec<crate::net::Publish>,
+    /// The VMM's jail and seccomp filters (both on unless created with --no-jail/--no-seccomp).
+    #[serde(default)]
+    pub sandbox: crate::sandbox::SandboxConfig,
 }
 
 /// What a workspace is doing, as `list` and `status` report it.
@@ -72,6 +75,9 @@ pub enum State {
     Crashed,
     /// Stopped with its memory saved; the next start resumes where it left off.
     Hibernated,
+    /// The VMM was killed for breaking its sandbox (e.g. a system call outside its seccomp
+    /// filter); `status` says why.
+    Failed,
 }
 
 impl State {
@@ -82,6 +88,7 @@ impl State {
             State::Paused => "paused",
             State::Crashed => "crashed",
             State::Hibernated => "hibernated",
+            State::Failed => "failed",
         }
     }
 }
@@ -170,6 +177,9 @@ impl Workspace {
             return State::Stopped;
         };
         if !process_alive(pid) {
+            if crate::sandbox::failure(&self.dir).is_some() {
+                return State::Failed;
+            }
             return State::Crashed;
         }
         match api::request(

@@ -8,6 +8,7 @@ pub mod devices;
 pub mod memory;
 pub mod persist;
 pub mod snapshots;
+pub mod thread_hook;
 pub mod vcpu;
 pub mod vm;
 

@@ -305,6 +305,7 @@ impl Vcpu {
         responses: Sender<VcpuResponse>,
         mut paused: bool,
     ) {
+        crate::thread_hook::enter(crate::thread_hook::ThreadKind::Vcpu);
         KVM_RUN.with(|p| p.set(self.fd.get_kvm_run() as *mut kvm_run));
         loop {
             // Requests first: a kick leaves its request queued before the signal lands.

@@ -94,13 +94,16 @@ impl EventLoop {
         let c = control.clone();
         let thread = std::thread::Builder::new()
             .name("virtio-devices".into())
-            .spawn(move || loop {
-                if let Err(e) = em.run() {
-                    eprintln!("device event loop: epoll failed: {e:?}");
-                    std::thread::sleep(Duration::from_millis(10));
-                }
-                if *c.command.lock().unwrap_or_else(|e| e.into_inner()) == Command::Stop {
-                    break;
+            .spawn(move || {
+                crate::thread_hook::enter(crate::thread_hook::ThreadKind::Devices);
+                loop {
+                    if let Err(e) = em.run() {
+                        eprintln!("device event loop: epoll failed: {e:?}");
+                        std::thread::sleep(Duration::from_millis(10));
+                    }
+                    if *c.command.lock().unwrap_or_else(|e| e.into_inner()) == Command::Stop {
+                        break;
+                    }
                 }
             })
             .map_err(EventLoopError::Spawn)?;

@@ -1,0 +1,388 @@
+//! The sandbox around each `__vmm` and `__pageserver` process, after Firecracker's jailer.
+//!
+//! [`enter`] forks. The parent stays on the host as a small *waiter*: it copies the child's
+//! output into a bounded log, waits for it, reports a seccomp kill (SIGSYS) with the syscall
+//! number, and cleans up (cgroup, jail directory). The child is PID 1 of new PID, mount, IPC,
+//! UTS and network namespaces, `pivot_root`ed into a per-process jail directory that holds only
+//! the host paths it needs, bind-mounted at the same absolute paths (so no path in a config or a
+//! manifest changes). It then takes an unprivileged uid/gid (when started as root), drops every
+//! capability, sets no_new_privs and rlimits, and joins a per-process cgroup where one is
+//! writable. The caller then applies the seccomp filters ([`seccomp`]).
+
+pub mod cgroup;
+pub mod jail;
+pub mod seccomp;
+
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use serde::{Deserialize, Serialize};
+
+use crate::exit::{Code, Failure};
+
+/// Per-workspace settings, stored in its config.json.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SandboxConfig {
+    /// Namespaces, pivot_root, unprivileged uid, no capabilities, rlimits, cgroup.
+    #[serde(default = "yes")]
+    pub jail: bool,
+    /// Seccomp-BPF filters per thread kind.
+    #[serde(default = "yes")]
+    pub seccomp: bool,
+    /// The uid the jailed VMM runs as (when started as root); default `UID_BASE + its pid`,
+    /// distinct for every live VM.
+    #[serde(default)]
+    pub uid: Option<u32>,
+    /// Likewise the gid; default the same number as the uid.
+    #[serde(default)]
+    pub gid: Option<u32>,
+    /// The console log's bound in bytes (the latest output is kept).
+    #[serde(default = "default_console_max")]
+    pub console_max: u64,
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn default_console_max() -> u64 {
+    crate::boundedlog::DEFAULT_CONSOLE_MAX
+}
+
+impl Default for SandboxConfig {
+    fn default() -> Self {
+        Self {
+            jail: true,
+            seccomp: true,
+            uid: None,
+            gid: None,
+            console_max: default_console_max(),
+        }
+    }
+}
+
+/// Default base of the per-VM uids and gids: far above login users.
+pub const UID_BASE: u32 = 1_000_000;
+
+/// What one run of a sandboxed process gets (the workspace's config, overridden on `start`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RunFlags {
+    pub jail: bool,
+    pub seccomp: bool,
+}
+
+/// What the waiter records about a running sandbox (`sandbox.json` beside the process's other
+/// files): `status` and `list` show it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Record {
+    pub jail: bool,
+    pub seccomp: bool,
+    pub pid: u32,
+    #[serde(default)]
+    pub uid: Option<u32>,
+    #[serde(default)]
+    pub gid: Option<u32>,
+    #[serde(default)]
+    pub jail_root: Option<PathBuf>,
+    /// The cgroup directories the process runs in.
+    #[serde(default)]
+    pub cgroups: Vec<PathBuf>,
+    /// Why there is no cgroup, when there is none.
+    #[serde(default)]
+    pub cgroup_note: Option<String>,
+}
+
+pub const RECORD: &str = "sandbox.json";
+/// Written by the waiter when the process died by a signal other than SIGKILL (e.g. SIGSYS).
+pub const FAILED: &str = "vmm.failed";
+
+/// Exit code by which a VMM asks its waiter to delete its workspace (its TTL ran out): the jailed
+/// VMM cannot rename its own workspace directory away.
+pub const EXIT_EXPIRED: i32 = 64;
+
+static HOST_PID: OnceLock<u32> = OnceLock::new();
+
+/// This process's pid as the host sees it (inside a PID namespace `getpid()` says 1).
+pub fn host_pid() -> u32 {
+    *HOST_PID.get().unwrap_or(&std::process::id())
+}
+
+/// Everything [`enter`] needs to build one sandbox.
+pub struct Spec {
+    /// Names the jail and cgroup directories (`<label>-<pid>`).
+    pub label: String,
+    pub flags: RunFlags,
+    pub mounts: jail::Mounts,
+    /// Host directories the process must be able to write as its own uid.
+    pub owned: Vec<PathBuf>,
+    /// A directory shared with root-owned files: the process gets its group, with the sticky
+    /// bit, so it can create (and remove) only its own files there.
+    pub shared_dir: Option<PathBuf>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub limits: Limits,
+    /// Where the waiter writes the record and the failure marker (a workspace directory).
+    pub record_dir: Option<PathBuf>,
+    /// The bound on what the waiter copies into its stdout (the process's log).
+    pub log_max: u64,
+    /// Files the waiter removes after the process, should it leave them (e.g. its socket).
+    pub leftovers: Vec<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub nofile: u64,
+    pub fsize: u64,
+    pub memory: u64,
+    pub pids: u64,
+}
+
+fn errno_fail(what: &str) -> Failure {
+    Failure::new(
+        Code::Error,
+        format!("sandbox: {what}: {}", std::io::Error::last_os_error()),
+    )
+}
+
+/// Forks into the sandbox. Returns in the child (jailed as `spec` says); the parent becomes the
+/// waiter and never returns.
+pub fn enter(spec: Spec) -> Result<(), Failure> {
+    let cgroup = if spec.flags.jail {
+        cgroup::create(&spec.label, spec.limits.memory, spec.limits.pids)
+    } else {
+        cgroup::Outcome::none("jail off")
+    };
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 fills two descriptors we then own.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(errno_fail("pipe"));
+    }
+    // SAFETY: just created, owned here.
+    let (rd, wr) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    if spec.flags.jail {
+        // SAFETY: plain unshare; the next fork's child is PID 1 of the new namespace.
+        if unsafe { libc::unshare(libc::CLONE_NEWPID) } != 0 {
+            return Err(errno_fail("unshare(CLONE_NEWPID)"));
+        }
+    }
+    // SAFETY: this process is single-threaded here (nothing has spawned a thread yet), so the
+    // child may go on running ordinary Rust code.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return Err(errno_fail("fork"));
+    }
+    if pid > 0 {
+        drop(wr);
+        waiter(pid, rd, &spec, cgroup);
+    }
+    drop(rd);
+    // The waiter is what the CLI knows of us until we are ready: when it is killed (a fork batch
+    // given up), we go too. (In a new PID namespace getppid() says 0, so it cannot tell us
+    // whether the waiter died before this call; that window is a few instructions wide.)
+    // SAFETY: prctl with plain integer arguments.
+    unsafe {
+        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+    }
+    // SAFETY: the write end of the pipe becomes stdout and stderr: the waiter bounds the log.
+    unsafe {
+        libc::dup2(wr.as_raw_fd(), 1);
+        libc::dup2(wr.as_raw_fd(), 2);
+    }
+    drop(wr);
+    let pid = std::fs::read_link("/proc/self")
+        .ok()
+        .and_then(|p| p.to_str().and_then(|s| s.parse().ok()))
+        .unwrap_or(std::process::id());
+    let _ = HOST_PID.set(pid);
+    if spec.flags.jail {
+        for dir in &cgroup.dirs {
+            // "0" is the writer itself; threads created later follow it.
+            std::fs::write(dir.join("cgroup.procs"), "0").map_err(|e| {
+                Failure::new(
+                    Code::Error,
+                    format!("sandbox: cannot join {}: {e}", dir.display()),
+                )
+            })?;
+        }
+        let ids = ids(&spec, pid);
+        jail::setup(&spec, pid, ids)?;
+    }
+    Ok(())
+}
+
+/// The uid/gid the jailed process takes, when this process is root.
+pub fn ids(spec: &Spec, pid: u32) -> Option<(u32, u32)> {
+    // SAFETY: getuid cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        return None;
+    }
+    let uid = spec.uid.unwrap_or(UID_BASE.saturating_add(pid));
+    let gid = spec.gid.unwrap_or(uid);
+    Some((uid, gid))
+}
+
+/// The parent side: copy the log, wait, report, clean up, exit with the child's status.
+fn waiter(child: libc::pid_t, rd: OwnedFd, spec: &Spec, cgroup: cgroup::Outcome) -> ! {
+    let jail_root = spec
+        .flags
+        .jail
+        .then(|| jail::root_for(&spec.label, child as u32));
+    let record = Record {
+        jail: spec.flags.jail,
+        seccomp: spec.flags.seccomp,
+        pid: child as u32,
+        uid: spec
+            .flags
+            .jail
+            .then(|| ids(spec, child as u32).map(|i| i.0))
+            .flatten(),
+        gid: spec
+            .flags
+            .jail
+            .then(|| ids(spec, child as u32).map(|i| i.1))
+            .flatten(),
+        jail_root: jail_root.clone(),
+        cgroups: cgroup.dirs.clone(),
+        cgroup_note: cgroup.note.clone(),
+    };
+    if let Some(dir) = &spec.record_dir {
+        let _ = std::fs::remove_file(dir.join(FAILED));
+        if let Ok(bytes) = serde_json::to_vec_pretty(&record) {
+            let _ = crate::workspace::write_atomic(&dir.join(RECORD), &bytes);
+        }
+    }
+    copy_bounded(rd, spec.log_max);
+    let mut status = 0;
+    // SAFETY: waiting for our own child.
+    while unsafe { libc::waitpid(child, &mut status, 0) } < 0
+        && std::io::Error::last_os_error().raw_os_error() == Some(libc::EINTR)
+    {}
+    cgroup.remove();
+    if let Some(root) = &jail_root {
+        jail::prune(root);
+    }
+    for f in &spec.leftovers {
+        let _ = std::fs::remove_file(f);
+    }
+    let code = if libc::WIFEXITED(status) {
+        let code = libc::WEXITSTATUS(status);
+        if let (EXIT_EXPIRED, Some(dir)) = (code, &spec.record_dir) {
+            remove_expired(dir);
+            0
+        } else {
+            code
+        }
+    } else if libc::WIFSIGNALED(status) {
+        let sig = libc::WTERMSIG(status);
+        if sig == libc::SIGKILL {
+            // halt's fallback (or the OOM killer): the CLI sees a crashed workspace.
+            128 + sig
+        } else {
+            let why = if sig == libc::SIGSYS {
+                let nr = seccomp::audit_syscall(child as u32);
+                format!(
+                    "killed by SIGSYS: a system call outside its seccomp filter ({})",
+                    nr.map(|n| format!("syscall {n}{}", seccomp::name_suffix(n)))
+                        .unwrap_or_else(|| "syscall number not in the kernel log".into())
+                )
+            } else {
+                format!("killed by signal {sig}")
+            };
+            println!("microagent vmm: {why}");
+            if let Some(dir) = &spec.record_dir {
+                let _ = crate::workspace::write_atomic(
+                    &dir.join(FAILED),
+                    format!("{why}\n").as_bytes(),
+                );
+            }
+            Code::GuestFailed as i32
+        }
+    } else {
+        1
+    };
+    std::process::exit(code)
+}
+
+/// Copies the child's output to our stdout until it closes, at most `max` bytes.
+fn copy_bounded(rd: OwnedFd, max: u64) {
+    use std::io::{Read, Write};
+    let mut r = std::fs::File::from(rd);
+    let mut out = std::io::stdout().lock();
+    let mut written = 0u64;
+    let mut dropped = false;
+    let mut buf = [0u8; 8192];
+    loop {
+        let n = match r.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(_) => break,
+        };
+        let room = max.saturating_sub(written) as usize;
+        let take = n.min(room);
+        if take > 0 {
+            let _ = out.write_all(&buf[..take]);
+            let _ = out.flush();
+            written += take as u64;
+        }
+        if take < n && !dropped {
+            dropped = true;
+            let _ = writeln!(
+                out,
+                "\n[log bound of {max} bytes reached: further output dropped]"
+            );
+            let _ = out.flush();
+        }
+    }
+}
+
+/// Deletes an expired workspace (the VMM asked with [`EXIT_EXPIRED`]).
+fn remove_expired(dir: &Path) {
+    let (Some(parent), Some(name)) = (dir.parent(), dir.file_name()) else {
+        return;
+    };
+    let doomed = parent.join(format!(
+        ".deleting-{}-{}",
+        name.to_string_lossy(),
+        std::process::id()
+    ));
+    if std::fs::rename(dir, &doomed).is_ok() {
+        let _ = std::fs::remove_dir_all(&doomed);
+    }
+}
+
+/// The running sandbox's record, if its process is alive.
+pub fn record(dir: &Path) -> Option<Record> {
+    let bytes = std::fs::read(dir.join(RECORD)).ok()?;
+    serde_json::from_slice(&bytes).ok()
+}
+
+/// Why the workspace's VMM failed, if its waiter said so.
+pub fn failure(dir: &Path) -> Option<String> {
+    std::fs::read_to_string(dir.join(FAILED))
+        .ok()
+        .map(|s| s.trim().to_string())
+}
+
+/// One line for `status`.
+pub fn describe(r: &Record) -> String {
+    let mut parts = Vec::new();
+    if r.jail {
+        parts.push(match r.uid {
+            Some(u) => format!("jail (uid {u})"),
+            None => "jail".to_string(),
+        });
+    } else {
+        parts.push("no jail".into());
+    }
+    parts.push(if r.seccomp { "seccomp" } else { "no seccomp" }.into());
+    if r.jail {
+        match (&r.cgroups.is_empty(), &r.cgroup_note) {
+            (false, _) => parts.push(format!("cgroup {}", r.cgroups.len())),
+            (true, Some(n)) => parts.push(format!("no cgroup: {n}")),
+            (true, None) => parts.push("no cgroup".into()),
+        }
+    }
+    parts.join(", ")
+}

@@ -1,0 +1,322 @@
+//! The VMM's sandbox, end to end: a running workspace and its fork run jailed (own namespaces,
+//! pivot_root into a jail, unprivileged uid, no capabilities, no_new_privs, seccomp filters); a
+//! system call outside the filter kills the VMM by SIGSYS and the CLI says so; a guest printing
+//! without pause leaves a console log within its bound.
+//!
+//! The test-only requests (open a host path from inside the VMM, a forbidden system call) need
+//! the binary built with `--features test-hooks`; without it those checks are skipped (printed).
+
+mod common;
+
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::{alive, kvm_or_skip, stderr, stdout, Home};
+
+const CMDLINE: &str = "mode=counter mem=2 tick_ms=20";
+
+fn is_root() -> bool {
+    // SAFETY: geteuid cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// The `Key:` line of /proc/PID/status.
+fn proc_status(pid: i32, key: &str) -> String {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{key}:")))
+        .unwrap_or_else(|| panic!("no {key} in /proc/{pid}/status:\n{text}"))
+        .trim()
+        .to_string()
+}
+
+fn status_json(h: &Home, name: &str) -> serde_json::Value {
+    serde_json::from_str(&h.ok(&["--json", "status", name])).unwrap()
+}
+
+/// Checks everything the sandbox promises about `name`'s running VMM; returns its uid.
+fn assert_confined(h: &Home, name: &str) -> u32 {
+    let pid = h.pid(name).expect("vmm.pid");
+    assert!(alive(pid), "{name}: VMM {pid} is not running");
+    assert_eq!(proc_status(pid, "Seccomp"), "2", "{name}: seccomp mode");
+    assert_eq!(proc_status(pid, "NoNewPrivs"), "1", "{name}: no_new_privs");
+    assert_eq!(proc_status(pid, "CapEff"), "0000000000000000", "{name}");
+    assert_eq!(proc_status(pid, "CapPrm"), "0000000000000000", "{name}");
+    assert_eq!(proc_status(pid, "CapBnd"), "0000000000000000", "{name}");
+    // PID 1 of its own PID namespace.
+    let nspid = proc_status(pid, "NSpid");
+    assert_eq!(
+        nspid.split_whitespace().collect::<Vec<_>>(),
+        [pid.to_string().as_str(), "1"],
+        "{name}: NSpid"
+    );
+    let uid: u32 = proc_status(pid, "Uid")
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    if is_root() {
+        assert_ne!(uid, 0, "{name}: the VMM still runs as root");
+    }
+    for ns in ["mnt", "pid", "ipc", "uts", "net"] {
+        let mine = std::fs::read_link(format!("/proc/self/ns/{ns}")).unwrap();
+        let its = std::fs::read_link(format!("/proc/{pid}/ns/{ns}")).unwrap();
+        assert_ne!(mine, its, "{name}: shares the {ns} namespace with the host");
+    }
+
+    // Its root is the jail the CLI reports, and the jail holds only what it needs.
+    let s = status_json(h, name);
+    assert_eq!(s["sandbox"]["jail"], true, "{s}");
+    assert_eq!(s["sandbox"]["seccomp"], true, "{s}");
+    assert_eq!(s["sandbox"]["uid"], uid, "{s}");
+    let jail = s["sandbox"]["jail_root"].as_str().expect("jail_root");
+    let root = std::fs::metadata(format!("/proc/{pid}/root/")).unwrap();
+    let host = std::fs::metadata(jail).unwrap();
+    assert_eq!(
+        (root.dev(), root.ino()),
+        (host.dev(), host.ino()),
+        "{name}: /proc/{pid}/root is not {jail}"
+    );
+    let inside =
+        |p: &Path| Path::new(&format!("/proc/{pid}/root")).join(p.strip_prefix("/").unwrap());
+    assert!(inside(&h.ws(name).join("config.json")).exists());
+    assert!(inside(Path::new("/dev/kvm")).exists());
+    for absent in ["/etc/hostname", "/etc/passwd", "/usr/bin", "/home"] {
+        assert!(
+            !inside(Path::new(absent)).exists(),
+            "{name}: {absent} is visible in the jail"
+        );
+    }
+    // The per-VM cgroup, where a hierarchy is writable; else the status says why.
+    let cgroups = s["sandbox"]["cgroups"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    if cgroups.is_empty() {
+        assert!(
+            s["sandbox"]["cgroup_note"].is_string(),
+            "{name}: no cgroup and no reason: {s}"
+        );
+        eprintln!("{name}: no cgroup: {}", s["sandbox"]["cgroup_note"]);
+    } else {
+        let mine = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+        for c in &cgroups {
+            let c = c.as_str().unwrap();
+            let leaf = Path::new(c)
+                .file_name()
+                .unwrap()
+                .to_string_lossy()
+                .into_owned();
+            assert!(mine.contains(&leaf), "{name}: not in {c}:\n{mine}");
+        }
+    }
+    uid
+}
+
+#[cfg(feature = "test-hooks")]
+fn assert_cannot_open_host_paths(h: &Home, name: &str, other_ws: &str) {
+    for path in [
+        "/etc/hostname".to_string(),
+        h.ws(other_ws).join("config.json").display().to_string(),
+    ] {
+        let js: serde_json::Value =
+            serde_json::from_str(&h.ok(&["--json", "__test-hook", name, "open", &path])).unwrap();
+        assert_eq!(js["ok"], false, "{name} opened {path}: {js}");
+    }
+    // The same request does open what the jail holds: the check above is not vacuous.
+    let own = h.ws(name).join("config.json").display().to_string();
+    let js: serde_json::Value =
+        serde_json::from_str(&h.ok(&["--json", "__test-hook", name, "open", &own])).unwrap();
+    assert_eq!(js["ok"], true, "{name} cannot open its own config: {js}");
+}
+
+#[cfg(not(feature = "test-hooks"))]
+fn assert_cannot_open_host_paths(_: &Home, name: &str, _: &str) {
+    eprintln!("{name}: open-a-host-path check skipped: build with --features test-hooks");
+}
+
+#[test]
+fn a_running_workspace_and_its_fork_are_jailed_and_filtered() {
+    if !kvm_or_skip("a_running_workspace_and_its_fork_are_jailed_and_filtered") {
+        return;
+    }
+    let h = Home::new("sandbox-jail");
+    h.ok(&[
+        "create",
+        "w",
+        "--kernel",
+        "builtin:testguest",
+        "--cmdline",
+        CMDLINE,
+    ]);
+    h.ok(&["start", "w"]);
+    h.wait_counts("w", &[3]);
+    let uid_w = assert_confined(&h, "w");
+    h.ok(&["snapshot", "create", "w", "--tag", "base"]);
+    h.ok(&["create", "f", "--from-snapshot", "w:base"]);
+    let before = h.wait_counts("f", &[0]);
+    h.wait_counts("f", &[before[0] + 3]);
+    let uid_f = assert_confined(&h, "f");
+    if is_root() {
+        assert_ne!(uid_w, uid_f, "two VMs share a uid");
+    }
+    assert_cannot_open_host_paths(&h, "f", "w");
+    assert_cannot_open_host_paths(&h, "w", "f");
+    // The guest still works after snapshots: a diff, and hibernate + resume, jailed.
+    h.ok(&["snapshot", "create", "w", "--tag", "d1", "--type", "diff"]);
+    h.ok(&["hibernate", "f"]);
+    h.ok(&["start", "f"]);
+    let c = h.wait_counts("f", &[0]);
+    h.wait_counts("f", &[c[0] + 3]);
+    assert_confined(&h, "f");
+    h.ok(&["delete", "f", "--yes"]);
+
+    // --no-jail --no-seccomp: for debugging, and shown as such.
+    h.ok(&["halt", "w"]);
+    h.ok(&["start", "w", "--no-jail", "--no-seccomp"]);
+    let pid = h.pid("w").unwrap();
+    assert_eq!(proc_status(pid, "Seccomp"), "0");
+    let s = status_json(&h, "w");
+    assert_eq!(s["sandbox"]["jail"], false, "{s}");
+    assert_eq!(s["sandbox"]["seccomp"], false, "{s}");
+    assert!(h.ok(&["status", "w"]).contains("no jail, no seccomp"));
+    let l: serde_json::Value = serde_json::from_str(&h.ok(&["--json", "list"])).unwrap();
+    assert_eq!(l["workspaces"][0]["sandbox"]["jail"], false, "{l}");
+    h.ok(&["delete", "w", "--yes"]);
+
+    // Recorded in the config when given at create.
+    h.ok(&[
+        "create",
+        "n",
+        "--kernel",
+        "builtin:testguest",
+        "--cmdline",
+        CMDLINE,
+        "--no-seccomp",
+    ]);
+    let cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(h.ws("n").join("config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["sandbox"]["seccomp"], false, "{cfg}");
+    assert_eq!(cfg["sandbox"]["jail"], true, "{cfg}");
+    h.ok(&["start", "n"]);
+    let pid = h.pid("n").unwrap();
+    assert_eq!(proc_status(pid, "Seccomp"), "0");
+    assert_eq!(proc_status(pid, "NoNewPrivs"), "1");
+    h.ok(&["delete", "n", "--yes"]);
+}
+
+#[cfg(feature = "test-hooks")]
+#[test]
+fn a_forbidden_system_call_kills_the_vmm_and_the_cli_says_so() {
+    if !kvm_or_skip("a_forbidden_system_call_kills_the_vmm_and_the_cli_says_so") {
+        return;
+    }
+    let h = Home::new("sandbox-sigsys");
+    h.ok(&[
+        "create",
+        "w",
+        "--kernel",
+        "builtin:testguest",
+        "--cmdline",
+        CMDLINE,
+    ]);
+    h.ok(&["start", "w"]);
+    h.wait_counts("w", &[2]);
+    let pid = h.pid("w").unwrap();
+    let o = h.run(&["__test-hook", "w", "forbidden-syscall"]);
+    assert_eq!(o.status.code(), Some(7), "{}\n{}", stdout(&o), stderr(&o));
+    let err = stderr(&o);
+    assert!(err.contains("workspace w"), "{err}");
+    assert!(err.contains("SIGSYS"), "{err}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while alive(pid) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(!alive(pid), "the VMM survived a forbidden system call");
+    let s = status_json(&h, "w");
+    assert_eq!(s["state"], "failed", "{s}");
+    assert!(s["failure"].as_str().unwrap().contains("SIGSYS"), "{s}");
+    assert!(h.ok(&["list"]).contains("failed"));
+    let log = std::fs::read_to_string(h.ws("w").join("vmm.log")).unwrap();
+    assert!(log.contains("SIGSYS"), "{log}");
+    // The kernel's audit record names the call, where the kernel log is readable.
+    if std::fs::File::open("/dev/kmsg").is_ok() {
+        assert!(log.contains("syscall 103"), "{log}");
+    }
+    // A failed workspace starts again.
+    h.ok(&["start", "w"]);
+    h.wait_counts("w", &[2]);
+    assert_eq!(status_json(&h, "w")["state"], "running");
+    h.ok(&["delete", "w", "--yes"]);
+}
+
+#[test]
+fn a_guest_printing_without_pause_leaves_a_bounded_console_log() {
+    if !kvm_or_skip("a_guest_printing_without_pause_leaves_a_bounded_console_log") {
+        return;
+    }
+    const BOUND: u64 = 64 * 1024;
+    let h = Home::new("sandbox-console");
+    h.ok(&[
+        "create",
+        "spam",
+        "--kernel",
+        "builtin:testguest",
+        "--cmdline",
+        "mode=counter tick_ms=0",
+        "--console-max-kib",
+        "64",
+    ]);
+    h.ok(&["start", "spam"]);
+    let log = h.ws("spam").join("console.log");
+    // Print for a while: well past the bound (each count line is ~18 bytes).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut largest = 0;
+    let mut last = 0;
+    loop {
+        let len = std::fs::metadata(&log).map_or(0, |m| m.len());
+        largest = largest.max(len);
+        assert!(len <= BOUND, "console.log is {len} bytes, bound {BOUND}");
+        if let Some((_, n)) = common::counts(&h.console("spam")).last() {
+            last = *n;
+        }
+        if last * 18 > 6 * BOUND || Instant::now() > deadline {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        last * 18 > 3 * BOUND,
+        "the guest printed too little to test the bound (count {last})"
+    );
+    assert!(
+        largest > BOUND / 2,
+        "the log never filled ({largest} bytes)"
+    );
+    // `console` shows the latest lines: counts newer than any seen before, in order.
+    let out = h.ok(&["console", "spam"]);
+    let counts: Vec<u64> = common::counts(&out).iter().map(|c| c.1).collect();
+    assert!(counts.len() > 100, "{} lines", counts.len());
+    assert!(
+        counts.windows(2).all(|w| w[1] == w[0] + 1),
+        "gaps or disorder"
+    );
+    assert!(*counts.last().unwrap() >= last, "console is behind the log");
+    assert!(out.len() as u64 <= BOUND);
+    // vmm.log stays small too.
+    let vmm_log = std::fs::metadata(h.ws("spam").join("vmm.log"))
+        .unwrap()
+        .len();
+    assert!(vmm_log < 1 << 20, "vmm.log is {vmm_log} bytes");
+    // The next run starts a fresh log and keeps this one as console.log.1.
+    h.ok(&["halt", "spam"]);
+    h.ok(&["start", "spam"]);
+    h.wait_counts("spam", &[0]);
+    let prev = std::fs::metadata(h.ws("spam").join("console.log.1"))
+        .unwrap()
+        .len();
+    assert!(prev > 0 && prev <= BOUND, "console.log.1 is {prev} bytes");
+    h.ok(&["delete", "spam", "--yes"]);
+}
