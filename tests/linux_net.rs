@@ -10,6 +10,19 @@ use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::time::Duration;
 
+/// Linux guests boot and fork slowly on a loaded nested-KVM machine: a long leash for those.
+fn ok_slow(h: &Home, args: &[&str]) -> String {
+    let o = h.run_timeout(args, Duration::from_secs(600));
+    assert!(
+        o.status.success(),
+        "microagent {args:?} failed ({:?}):\n{}\n{}",
+        o.status,
+        stdout(&o),
+        stderr(&o)
+    );
+    stdout(&o)
+}
+
 fn json(s: &str) -> serde_json::Value {
     serde_json::from_str(s).unwrap_or_else(|e| panic!("not JSON ({e}): {s}"))
 }
@@ -213,7 +226,7 @@ fn guests_fetch_from_the_host_and_serve_through_published_ports() {
     h.ok(&["create", "n", "--image", &image, "--publish", ":8080"]);
     let st = json(&h.ok(&["--json", "status", "n"]));
     assert_eq!(st["net"], "user", "{st}");
-    h.ok(&["start", "n"]);
+    ok_slow(&h, &["start", "n"]);
 
     // Guest -> host, exact bytes.
     assert_eq!(
@@ -236,9 +249,9 @@ fn guests_fetch_from_the_host_and_serve_through_published_ports() {
     );
 
     // Rollback: the first fetch after the agent answers works at once (wget -T 2, no retry).
-    h.ok(&["snapshot", "create", "n", "--tag", "base"]);
+    ok_slow(&h, &["snapshot", "create", "n", "--tag", "base"]);
     h.ok(&["halt", "n"]);
-    h.ok(&["start", "n", "--from-snapshot", "base"]);
+    ok_slow(&h, &["start", "n", "--from-snapshot", "base"]);
     assert_eq!(
         guest_fetch(&h, "n", server.port, "f1"),
         sha256_hex(&files[1].1)
@@ -247,7 +260,10 @@ fn guests_fetch_from_the_host_and_serve_through_published_ports() {
 
     // Four forks at once: each fetches its own file; each has its own published host port,
     // served by the httpd that was running when the snapshot was taken.
-    h.ok(&["create", "f", "--from-snapshot", "n:base", "--count", "4"]);
+    ok_slow(
+        &h,
+        &["create", "f", "--from-snapshot", "n:base", "--count", "4"],
+    );
     let hashes: Vec<String> = std::thread::scope(|s| {
         let hs: Vec<_> = (1..=4)
             .map(|i| {
@@ -300,7 +316,7 @@ fn none_has_only_loopback_and_a_tap_is_eth0() {
     }
     let image = busybox_image(&h);
     h.ok(&["create", "off", "--image", &image, "--net", "none"]);
-    h.ok(&["start", "off"]);
+    ok_slow(&h, &["start", "off"]);
     let ifs = h.ok(&["exec", "off", "--", "ls", "/sys/class/net"]);
     assert_eq!(ifs.split_whitespace().collect::<Vec<_>>(), ["lo"], "{ifs}");
     h.ok(&["delete", "off", "--yes"]);
@@ -332,7 +348,7 @@ fn none_has_only_loopback_and_a_tap_is_eth0() {
         json(&h.ok(&["--json", "status", "t"]))["net"],
         format!("tap:{tap}")
     );
-    h.ok(&["start", "t"]);
+    ok_slow(&h, &["start", "t"]);
     let ifs = h.ok(&["exec", "t", "--", "ls", "/sys/class/net"]);
     let ifs: Vec<&str> = ifs.split_whitespace().collect();
     assert!(ifs.contains(&"eth0") && ifs.contains(&"lo"), "{ifs:?}");
