@@ -25,8 +25,11 @@ use crate::exit::{Code, Failure};
 use crate::workspace::{self, process_alive, Workspace};
 
 /// passt's socket, in a directory of its own that passt (dropped to nobody) can write.
-pub const SOCKET: &str = "net/passt.sock";
-const SOCKET_DIR: &str = "net";
+const SOCKET: &str = "passt.sock";
+/// Where a root-run passt makes its socket: outside the state directory, because nobody may not
+/// pass through it (a default state directory is under /root; a workspace directory is closed to
+/// all but the VMM's group once it has been jailed).
+const ROOT_SOCKET_DIRS: &str = "/run/microagent/net";
 /// Who passt runs as when we are root (it refuses to stay root).
 const PASST_UID: u32 = 65534;
 /// The effective port mapping of the running VM (host ports chosen at start included).
@@ -346,6 +349,29 @@ fn passt_args(published: &[Publish], sock: &Path) -> Vec<String> {
     a
 }
 
+/// The directory of passt's socket for the workspace in `ws_dir`: a private one under
+/// /run/microagent/net when we are root (short, so the socket path fits in `sun_path`), else
+/// `net/` in the workspace.
+///
+/// Decided by who owns the workspace directory, not by who asks: the jailed VMM asks too.
+fn socket_dir_of(ws_dir: &Path) -> PathBuf {
+    use std::os::unix::fs::MetadataExt;
+    if std::fs::metadata(ws_dir).map_or(!is_root(), |m| m.uid() != 0) {
+        return ws_dir.join("net");
+    }
+    use sha2::Digest;
+    let canonical = std::fs::canonicalize(ws_dir).unwrap_or_else(|_| ws_dir.to_path_buf());
+    let digest = sha2::Sha256::digest(canonical.as_os_str().as_encoded_bytes());
+    let id: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
+    Path::new(ROOT_SOCKET_DIRS).join(id)
+}
+
+/// passt's socket for the workspace in `ws_dir` (the VMM connects to it; the jail binds its
+/// directory in).
+pub fn socket_path(ws_dir: &Path) -> PathBuf {
+    socket_dir_of(ws_dir).join(SOCKET)
+}
+
 /// Before the VMM starts: a supervised passt for a `user` workspace, listening on `net.sock`.
 pub fn ensure(ws: &Workspace) -> Result<(), Failure> {
     if ws.config.net != NetMode::User {
@@ -385,7 +411,7 @@ pub fn ensure(ws: &Workspace) -> Result<(), Failure> {
     // Ready once passt listens and the mapping is recorded.
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        if ws.path(SOCKET).exists() && ws.path(RUNTIME).exists() {
+        if socket_path(&ws.dir).exists() && ws.path(RUNTIME).exists() {
             return Ok(());
         }
         if let Ok(Some(st)) = child.try_wait() {
@@ -439,9 +465,11 @@ pub fn stop(ws: &Workspace) {
             }
         }
     }
-    for f in [SUPERVISOR_PID, SOCKET, RUNTIME] {
+    for f in [SUPERVISOR_PID, RUNTIME] {
         let _ = std::fs::remove_file(ws.path(f));
     }
+    let _ = std::fs::remove_file(socket_path(&ws.dir));
+    let _ = std::fs::remove_dir(socket_dir_of(&ws.dir));
 }
 
 #[derive(Args)]
@@ -475,8 +503,11 @@ pub fn supervise(a: NetdArgs) -> Result<(), Failure> {
         format!("{}\n", std::process::id()).as_bytes(),
     )
     .map_err(|e| Failure::new(Code::Error, format!("cannot write the pid file: {e}")))?;
-    let sock = dir.join(SOCKET);
-    socket_dir(&dir.join(SOCKET_DIR))?;
+    let sock = socket_path(dir);
+    if is_root() {
+        runtime_dirs()?;
+    }
+    socket_dir(&socket_dir_of(dir))?;
     let started = Instant::now();
     let mut vmm_seen = false;
     let mut restarts = 0u32;
@@ -528,9 +559,11 @@ pub fn supervise(a: NetdArgs) -> Result<(), Failure> {
         }
         std::thread::sleep(Duration::from_millis(20));
     };
-    for f in [SUPERVISOR_PID, SOCKET, RUNTIME] {
+    for f in [SUPERVISOR_PID, RUNTIME] {
         let _ = std::fs::remove_file(dir.join(f));
     }
+    let _ = std::fs::remove_file(&sock);
+    let _ = std::fs::remove_dir(socket_dir_of(dir));
     if let Err(f) = &result {
         eprintln!("microagent netd: {}", f.message);
     }
@@ -540,6 +573,19 @@ pub fn supervise(a: NetdArgs) -> Result<(), Failure> {
 fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions.
     unsafe { libc::geteuid() == 0 }
+}
+
+/// /run/microagent/net: root's, passable by all (passt, dropped to nobody, must reach its own
+/// directory below), listable by none.
+fn runtime_dirs() -> Result<(), Failure> {
+    use std::os::unix::fs::PermissionsExt;
+    let top = Path::new(ROOT_SOCKET_DIRS);
+    for d in [top.parent().unwrap_or(top), top] {
+        std::fs::create_dir_all(d)
+            .and_then(|()| std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o711)))
+            .map_err(|e| Failure::new(Code::Error, format!("{}: {e}", d.display())))?;
+    }
+    Ok(())
 }
 
 /// passt makes its socket after dropping to its own uid: a directory it may write, and that

@@ -135,6 +135,7 @@ fn last_log_line(ws: &Workspace) -> Option<String> {
 /// Stops the VMM: a clean shutdown request, then SIGKILL if it does not go.
 pub fn halt(ws: &Workspace) -> Result<(), Failure> {
     let Some(pid) = ws.pid() else {
+        crate::net::stop(ws);
         return Ok(());
     };
     if process_alive(pid) {

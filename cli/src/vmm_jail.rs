@@ -41,8 +41,14 @@ pub fn spec(ws: &Workspace, restore: Option<&Path>, memory: MemoryArg, flags: Ru
             m.host_network = true;
             m.device("/dev/net/tun", true);
         }
-        // passt stays outside; its socket is in the workspace directory, bound in above.
-        crate::net::NetMode::User | crate::net::NetMode::None => {}
+        // passt stays outside; its socket's directory is bound in.
+        crate::net::NetMode::User => {
+            let sock = crate::net::socket_path(&ws.dir);
+            if !sock.starts_with(&ws.dir) {
+                m.bind(sock.parent().unwrap_or(&sock), true);
+            }
+        }
+        crate::net::NetMode::None => {}
     }
     m.device("/dev/null", false);
     m.device("/dev/urandom", false);
@@ -57,7 +63,7 @@ pub fn spec(ws: &Workspace, restore: Option<&Path>, memory: MemoryArg, flags: Ru
     if cfg.net == crate::net::NetMode::User {
         // passt's socket: the VMM's own to connect to (the supervisor made it group-writable too,
         // for a passt restarted while the VMM runs).
-        owned.push(ws.path(crate::net::SOCKET));
+        owned.push(crate::net::socket_path(&ws.dir));
     }
     owned.extend(
         cfg.rootfs

@@ -75,7 +75,7 @@ fn device_config(ws: &Workspace) -> DeviceConfig {
             crate::net::NetMode::None => None,
             crate::net::NetMode::User => Some(NetConfig {
                 backend: NetBackendConfig::PasstSocket {
-                    path: ws.path(crate::net::SOCKET),
+                    path: crate::net::socket_path(&ws.dir),
                 },
                 mac: crate::net::mac_for(ws.name()),
             }),
