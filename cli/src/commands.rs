@@ -468,9 +468,19 @@ fn fork(root: &Path, args: &CreateArgs, src: &str, out: Out) -> Result<(), Failu
         }
         Err(f) => {
             // Nothing half-made stays behind: VMMs that were launched, ready or not, go too.
+            // A jailed VMM is its waiter's child and dies of the waiter's death (PDEATHSIG), but
+            // in its own time: it is killed by its host pid as well and waited for.
+            let jailed: Vec<i32> = created
+                .iter()
+                .filter_map(|ws| crate::sandbox::record(&ws.dir))
+                .filter_map(|r| i32::try_from(r.pid).ok())
+                .collect();
             for child in &mut children {
                 let _ = child.kill();
                 let _ = child.wait();
+            }
+            for pid in jailed {
+                process::kill_and_wait(pid);
             }
             for ws in &created {
                 let _ = process::halt(ws);

@@ -162,6 +162,19 @@ pub fn halt(ws: &Workspace) -> Result<(), Failure> {
     Ok(())
 }
 
+/// SIGKILL to a process this command started, then wait (bounded) until it is gone.
+pub fn kill_and_wait(pid: i32) {
+    if !process_alive(pid) {
+        return;
+    }
+    // SAFETY: a plain signal to a VMM this command launched and has not yet reaped elsewhere.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    let deadline = Instant::now() + HALT_TIMEOUT;
+    while process_alive(pid) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 /// The error for a request the VMM did not answer: when its sandbox killed it (the waiter says
 /// why), a guest failure naming the workspace; else the request's own error.
 #[cfg_attr(not(feature = "test-hooks"), allow(dead_code))]
