@@ -545,7 +545,15 @@ fn import(root: &Path, a: ImportArgs, out: Out) -> Result<(), Failure> {
         Err(f) => return Err(f),
     };
     let lock = ws.lock()?;
-    let snap = match snapshot::archive::import(&a.file, &ws.snapshots_dir(), None) {
+    let imported = snapshot::archive::import(&a.file, &ws.snapshots_dir(), None)
+        .map_err(crate::snapshot_failure)
+        .and_then(|snap| {
+            if made_here {
+                adopt_network(&ws, &snap)?;
+            }
+            Ok(snap)
+        });
+    let snap = match imported {
         Ok(snap) => snap,
         Err(e) => {
             // All or nothing: a workspace made only to receive this snapshot goes with it.
@@ -553,7 +561,7 @@ fn import(root: &Path, a: ImportArgs, out: Out) -> Result<(), Failure> {
                 drop(lock);
                 crate::commands::remove_workspace_dir(root, &ws);
             }
-            return Err(crate::snapshot_failure(e));
+            return Err(e);
         }
     };
     out.emit(
@@ -564,6 +572,25 @@ fn import(root: &Path, a: ImportArgs, out: Out) -> Result<(), Failure> {
         json!({"workspace": name, "snapshot": manifest_json(&snap.manifest, &snap.dir)}),
     );
     Ok(())
+}
+
+/// A workspace made for an imported snapshot gets a network when the captured VM had one: restore
+/// rebuilds exactly the captured devices, and the manifest does not name the backend. It is user
+/// mode (a fresh passt), whatever the other host used: its tap is not this host's.
+fn adopt_network(ws: &Workspace, snap: &snapshot::Snapshot) -> Result<(), Failure> {
+    let state: vmm::vm::VmState = snap.load_state().map_err(crate::snapshot_failure)?;
+    let has_net = state.devices.virtio.iter().any(|slot| {
+        matches!(
+            slot.device,
+            vmm::devices::manager::VirtioDeviceState::Net(_)
+        )
+    });
+    if !has_net || ws.config.net != crate::net::NetMode::None {
+        return Ok(());
+    }
+    let mut config = ws.config.clone();
+    config.net = crate::net::NetMode::User;
+    workspace::save_config(&ws.dir, &config)
 }
 
 fn disk_snapshot(

@@ -106,9 +106,12 @@ impl Home {
         Home { dir }
     }
 
-    /// Runs `microagent ARGS` with this state root.
+    /// Runs `microagent ARGS` with this state root. The leash is long because a Linux guest's boot
+    /// (to its agent) or capture takes minutes on a loaded nested-KVM host, where 120 s was seen
+    /// to run out; a command that hangs still fails the test, only later. The command's own
+    /// deadlines (the agent's, the VMM's ready line) are what the tests check.
     pub fn run(&self, args: &[&str]) -> Output {
-        self.run_timeout(args, Duration::from_secs(120))
+        self.run_timeout(args, Duration::from_secs(600))
     }
 
     pub fn run_timeout(&self, args: &[&str], timeout: Duration) -> Output {

@@ -748,14 +748,14 @@ mod restore_tests {
         let state = vm.save_state().unwrap();
         let mem = tmp("mem.bin");
         dump_memory(&vm, &mem);
-        let encoded = postcard::to_allocvec(&state).unwrap();
+        let encoded = snapshot::vmstate::encode(&state).unwrap();
         // The source runs on, far past the snapshot.
         vm.resume().unwrap();
         wait_above(&vm, saved_count + 1_000_000);
         drop(vm);
 
         for mode in [RestoreMode::Eager, RestoreMode::PrivateMap] {
-            let state: VmState = postcard::from_bytes(&encoded).unwrap();
+            let state: VmState = snapshot::vmstate::decode(&encoded).unwrap();
             let rip = state.vcpus[0].regs.rip;
             let restored = Vm::restore(RestoreConfig {
                 state,
@@ -795,9 +795,9 @@ mod restore_tests {
         let mem = tmp("mem-rt.bin");
         dump_memory(&vm, &mem);
         drop(vm);
-        let encoded = postcard::to_allocvec(&first).unwrap();
+        let encoded = snapshot::vmstate::encode(&first).unwrap();
         let restored = Vm::restore(RestoreConfig {
-            state: postcard::from_bytes(&encoded).unwrap(),
+            state: snapshot::vmstate::decode(&encoded).unwrap(),
             memory_file: mem.clone(),
             memory_overlays: Vec::new(),
             page_server: None,
@@ -811,7 +811,7 @@ mod restore_tests {
         for (a, b) in first.vcpus.iter().zip(&second.vcpus) {
             let enc = |v: &VcpuState| {
                 let mut v: VcpuState =
-                    postcard::from_bytes(&postcard::to_allocvec(v).unwrap()).unwrap();
+                    snapshot::vmstate::decode(&snapshot::vmstate::encode(v).unwrap()).unwrap();
                 // The TSC keeps counting on the host between the two saves: compare all but it.
                 for m in v
                     .msrs
@@ -820,7 +820,7 @@ mod restore_tests {
                 {
                     m.data = 0;
                 }
-                postcard::to_allocvec(&v).unwrap()
+                snapshot::vmstate::encode(&v).unwrap()
             };
             assert_eq!(a.msrs.len(), b.msrs.len());
             for (x, y) in a.msrs.iter().zip(&b.msrs) {
@@ -836,8 +836,8 @@ mod restore_tests {
             );
         }
         assert_eq!(
-            postcard::to_allocvec(&first.devices).unwrap(),
-            postcard::to_allocvec(&second.devices).unwrap()
+            snapshot::vmstate::encode(&first.devices).unwrap(),
+            snapshot::vmstate::encode(&second.devices).unwrap()
         );
         std::fs::remove_file(mem).unwrap();
         std::fs::remove_file(k).unwrap();

@@ -583,8 +583,8 @@ mod tests {
         dm.resume();
         assert_eq!(state.virtio.len(), 3);
         assert_eq!(state.virtio[0].transport.queues[0].next_avail, 1);
-        let bytes = postcard::to_allocvec(&state).unwrap();
-        let back: DevicesState = postcard::from_bytes(&bytes).unwrap();
+        let bytes = snapshot::vmstate::encode(&state).unwrap();
+        let back: DevicesState = snapshot::vmstate::decode(&bytes).unwrap();
         assert_eq!(back.virtio, state.virtio);
         drop(dm);
         let Some((_kvm2, fd2)) = vm() else { return };
