@@ -34,4 +34,4 @@ if [[ -z "${MICROAGENT_SKIP_LINUX:-}" && -z "${MICROAGENT_TEST_ROOTFS:-}" ]]; th
 fi
 
 echo "== cargo test"
-cargo test --workspace --release --features microagent/test-hooks -- --test-threads=2
+cargo test --workspace --release --no-fail-fast --features microagent/test-hooks -- --test-threads=2
