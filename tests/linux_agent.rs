@@ -65,6 +65,17 @@ fn linux_exec_secrets_snapshot_fork() {
     // forwards to `<vsock.sock>_7000` where this test listens.
     let listener =
         std::os::unix::net::UnixListener::bind(h.ws("lx").join("vsock.sock_7000")).unwrap();
+    // The jailed VMM connects as the workspace's own uid and group, not as root: the socket must
+    // let it write. 0666 opens it to nobody else, since the workspace directory is closed to all
+    // but root and that group.
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(
+            h.ws("lx").join("vsock.sock_7000"),
+            std::fs::Permissions::from_mode(0o666),
+        )
+        .unwrap();
+    }
     let server = std::thread::spawn(move || {
         use std::io::{BufRead, Write};
         let (mut conn, _) = listener.accept().unwrap();
