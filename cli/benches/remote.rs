@@ -3,7 +3,7 @@
 //! loopback, see tests/common/s3.rs). Host B then either
 //!   - forks straight from the remote: `create --from-snapshot REMOTE/NAME:TAG`, or
 //!   - takes the whole-archive path: the archive (made once with `snapshot export` and uploaded)
-//!     is downloaded (curl with SigV4), imported, and forked.
+//!     is downloaded (with the same S3 client), imported, and forked.
 //!
 //! Timed from the first command to the fork's first `count` line; bytes are what came from the
 //! remote. Prints one table; never asserts on time.
@@ -48,6 +48,34 @@ fn wait_counting(home: &Path, name: &str) {
         assert!(Instant::now() < deadline, "{name} never counted");
         std::thread::sleep(Duration::from_millis(2));
     }
+}
+
+/// The archive's download, through the same S3 client (object_store) the remote path uses.
+fn download(s3: &s3::S3, key: &str, to: &Path) {
+    use object_store::ObjectStoreExt;
+    let store = object_store::aws::AmazonS3Builder::new()
+        .with_bucket_name(s3::BUCKET)
+        .with_endpoint(&s3.endpoint)
+        .with_allow_http(true)
+        .with_region("us-east-1")
+        .with_access_key_id(&s3.key_id)
+        .with_secret_access_key(&s3.secret)
+        .build()
+        .expect("S3 client");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let bytes = rt
+        .block_on(async {
+            store
+                .get(&object_store::path::Path::from(key))
+                .await?
+                .bytes()
+                .await
+        })
+        .expect("download the archive");
+    std::fs::write(to, &bytes).expect("write the archive");
 }
 
 fn fresh(dir: &Path) {
@@ -145,7 +173,6 @@ fn main() {
         "bench/archives/w-t.tar.zst",
         &std::fs::read(&archive).unwrap(),
     );
-    let url = format!("{}/snaps/bench/archives/w-t.tar.zst", s3.endpoint);
 
     let mut remote_s = Vec::new();
     let mut remote_bytes = 0;
@@ -173,15 +200,7 @@ fn main() {
         fresh(&c);
         let file = c.join("w-t.tar.zst");
         let t0 = Instant::now();
-        let st = Command::new("curl")
-            .args(["-sf", "--aws-sigv4", "aws:amz:us-east-1:s3", "--user"])
-            .arg(format!("{}:{}", s3.key_id, s3.secret))
-            .arg("-o")
-            .arg(&file)
-            .arg(&url)
-            .status()
-            .expect("curl");
-        assert!(st.success(), "download failed");
+        download(&s3, "bench/archives/w-t.tar.zst", &file);
         ma(
             &c,
             &env,
