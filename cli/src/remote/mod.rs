@@ -485,6 +485,19 @@ fn cached_chunk(cache: &Path, digest: &str, len: u64) -> Option<Vec<u8>> {
     }
 }
 
+/// Puts a verified chunk into the cache under its final name by rename, without fsync: a chunk
+/// the cache lost or tore in a crash fails its digest on the next read and is fetched again, so
+/// durability buys nothing here and an fsync per chunk would cost most of a pull's time.
+fn write_cached(p: &Path, z: &[u8]) -> Result<(), RemoteError> {
+    let tmp = p.with_extension(format!("tmp-{}", std::process::id()));
+    std::fs::write(&tmp, z)
+        .and_then(|()| std::fs::rename(&tmp, p))
+        .map_err(|e| {
+            let _ = std::fs::remove_file(&tmp);
+            io_err("cannot write", p)(e)
+        })
+}
+
 async fn fetch_index(store: &Store, name: &str, tag: &str) -> Result<Index, RemoteError> {
     let key = store.key(&index_rel(name, tag));
     let bytes = match store.get_bounded(&key, index::MAX_INDEX_BYTES).await {
@@ -540,7 +553,7 @@ fn fill_cache(
                 index::decode_chunk(&d, &z, len)
                     .map_err(|source| RemoteError::Chunk { remote, source })?;
                 let p = cache_ref.join(&d);
-                workspace::write_atomic(&p, &z).map_err(io_err("cannot write", &p))?;
+                write_cached(&p, &z)?;
                 Ok::<_, RemoteError>((len, z.len() as u64))
             }
         }))
