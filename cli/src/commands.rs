@@ -327,14 +327,23 @@ pub fn open_snapshot(ws: &Workspace, tag: &str) -> Result<Snapshot, Failure> {
 }
 
 fn fork(root: &Path, args: &CreateArgs, src: &str, out: Out) -> Result<(), Failure> {
-    let (src_name, tag) = parse_source(src)?;
+    // REMOTE/NAME:TAG: pulled (once per host) into the remote cache, forked from there.
+    let (source_root, src_name, tag, fetched) = if crate::remote::RemoteRef::is_remote(src) {
+        let (cache_root, name, st) = crate::remote::materialize(root, src, out)?;
+        let tag = parse_source(src)?.1;
+        (cache_root, name, tag, Some(st))
+    } else {
+        let (n, t) = parse_source(src)?;
+        (root.to_path_buf(), n.to_string(), t, None)
+    };
+    let src_name = src_name.as_str();
     let ttl = args
         .ttl
         .as_deref()
         .map(crate::duration::parse)
         .transpose()
         .map_err(|e| Failure::new(Code::Usage, e))?;
-    let source = Workspace::open(root, src_name)?;
+    let source = Workspace::open(&source_root, src_name)?;
     let snap = open_snapshot(&source, tag)?;
     let count = args.count.unwrap_or(1);
     if count == 0 || count > MAX_FORKS {
@@ -401,7 +410,7 @@ fn fork(root: &Path, args: &CreateArgs, src: &str, out: Out) -> Result<(), Failu
                     vcpus: snap.manifest.vcpus,
                     cmdline: snap.manifest.cmdline.clone(),
                     created: now_rfc3339(),
-                    forked_from: Some(format!("{src_name}:{tag}")),
+                    forked_from: Some(src.to_string()),
                     expires_unix: ttl.map(|d| now_unix() + d.as_secs()),
                     agent: source.config.agent,
                     // Same network, but fixed host ports cannot be bound twice: free ones.
@@ -451,19 +460,14 @@ fn fork(root: &Path, args: &CreateArgs, src: &str, out: Out) -> Result<(), Failu
             let human: Vec<String> = created
                 .iter()
                 .zip(&pids)
-                .map(|(w, p)| {
-                    format!(
-                        "workspace {} forked from {src_name}:{tag} (pid {p})",
-                        w.name()
-                    )
-                })
+                .map(|(w, p)| format!("workspace {} forked from {src} (pid {p})", w.name()))
                 .collect();
             let js: Vec<_> = created
                 .iter()
                 .zip(&pids)
-                .map(|(w, p)| json!({"name": w.name(), "pid": p, "from": format!("{src_name}:{tag}")}))
+                .map(|(w, p)| json!({"name": w.name(), "pid": p, "from": src}))
                 .collect();
-            out.emit(human.join("\n"), json!({"forked": js}));
+            out.emit(human.join("\n"), json!({"forked": js, "fetched": fetched}));
             Ok(())
         }
         Err(f) => {
@@ -937,6 +941,18 @@ pub fn create_for_import(
     m: &snapshot::Manifest,
     kernel: Option<&Path>,
 ) -> Result<Workspace, Failure> {
+    create_for_import_with(root, name, m, kernel, |_| Ok(()))
+}
+
+/// As `create_for_import`, with `extra` run on the hidden directory before it becomes visible
+/// (a pull puts the snapshot there, so the workspace appears with it or not at all).
+pub fn create_for_import_with(
+    root: &Path,
+    name: &str,
+    m: &snapshot::Manifest,
+    kernel: Option<&Path>,
+    extra: impl FnOnce(&Path) -> Result<(), Failure>,
+) -> Result<Workspace, Failure> {
     let builtin_spec = format!("{}testguest", builtin::PREFIX);
     let builtin_sha =
         snapshot::digest::sha256_bytes(builtin::bytes(&builtin_spec).unwrap_or_default());
@@ -982,6 +998,7 @@ pub fn create_for_import(
             std::fs::File::create(dir.join(workspace::ROOTFS))
                 .map_err(|e| io_fail("cannot create", dir, e))?;
         }
+        extra(dir)?;
         Ok(Config {
             name: name.to_string(),
             kernel_spec: spec.clone(),

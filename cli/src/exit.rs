@@ -20,6 +20,10 @@ pub enum Code {
     HostUnsupported = 6,
     /// The guest crashed: triple fault, KVM internal error.
     GuestFailed = 7,
+    /// A remote (S3-compatible object storage) could not be reached.
+    RemoteUnreachable = 8,
+    /// A remote refused us: wrong credentials, no permission, or a missing bucket.
+    RemoteAccess = 9,
 }
 
 impl From<Code> for ExitCode {
@@ -37,7 +41,9 @@ Exit codes:
   4  conflict: wrong state for the request
   5  snapshot refused (kernel mismatch, unknown format, corrupt)
   6  host unsupported (no /dev/kvm, missing KVM capability)
-  7  guest failed (triple fault, KVM internal error)";
+  7  guest failed (triple fault, KVM internal error)
+  8  remote unreachable (object storage endpoint down or not answering)
+  9  remote refused: wrong credentials, no permission, or missing bucket";
 
 /// A failure with the exit code it maps to; the message is one line.
 #[derive(Debug)]

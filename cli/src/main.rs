@@ -14,6 +14,7 @@ mod net;
 mod output;
 mod pageserver;
 mod process;
+mod remote;
 mod run;
 mod sandbox;
 mod snapshot_cmd;
@@ -91,9 +92,12 @@ enum Command {
     /// Print a workspace's serial console log.
     #[command(after_help = exit::HELP)]
     Console { name: String },
-    /// Snapshots: create, list, delete, inspect.
+    /// Snapshots: create, list, delete, inspect, export/import, push/pull to a remote.
     #[command(subcommand, after_help = exit::HELP)]
     Snapshot(snapshot_cmd::SnapshotCommand),
+    /// Remotes (S3-compatible object storage) for `snapshot push` and `snapshot pull`.
+    #[command(subcommand, after_help = exit::HELP)]
+    Remote(remote::RemoteCommand),
     /// OCI images: list, pull (and build the root filesystem), rm.
     #[command(subcommand, after_help = exit::HELP)]
     Image(image::ImageCommand),
@@ -160,6 +164,7 @@ fn main() -> ExitCode {
             Command::Secret(SecretCommand::Set(a)) => agent::secret_set(&root, a, out),
             Command::Snapshot(c) => snapshot_cmd::run(&root, c, out),
             Command::Image(c) => image::run(&root, c, out),
+            Command::Remote(c) => remote::run(&root, c, out),
             #[cfg(feature = "test-hooks")]
             Command::TestHook(a) => test_hooks::run(&root, a, out),
             Command::Kernel(c) => kernel_cmd::run(c, out),

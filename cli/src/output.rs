@@ -55,6 +55,8 @@ pub fn code_name(c: Code) -> &'static str {
         Code::SnapshotRefused => "snapshot-refused",
         Code::HostUnsupported => "host-unsupported",
         Code::GuestFailed => "guest-failed",
+        Code::RemoteUnreachable => "remote-unreachable",
+        Code::RemoteAccess => "remote-access",
     }
 }
 
@@ -67,6 +69,8 @@ pub fn code_from_name(s: &str) -> Code {
         "invalid-argument" | "usage" => Code::Usage,
         "host-unsupported" => Code::HostUnsupported,
         "guest-failed" => Code::GuestFailed,
+        "remote-unreachable" => Code::RemoteUnreachable,
+        "remote-access" => Code::RemoteAccess,
         _ => Code::Error,
     }
 }
@@ -106,6 +110,8 @@ mod tests {
             Code::HostUnsupported,
             Code::GuestFailed,
             Code::Usage,
+            Code::RemoteUnreachable,
+            Code::RemoteAccess,
         ] {
             assert_eq!(code_from_name(code_name(c)), c);
         }

@@ -46,6 +46,20 @@ pub enum SnapshotCommand {
     },
     /// Import a snapshot archive; every digest is checked before it becomes visible.
     Import(ImportArgs),
+    /// Upload a snapshot to a remote as content-addressed chunks (only those it lacks).
+    Push {
+        name: String,
+        tag: String,
+        remote: String,
+    },
+    /// Download a snapshot from a remote (REMOTE/NAME:TAG); every chunk is verified.
+    Pull {
+        #[arg(value_name = "REMOTE/NAME:TAG")]
+        source: String,
+        /// The workspace to pull into (default: NAME). It is created if it does not exist.
+        #[arg(long = "as", value_name = "NAME")]
+        as_name: Option<String>,
+    },
 }
 
 #[derive(Args)]
@@ -130,6 +144,12 @@ pub fn run(root: &Path, cmd: SnapshotCommand, out: Out) -> Result<(), Failure> {
         SnapshotCommand::Prune(a) => prune(root, a, out),
         SnapshotCommand::Export { name, tag, file } => export(root, &name, &tag, &file, out),
         SnapshotCommand::Import(a) => import(root, a, out),
+        SnapshotCommand::Push { name, tag, remote } => {
+            crate::remote::push(root, &name, &tag, &remote, out)
+        }
+        SnapshotCommand::Pull { source, as_name } => {
+            crate::remote::pull(root, &source, as_name, out)
+        }
     }
 }
 

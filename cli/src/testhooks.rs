@@ -33,3 +33,23 @@ pub fn fail_point(point: &str) -> Result<(), Failure> {
     }
     Ok(())
 }
+
+pub const SLOW_ENV: &str = "MICROAGENT_TEST_SLOW_AT";
+
+/// Sleeps here when the tests ask for it (`MICROAGENT_TEST_SLOW_AT=POINT:MS`), so a test can act
+/// (e.g. kill a remote) while a transfer is surely under way.
+pub fn slow_point(point: &str) {
+    if !snapshot::faults::TEST_HOOKS {
+        return;
+    }
+    let Ok(v) = std::env::var(SLOW_ENV) else {
+        return;
+    };
+    if let Some((p, ms)) = v.split_once(':') {
+        if p == point {
+            if let Ok(ms) = ms.parse::<u64>() {
+                std::thread::sleep(std::time::Duration::from_millis(ms));
+            }
+        }
+    }
+}

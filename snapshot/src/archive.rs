@@ -116,6 +116,19 @@ pub fn import(
     result
 }
 
+/// Checks a snapshot assembled in a staging directory (by an import or a pull from a remote)
+/// before it may become visible: a valid manifest, every file's size and digest, the state's
+/// format and CRC.
+pub fn verify_staged(dir: &Path) -> Result<Snapshot, SnapshotError> {
+    let snap = Snapshot::open(dir)?;
+    snap.verify(&VerifyOptions {
+        kernel: None,
+        contents: true,
+    })?;
+    snap.check_state()?;
+    Ok(snap)
+}
+
 fn extract_verified(
     archive: &Path,
     tmp: &Path,
@@ -173,12 +186,7 @@ fn extract_verified(
             return Err(Refusal::MissingFile(f.name.clone()).into());
         }
     }
-    let snap = Snapshot::open(tmp)?;
-    snap.verify(&VerifyOptions {
-        kernel: None,
-        contents: true,
-    })?;
-    snap.check_state()?;
+    let snap = verify_staged(tmp)?;
     let tag = tag.unwrap_or(&manifest.tag).to_string();
     let target = snapshots_dir.join(&tag);
     if target.exists() {

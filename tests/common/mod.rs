@@ -8,6 +8,7 @@ use std::time::Duration;
 pub mod oci;
 #[path = "require.rs"]
 pub mod require;
+pub mod s3;
 
 pub fn bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_microagent"))
@@ -29,9 +30,22 @@ pub fn microagent(args: &[&str], timeout: Duration) -> Output {
 
 /// As `microagent`, with `MICROAGENT_HOME` set for the child only (tests run in parallel).
 pub fn microagent_in(home: Option<&Path>, args: &[&str], timeout: Duration) -> Output {
+    microagent_env(home, args, &[], timeout)
+}
+
+/// As `microagent_in`, with extra environment variables for the child.
+pub fn microagent_env(
+    home: Option<&Path>,
+    args: &[&str],
+    env: &[(String, String)],
+    timeout: Duration,
+) -> Output {
     let mut cmd = Command::new(bin());
     if let Some(h) = home {
         cmd.env("MICROAGENT_HOME", h);
+    }
+    for (k, v) in env {
+        cmd.env(k, v);
     }
     let child = cmd
         .args(args)

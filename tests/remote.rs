@@ -1,0 +1,485 @@
+//! Snapshots in S3-compatible object storage, against a real S3 server (moto, see common/s3.rs)
+//! on loopback: push and pull, dedup, interrupted transfers resumed, tampered chunks refused,
+//! credential and bucket errors, and a second host (its own state root, never sharing the
+//! first's files) forking the first host's test guest snapshot from the remote.
+
+mod common;
+use common::s3::{credentials_file, BUCKET, S3};
+use common::*;
+use std::path::Path;
+use std::time::Duration;
+
+/// One simulated host: a state root plus the credentials it uses.
+struct Host {
+    home: Home,
+    env: Vec<(String, String)>,
+}
+
+impl Host {
+    fn new(name: &str, s3: &S3) -> Host {
+        Host {
+            home: Home::new(name),
+            env: s3.env(),
+        }
+    }
+
+    fn run(&self, args: &[&str]) -> std::process::Output {
+        self.run_env(args, &[])
+    }
+
+    fn run_env(&self, args: &[&str], extra: &[(&str, &str)]) -> std::process::Output {
+        let mut env = self.env.clone();
+        env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        microagent_env(Some(&self.home.dir), args, &env, Duration::from_secs(180))
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let o = self.run(args);
+        assert!(
+            o.status.success(),
+            "microagent {args:?} failed ({:?}):\n{}\n{}",
+            o.status,
+            stdout(&o),
+            stderr(&o)
+        );
+        stdout(&o)
+    }
+
+    fn json(&self, args: &[&str]) -> serde_json::Value {
+        let mut a = vec!["--json"];
+        a.extend_from_slice(args);
+        let s = self.ok(&a);
+        serde_json::from_str(&s).unwrap_or_else(|e| panic!("not JSON ({e}): {s}"))
+    }
+
+    fn add_remote(&self, s3: &S3, name: &str, prefix: &str) {
+        self.ok(&[
+            "remote",
+            "add",
+            name,
+            &format!("s3://{BUCKET}/{prefix}"),
+            "--endpoint",
+            &s3.endpoint,
+        ]);
+    }
+
+    /// Boots the counter test guest and waits until it counts.
+    fn boot(&self, name: &str) {
+        self.ok(&[
+            "create",
+            name,
+            "--kernel",
+            "builtin:testguest",
+            "--mem",
+            "128",
+            "--cmdline",
+            // A 16 MiB region of which only the first 5% keeps changing: a second snapshot
+            // shares most memory chunks with the first.
+            "mode=counter mem=16 hot_pct=5 tick_ms=5 layout=1",
+        ]);
+        self.ok(&["start", name]);
+        self.home.wait_counts(name, &[10]);
+    }
+
+    fn saved_count(&self, name: &str, tag: &str) -> u64 {
+        let addr = state_addrs(&self.home.console(name), 1)[0];
+        memory_u64(&self.home.ws(name).join("snapshots").join(tag), addr)
+    }
+}
+
+fn setup(test: &str) -> Option<S3> {
+    if !kvm_or_skip(test) {
+        return None;
+    }
+    S3::start(test)
+}
+
+fn one_line(o: &std::process::Output) -> String {
+    let e = stderr(o);
+    assert_eq!(e.trim_end().lines().count(), 1, "not one line: {e:?}");
+    e
+}
+
+fn stat(v: &serde_json::Value, k: &str) -> u64 {
+    v["stats"][k]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no stats.{k} in {v}"))
+}
+
+fn same_files(a: &Path, b: &Path) {
+    for f in ["manifest.json", "vmstate.bin", "memory.bin"] {
+        assert!(
+            std::fs::read(a.join(f)).unwrap() == std::fs::read(b.join(f)).unwrap(),
+            "{f} differs after the round trip"
+        );
+    }
+}
+
+#[test]
+fn push_pull_and_dedup() {
+    let Some(s3) = setup("push_pull_and_dedup") else {
+        return;
+    };
+    let a = Host::new("remote-a", &s3);
+    a.add_remote(&s3, "r", "team/snaps");
+    let l = a.json(&["remote", "list"]);
+    assert_eq!(l["remotes"][0]["name"], "r", "{l}");
+    assert_eq!(l["remotes"][0]["prefix"], "team/snaps", "{l}");
+    a.boot("w");
+    a.ok(&["snapshot", "create", "w", "--tag", "t1"]);
+    let p1 = a.json(&["snapshot", "push", "w", "t1", "r"]);
+    let distinct = stat(&p1, "chunks_distinct");
+    assert_eq!(stat(&p1, "chunks_transferred"), distinct, "{p1}");
+    assert!(stat(&p1, "chunks_zero") > 0, "holes are not uploaded: {p1}");
+    // Compressed chunks, and nothing for the zero ones: far below the files' size.
+    assert!(
+        stat(&p1, "bytes_transferred") * 4 < stat(&p1, "bytes_logical"),
+        "{p1}"
+    );
+    assert!(s3.exists("team/snaps/snapshots/w/t1.json"));
+
+    // A second snapshot of the same workspace: only its new chunks go up.
+    a.home.wait_counts("w", &[a.saved_count("w", "t1") + 50]);
+    a.ok(&["snapshot", "create", "w", "--tag", "t2"]);
+    let p2 = a.json(&["snapshot", "push", "w", "t2", "r"]);
+    let (sent, have) = (stat(&p2, "chunks_transferred"), stat(&p2, "chunks_present"));
+    assert!(sent > 0, "{p2}");
+    assert!(
+        sent < stat(&p2, "chunks_distinct"),
+        "dedup did nothing: {p2}"
+    );
+    assert_eq!(sent + have, stat(&p2, "chunks_distinct"), "{p2}");
+    // Pushing again is a no-op.
+    let p3 = a.json(&["snapshot", "push", "w", "t2", "r"]);
+    assert_eq!(stat(&p3, "chunks_transferred"), 0, "{p3}");
+
+    // Pull into another workspace on the same host: byte-identical, and it restores.
+    let pulled = a.json(&["snapshot", "pull", "r/w:t2", "--as", "copy"]);
+    assert_eq!(pulled["workspace"], "copy", "{pulled}");
+    // Every chunk was already in... no: this host's cache starts empty, so all were fetched.
+    assert_eq!(
+        stat(&pulled, "chunks_transferred"),
+        stat(&pulled, "chunks_distinct"),
+        "{pulled}"
+    );
+    same_files(
+        &a.home.ws("w").join("snapshots/t2"),
+        &a.home.ws("copy").join("snapshots/t2"),
+    );
+    a.ok(&["snapshot", "inspect", "copy", "t2", "--verify"]);
+    // t1 shares most chunks with t2: pulled from the host's cache.
+    let p = a.json(&["snapshot", "pull", "r/w:t1", "--as", "copy"]);
+    assert!(stat(&p, "chunks_present") > 0, "{p}");
+    assert!(
+        stat(&p, "chunks_transferred") < stat(&p, "chunks_distinct"),
+        "{p}"
+    );
+    // Pulling what is already there is a conflict, and a missing snapshot is not found.
+    let o = a.run(&["snapshot", "pull", "r/w:t1", "--as", "copy"]);
+    assert_eq!(o.status.code(), Some(4), "{}", stderr(&o));
+    let o = a.run(&["snapshot", "pull", "r/w:nope"]);
+    assert_eq!(o.status.code(), Some(3), "{}", stderr(&o));
+    assert!(one_line(&o).contains("has no snapshot w:nope"));
+    a.ok(&["remote", "remove", "r"]);
+    assert_eq!(
+        a.json(&["remote", "list"])["remotes"],
+        serde_json::json!([])
+    );
+    a.ok(&["delete", "w", "--yes"]);
+}
+
+#[test]
+fn interrupted_push_and_pull_resume() {
+    let Some(s3) = setup("interrupted_push_and_pull_resume") else {
+        return;
+    };
+    let a = Host::new("remote-int-a", &s3);
+    a.add_remote(&s3, "r", "p");
+    a.boot("w");
+    a.ok(&["snapshot", "create", "w", "--tag", "t"]);
+    a.ok(&["halt", "w"]);
+    // Killed after two chunks: the snapshot is not on the remote (no index).
+    let o = a.run_env(
+        &["snapshot", "push", "w", "t", "r"],
+        &[("MICROAGENT_TEST_CRASH_AT", "push-chunk-2")],
+    );
+    assert_eq!(o.status.code(), None, "not killed: {}", stderr(&o));
+    assert!(
+        !s3.exists("p/snapshots/w/t.json"),
+        "half-pushed snapshot visible"
+    );
+    let b = Host::new("remote-int-b", &s3);
+    b.add_remote(&s3, "r", "p");
+    let o = b.run(&["snapshot", "pull", "r/w:t"]);
+    assert_eq!(o.status.code(), Some(3), "{}", stderr(&o));
+    // Run again: the chunks already there are skipped.
+    let p = a.json(&["snapshot", "push", "w", "t", "r"]);
+    assert!(stat(&p, "chunks_present") >= 2, "{p}");
+    assert_eq!(
+        stat(&p, "chunks_present") + stat(&p, "chunks_transferred"),
+        stat(&p, "chunks_distinct"),
+        "{p}"
+    );
+
+    // A pull killed after two chunks: nothing visible on host B, the chunks kept.
+    let o = b.run_env(
+        &["snapshot", "pull", "r/w:t"],
+        &[("MICROAGENT_TEST_CRASH_AT", "pull-chunk-2")],
+    );
+    assert_eq!(o.status.code(), None, "not killed: {}", stderr(&o));
+    assert!(!b.home.ws("w").exists(), "half-pulled workspace visible");
+    // Killed while assembling: still nothing visible.
+    let o = b.run_env(
+        &["snapshot", "pull", "r/w:t"],
+        &[("MICROAGENT_TEST_CRASH_AT", "pull-assembled")],
+    );
+    assert_eq!(o.status.code(), None, "not killed: {}", stderr(&o));
+    assert!(!b.home.ws("w").exists(), "half-pulled workspace visible");
+    let p = b.json(&["snapshot", "pull", "r/w:t"]);
+    assert_eq!(stat(&p, "chunks_transferred"), 0, "resumed from cache: {p}");
+    assert_eq!(
+        stat(&p, "chunks_present"),
+        stat(&p, "chunks_distinct"),
+        "{p}"
+    );
+    same_files(
+        &a.home.ws("w").join("snapshots/t"),
+        &b.home.ws("w").join("snapshots/t"),
+    );
+    // Staging leftovers of the killed pulls are gone.
+    let staging = b.home.dir.join("remote-cache/staging");
+    let left: Vec<_> = std::fs::read_dir(&staging)
+        .map(|d| d.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "staging leftovers: {left:?}");
+}
+
+#[test]
+fn tampered_chunk_is_refused() {
+    let Some(s3) = setup("tampered_chunk_is_refused") else {
+        return;
+    };
+    let a = Host::new("remote-tamper-a", &s3);
+    a.add_remote(&s3, "r", "");
+    a.boot("w");
+    a.ok(&["snapshot", "create", "w", "--tag", "t"]);
+    a.ok(&["halt", "w"]);
+    a.ok(&["snapshot", "push", "w", "t", "r"]);
+    let index: serde_json::Value =
+        serde_json::from_slice(&s3.get("snapshots/w/t.json")).expect("index JSON");
+    let mem = index["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["name"] == "memory.bin")
+        .expect("memory.bin in the index");
+    let digest = mem["chunks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find_map(|c| c.as_str())
+        .expect("a non-zero memory chunk")
+        .to_string();
+    // Same length, valid zstd, one byte different: only the digest can tell.
+    let original = zstd::bulk::decompress(&s3.get(&format!("chunks/{digest}")), 4 << 20).unwrap();
+    let mut evil = original.clone();
+    evil[original.len() / 2] ^= 0x5a;
+    s3.put(
+        &format!("chunks/{digest}"),
+        &zstd::bulk::compress(&evil, 3).unwrap(),
+    );
+
+    let b = Host::new("remote-tamper-b", &s3);
+    b.add_remote(&s3, "r", "");
+    let o = b.run(&["snapshot", "pull", "r/w:t"]);
+    assert_eq!(o.status.code(), Some(5), "{}", stderr(&o));
+    let e = one_line(&o);
+    assert!(e.contains(&digest) && e.contains("corrupt"), "{e}");
+    assert!(!b.home.ws("w").exists(), "a tampered snapshot was imported");
+    assert!(
+        !b.home
+            .dir
+            .join("remote-cache/chunks")
+            .join(&digest)
+            .exists(),
+        "a tampered chunk was cached"
+    );
+    // The same for a fork straight from the remote.
+    let o = b.run(&["create", "f", "--from-snapshot", "r/w:t"]);
+    assert_eq!(o.status.code(), Some(5), "{}", stderr(&o));
+    assert!(!b.home.ws("f").exists());
+}
+
+#[test]
+fn credentials_bucket_and_unreachable_errors() {
+    let Some(s3) = setup("credentials_bucket_and_unreachable_errors") else {
+        return;
+    };
+    let a = Host::new("remote-err", &s3);
+    a.add_remote(&s3, "r", "x");
+    a.boot("w");
+    a.ok(&["snapshot", "create", "w", "--tag", "t"]);
+    a.ok(&["halt", "w"]);
+    // Wrong secret, from the environment.
+    let o = a.run_env(
+        &["snapshot", "push", "w", "t", "r"],
+        &[("AWS_SECRET_ACCESS_KEY", "wrong")],
+    );
+    assert_eq!(o.status.code(), Some(9), "{}", stderr(&o));
+    assert!(one_line(&o).contains("refused access"), "{}", stderr(&o));
+    // An unknown key, from the shared credentials file (no key in the environment).
+    let creds = credentials_file(&a.home.dir, "AKIAUNKNOWNKEY000000", "nope");
+    let mut env: Vec<(String, String)> = a
+        .env
+        .iter()
+        .filter(|(k, _)| !k.starts_with("AWS_ACCESS_KEY") && !k.starts_with("AWS_SECRET"))
+        .cloned()
+        .collect();
+    env.push((
+        "AWS_SHARED_CREDENTIALS_FILE".into(),
+        creds.display().to_string(),
+    ));
+    let o = microagent_env(
+        Some(&a.home.dir),
+        &["snapshot", "pull", "r/w:t", "--as", "other"],
+        &env,
+        Duration::from_secs(60),
+    );
+    assert_eq!(o.status.code(), Some(9), "{}", stderr(&o));
+    one_line(&o);
+    // A bucket that does not exist.
+    a.ok(&[
+        "remote",
+        "add",
+        "nob",
+        "s3://no-such-bucket/x",
+        "--endpoint",
+        &s3.endpoint,
+    ]);
+    let o = a.run(&["snapshot", "push", "w", "t", "nob"]);
+    assert_eq!(o.status.code(), Some(9), "{}", stderr(&o));
+    assert!(
+        one_line(&o).contains("bucket no-such-bucket does not exist"),
+        "{}",
+        stderr(&o)
+    );
+    let o = a.run(&["snapshot", "pull", "nob/w:t", "--as", "other"]);
+    assert_eq!(o.status.code(), Some(9), "{}", stderr(&o));
+    // Nothing listening.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    a.ok(&[
+        "remote",
+        "add",
+        "dead",
+        "s3://snaps/x",
+        "--endpoint",
+        &format!("http://127.0.0.1:{dead}"),
+    ]);
+    let o = a.run(&["snapshot", "push", "w", "t", "dead"]);
+    assert_eq!(o.status.code(), Some(8), "{}", stderr(&o));
+    assert!(one_line(&o).contains("unreachable"), "{}", stderr(&o));
+    let o = a.run(&["create", "f", "--from-snapshot", "dead/w:t"]);
+    assert_eq!(o.status.code(), Some(8), "{}", stderr(&o));
+    // Usage errors.
+    for (args, code) in [
+        (vec!["remote", "add", "r", "s3://snaps/x"], 4),
+        (vec!["remote", "add", "bad name", "s3://snaps/x"], 2),
+        (vec!["remote", "add", "q", "http://snaps/x"], 2),
+        (vec!["snapshot", "pull", "r:w:t"], 2),
+        (vec!["snapshot", "push", "w", "t", "ghost"], 3),
+    ] {
+        let o = a.run(&args);
+        assert_eq!(o.status.code(), Some(code), "{args:?}: {}", stderr(&o));
+    }
+}
+
+#[test]
+fn second_host_forks_from_the_remote() {
+    let Some(mut s3) = setup("second_host_forks_from_the_remote") else {
+        return;
+    };
+    let a = Host::new("remote-host-a", &s3);
+    a.add_remote(&s3, "r", "fleet");
+    a.boot("w");
+    a.ok(&["snapshot", "create", "w", "--tag", "t"]);
+    let want = a.saved_count("w", "t");
+    a.ok(&["snapshot", "push", "w", "t", "r"]);
+    a.ok(&["halt", "w"]);
+
+    // Host B: its own state root, credentials only in its shared credentials file.
+    let b_home = Home::new("remote-host-b");
+    let creds = credentials_file(&b_home.dir, &s3.key_id, &s3.secret);
+    let b = Host {
+        home: b_home,
+        env: vec![
+            (
+                "AWS_SHARED_CREDENTIALS_FILE".into(),
+                creds.display().to_string(),
+            ),
+            ("AWS_REGION".into(), "us-east-1".into()),
+        ],
+    };
+    b.add_remote(&s3, "r", "fleet");
+    let out = b.json(&["create", "f", "--from-snapshot", "r/w:t", "--count", "2"]);
+    assert!(
+        out["fetched"]["chunks_transferred"].as_u64().unwrap() > 0,
+        "{out}"
+    );
+    for f in ["f-1", "f-2"] {
+        // The fork continues exactly: its first count follows the captured one.
+        b.home.wait_counts(f, &[want]);
+        let first = counts(&b.home.console(f))[0].1;
+        assert!(
+            first >= want && first < want + 1000,
+            "{f} started at {first}, snapshot at {want}"
+        );
+        let st = b.json(&["status", f]);
+        assert_eq!(st["forked_from"], "r/w:t", "{st}");
+    }
+    assert!(!b.home.ws("w").exists(), "the cache is not a workspace");
+    // A second fork on the same host uses the host's cache: nothing fetched but the index.
+    let again = b.json(&["create", "g", "--from-snapshot", "r/w:t"]);
+    assert!(
+        again["fetched"]["chunks_transferred"].as_u64() == Some(0),
+        "{again}"
+    );
+    b.home.wait_counts("g", &[want]);
+    for f in ["f-1", "f-2", "g"] {
+        b.ok(&["halt", f]);
+    }
+
+    // The remote dies mid-transfer: a clear error, nothing half-visible.
+    let c = Host::new("remote-host-c", &s3);
+    c.add_remote(&s3, "r", "fleet");
+    let mut env = c.env.clone();
+    env.push(("MICROAGENT_TEST_SLOW_AT".into(), "pull-chunk:400".into()));
+    let home = c.home.dir.clone();
+    let fork = std::thread::spawn(move || {
+        microagent_env(
+            Some(&home),
+            &["create", "h", "--from-snapshot", "r/w:t"],
+            &env,
+            Duration::from_secs(120),
+        )
+    });
+    let cache = c.home.dir.join("remote-cache/chunks");
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while std::fs::read_dir(&cache).map_or(0, |d| d.count()) == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no chunk ever arrived"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    s3.kill();
+    let o = fork.join().unwrap();
+    assert_eq!(o.status.code(), Some(8), "{}", stderr(&o));
+    assert!(one_line(&o).contains("unreachable"), "{}", stderr(&o));
+    assert!(!c.home.ws("h").exists(), "a fork of a half-pulled snapshot");
+    let cached = c.home.dir.join("remote-cache/snapshots/r/workspaces/w");
+    assert!(!cached.exists(), "a half-pulled snapshot in the cache");
+}
