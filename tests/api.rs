@@ -586,3 +586,67 @@ fn full_flow_over_http_with_events() {
         assert_eq!(all["workspaces"], json!([]));
     });
 }
+
+#[test]
+fn cli_snapshot_and_api_delete_race_to_one_consistent_end() {
+    if !kvm_or_skip("cli_snapshot_and_api_delete_race_to_one_consistent_end") {
+        return;
+    }
+    let h = Home::new("api-race");
+    h.ok(&[
+        "create",
+        "r",
+        "--kernel",
+        "builtin:testguest",
+        "--mem",
+        "64",
+        "--cmdline",
+        "mode=counter mem=2 tick_ms=5",
+    ]);
+    h.ok(&["start", "r"]);
+    h.wait_counts("r", &[10]);
+    let s = Server::start(&h);
+    // The terminal and the API at once, on one workspace: the lock lets one in at a time.
+    let home = h.dir.clone();
+    let cli = std::thread::spawn(move || {
+        microagent_in(
+            Some(&home),
+            &["--json", "snapshot", "create", "r", "--tag", "c"],
+            Duration::from_secs(120),
+        )
+    });
+    let (st, v) = rt().block_on(s.send(reqwest::Method::DELETE, "/api/workspaces/r", json!({})));
+    let snap = cli.join().unwrap();
+    let exists = h.ws("r").exists();
+    eprintln!(
+        "race: API {st}, CLI snapshot {}, workspace {}",
+        snap.status,
+        if exists { "kept" } else { "gone" }
+    );
+    match (st, snap.status.success()) {
+        // The API won first, or came after the capture finished: the workspace is gone whole.
+        (200, _) => assert!(!exists, "deleted, yet the workspace is still there"),
+        // The capture held the lock: the API was told so, and the snapshot is whole.
+        (409, true) => {
+            assert_eq!(code(&v), "conflict", "{v}");
+            assert!(exists);
+            h.ok(&["snapshot", "inspect", "r", "c", "--verify"]);
+        }
+        other => panic!("no clear winner: API {other:?} {v}; CLI {}", stderr(&snap)),
+    }
+    if !exists {
+        // The capture lost: it failed with a clear code, and left nothing behind.
+        if !snap.status.success() {
+            let e: Value = serde_json::from_str(stderr(&snap).trim()).unwrap_or(Value::Null);
+            assert!(
+                ["not-found", "conflict", "error"].contains(&code(&e)),
+                "{}",
+                stderr(&snap)
+            );
+        }
+        let left: Vec<_> = std::fs::read_dir(h.dir.join("workspaces"))
+            .map(|d| d.flatten().map(|e| e.file_name()).collect())
+            .unwrap_or_default();
+        assert!(left.is_empty(), "left behind: {left:?}");
+    }
+}
