@@ -295,6 +295,14 @@ fn dashboard_checkpoints_in_chromium() {
         b.screenshot(&shots().join("phone-list.png")).await;
         b.click_on("#view-cards").await;
         b.screenshot(&shots().join("phone-cards.png")).await;
+        // The + New dialog at phone width, then cancelled (Escape closes it too).
+        b.click_on("#btn-new").await;
+        b.wait_js("new dialog open", "document.getElementById('dlg-new').open", LONG)
+            .await;
+        b.screenshot(&shots().join("phone-new-dialog.png")).await;
+        b.click_on("#dlg-new .cancel").await;
+        b.wait_js("new dialog closed", "!document.getElementById('dlg-new').open", LONG)
+            .await;
         // Nothing is wider than the phone's screen.
         assert_eq!(
             b.eval("document.documentElement.scrollWidth <= window.innerWidth")
@@ -348,6 +356,7 @@ fn dashboard_restore_of_a_stopped_vm_in_chromium() {
         .await;
         b.click_on("#confirm-ok").await;
         b.wait("#vm-dot.running", LONG).await;
+        b.screenshot(&shots().join("restored-running.png")).await;
         b.close().await;
     });
     // The guest's counter goes on from the snapshot, not from where it was halted.
