@@ -440,8 +440,10 @@ fn fork(root: &Path, args: &CreateArgs, src: &str, out: Out) -> Result<(), Failu
                 .map_err(|f| named(ws, f))?;
         }
         let mut pids = Vec::new();
+        let total = created.len() as u64;
         for (ws, child) in created.iter().zip(children.iter_mut()) {
             pids.push(process::wait_ready(ws, child).map_err(|f| named(ws, f))?);
+            out.progress_items("forks ready", pids.len() as u64, total);
         }
         // Each fork takes its own identity and entropy, and gets the secrets back.
         for ws in &created {
@@ -714,7 +716,7 @@ pub fn delete(root: &Path, name: &str, yes: bool, out: Out) -> Result<(), Failur
     Ok(())
 }
 
-fn summary(ws: &Workspace) -> serde_json::Value {
+pub(crate) fn summary(ws: &Workspace) -> serde_json::Value {
     let state = ws.state();
     let snaps = snapshot::list(&ws.snapshots_dir()).len();
     json!({

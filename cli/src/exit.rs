@@ -26,6 +26,23 @@ pub enum Code {
     RemoteAccess = 9,
 }
 
+impl Code {
+    /// The code a child `microagent` exited with; `None` for a number this build never uses.
+    pub fn from_exit(n: i32) -> Option<Code> {
+        Some(match n {
+            0 => Code::Ok,
+            1 => Code::Error,
+            2 => Code::Usage,
+            3 => Code::NotFound,
+            4 => Code::Conflict,
+            5 => Code::SnapshotRefused,
+            6 => Code::HostUnsupported,
+            7 => Code::GuestFailed,
+            _ => return None,
+        })
+    }
+}
+
 impl From<Code> for ExitCode {
     fn from(c: Code) -> Self {
         ExitCode::from(c as u8)

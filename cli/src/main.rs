@@ -17,6 +17,7 @@ mod process;
 mod remote;
 mod run;
 mod sandbox;
+mod serve;
 mod snapshot_cmd;
 #[cfg(feature = "test-hooks")]
 mod test_hooks;
@@ -104,6 +105,9 @@ enum Command {
     /// Guest kernels: list the cached ones, build the default one for this host.
     #[command(subcommand, after_help = exit::HELP)]
     Kernel(kernel_cmd::KernelCommand),
+    /// Serve the JSON API (OpenAPI at /api/openapi.json) and the web dashboard.
+    #[command(after_help = exit::HELP)]
+    Serve(serve::ServeArgs),
     /// Boot a kernel in the foreground until the guest resets or powers off.
     #[command(after_help = exit::HELP)]
     Run(run::RunArgs),
@@ -168,6 +172,7 @@ fn main() -> ExitCode {
             #[cfg(feature = "test-hooks")]
             Command::TestHook(a) => test_hooks::run(&root, a, out),
             Command::Kernel(c) => kernel_cmd::run(c, out),
+            Command::Serve(a) => serve::run(&root, a, out),
             Command::Run(_)
             | Command::Vmm(_)
             | Command::Exec(_)

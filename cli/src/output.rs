@@ -30,18 +30,63 @@ impl Out {
         }
     }
 
-    /// Progress on stderr, only for people at a terminal.
+    /// Progress on stderr: for people at a terminal, or as JSON lines for a supervising
+    /// program (`MICROAGENT_PROGRESS=json`, which `microagent serve` sets for its children).
     pub fn progress(&self, what: &str, done: u64, total: u64) {
+        self.progress_in(what, done, total, Unit::Bytes)
+    }
+
+    /// Progress counted in items (forks started, ...), not bytes.
+    pub fn progress_items(&self, what: &str, done: u64, total: u64) {
+        self.progress_in(what, done, total, Unit::Items)
+    }
+
+    fn progress_in(&self, what: &str, done: u64, total: u64, unit: Unit) {
         use std::io::IsTerminal;
-        if self.json || !std::io::stderr().is_terminal() || total == 0 {
+        if total == 0 {
+            return;
+        }
+        if progress_json() {
+            eprintln!(
+                "{}",
+                json!({"progress": {"what": what, "done": done, "total": total, "unit": unit.name()}})
+            );
+            return;
+        }
+        if self.json || !std::io::stderr().is_terminal() {
             return;
         }
         let pct = done.saturating_mul(100) / total;
-        eprint!("\r{what}: {} / {} MiB ({pct}%)", done >> 20, total >> 20);
+        match unit {
+            Unit::Bytes => eprint!("\r{what}: {} / {} MiB ({pct}%)", done >> 20, total >> 20),
+            Unit::Items => eprint!("\r{what}: {done} / {total} ({pct}%)"),
+        }
         if done >= total {
             eprintln!();
         }
     }
+}
+
+#[derive(Clone, Copy)]
+enum Unit {
+    Bytes,
+    Items,
+}
+
+impl Unit {
+    fn name(self) -> &'static str {
+        match self {
+            Unit::Bytes => "bytes",
+            Unit::Items => "items",
+        }
+    }
+}
+
+/// The environment variable that turns progress into JSON lines on stderr.
+pub const PROGRESS_ENV: &str = "MICROAGENT_PROGRESS";
+
+fn progress_json() -> bool {
+    std::env::var(PROGRESS_ENV).is_ok_and(|v| v == "json")
 }
 
 /// The stable `code` of a JSON error.

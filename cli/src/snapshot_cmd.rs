@@ -161,7 +161,7 @@ fn default_tag() -> String {
     snapshot::manifest::rfc3339(now).replace(['-', ':'], "")
 }
 
-fn manifest_json(m: &Manifest, dir: &Path) -> serde_json::Value {
+pub(crate) fn manifest_json(m: &Manifest, dir: &Path) -> serde_json::Value {
     json!({
         "tag": m.tag,
         "kind": m.kind,
@@ -305,7 +305,7 @@ fn list(root: &Path, name: &str, search: Option<&str>, out: Out) -> Result<(), F
 }
 
 /// Snapshots whose parent chain reaches `tag`, nearest first.
-fn dependents(all: &[snapshot::Snapshot], tag: &str) -> Vec<String> {
+pub(crate) fn dependents(all: &[snapshot::Snapshot], tag: &str) -> Vec<String> {
     let mut out: Vec<String> = Vec::new();
     let mut frontier = vec![tag.to_string()];
     while let Some(t) = frontier.pop() {

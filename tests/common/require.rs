@@ -1,7 +1,8 @@
 //! Skips that CI cannot ignore. A test that needs something this host lacks (KVM, a guest kernel,
 //! passt, a tool) prints why and returns; but when `MICROAGENT_REQUIRE` names that need
-//! (comma-separated: `kvm`, `linux`, `net`, `tools`, `s3`, or `all`), the skip becomes a failure, so a
-//! CI machine that lost /dev/kvm or the kernel cannot go green without running those tests.
+//! (comma-separated: `kvm`, `linux`, `net`, `tools`, `s3`, `browser`, or `all`), the skip becomes a
+//! failure, so a CI machine that lost /dev/kvm or the kernel cannot go green without running those
+//! tests.
 //! Shared by the end-to-end tests and the vmm crate's tests (included by path).
 #![allow(dead_code)]
 
