@@ -167,10 +167,12 @@ fn sha256_hex(b: &[u8]) -> String {
 /// (busybox-static's wget crashes; its nc does the job.) nc's side of the connection stays open
 /// until the answer has ended: Debian 12's passt (2023-03) stops forwarding a host's data to a
 /// guest that half-closed first, which an HTTP client does not do but `printf | nc` would.
+/// A fetch that has not finished in 120 s has stalled (one takes a few seconds here); `timeout`
+/// makes that a failure with its output rather than a test that hangs.
 fn guest_fetch(h: &Home, ws: &str, port: u16, name: &str) -> String {
     let script = format!(
         "{{ printf 'GET /raw/{name} HTTP/1.0\\r\\n\\r\\n'; sleep 120 & echo $! > /tmp/{name}.w; wait; }} \
-         | {{ nc 10.0.2.2 {port} > /tmp/{name}; kill $(cat /tmp/{name}.w); }}; sha256sum /tmp/{name}"
+         | {{ timeout 120 nc 10.0.2.2 {port} > /tmp/{name}; kill $(cat /tmp/{name}.w); }}; sha256sum /tmp/{name}"
     );
     let o = h.run(&["exec", ws, "--", "sh", "-c", &script]);
     let out = stdout(&o);

@@ -876,7 +876,7 @@ fn net_line(s: &serde_json::Value) -> String {
 pub fn console(root: &Path, name: &str) -> Result<(), Failure> {
     let ws = Workspace::open(root, name)?;
     let p = ws.path(workspace::CONSOLE);
-    match std::fs::read(&p) {
+    match read_settled(&p) {
         Ok(b) => {
             use std::io::Write;
             let _ = std::io::stdout().write_all(&b);
@@ -885,6 +885,22 @@ pub fn console(root: &Path, name: &str) -> Result<(), Failure> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(io_fail("cannot read", &p, e)),
     }
+}
+
+/// A bounded log is compacted in place while the guest prints (its newest half moved to the
+/// front, then the file cut): a read that overlaps a compaction sees the new front followed by
+/// the old tail. Such a read finds the file shorter afterwards than what it read, and is repeated.
+fn read_settled(p: &Path) -> std::io::Result<Vec<u8>> {
+    let mut bytes = std::fs::read(p)?;
+    for _ in 0..10 {
+        let now = std::fs::metadata(p)?.len();
+        if now >= bytes.len() as u64 {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        bytes = std::fs::read(p)?;
+    }
+    Ok(bytes)
 }
 
 pub fn hibernate(root: &Path, name: &str, out: Out) -> Result<(), Failure> {
