@@ -99,15 +99,28 @@ fn card(tag: &str) -> String {
     format!("#snapshots .card[data-tag=\"{tag}\"]")
 }
 
+/// Clicks `button` until dialog `id` is open: the page re-renders its cards on every event, and
+/// a click that lands on a node being replaced is lost.
+async fn open_dialog(b: &Browser, button: &str, id: &str) {
+    let js = format!("document.getElementById('{id}').open");
+    for _ in 0..10 {
+        b.click_on(button).await;
+        for _ in 0..20 {
+            if b.eval(&js).await == Value::Bool(true) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    panic!(
+        "dialog {id} never opened from {button}:\n{}",
+        b.page_text().await
+    );
+}
+
 /// Fills and submits the + New dialog.
 async fn new_snapshot(b: &Browser, name: &str, notes: &str) {
-    b.click_on("#btn-new").await;
-    b.wait_js(
-        "new dialog open",
-        "document.getElementById('dlg-new').open",
-        LONG,
-    )
-    .await;
+    open_dialog(b, "#btn-new", "dlg-new").await;
     b.type_text(&b.find("#new-name").await, name).await;
     b.type_text(&b.find("#new-notes").await, notes).await;
     b.click_on("#new-submit").await;
@@ -189,9 +202,7 @@ fn dashboard_checkpoints_in_chromium() {
         assert!(reason.contains("Needed by d1"), "{reason}");
 
         // Edit cp1's notes: the card shows them at once.
-        b.click_on(&format!("{} button[data-action=edit]", card("cp1"))).await;
-        b.wait_js("edit dialog", "document.getElementById('dlg-edit').open", LONG)
-            .await;
+        open_dialog(&b, &format!("{} button[data-action=edit]", card("cp1")), "dlg-edit").await;
         let field = b.find("#edit-notes").await;
         assert_eq!(b.property(&field, "value").await, Value::String(hostile.into()));
         b.clear(&field).await;
@@ -227,9 +238,7 @@ fn dashboard_checkpoints_in_chromium() {
         .await;
 
         // Delete d1 after confirming; cp2's Delete is then allowed.
-        b.click_on(&format!("{} button[data-action=delete]", card("d1"))).await;
-        b.wait_js("confirm", "document.getElementById('dlg-confirm').open", LONG)
-            .await;
+        open_dialog(&b, &format!("{} button[data-action=delete]", card("d1")), "dlg-confirm").await;
         let text = b.text_of("#confirm-text").await;
         assert!(text.contains("d1"), "{text}");
         b.click_on("#confirm-ok").await;
@@ -251,9 +260,7 @@ fn dashboard_checkpoints_in_chromium() {
         .await;
 
         // Fork 2 from cp1's card: both appear in the picker, running, without a reload.
-        b.click_on(&format!("{} button[data-action=fork]", card("cp1"))).await;
-        b.wait_js("fork dialog", "document.getElementById('dlg-fork').open", LONG)
-            .await;
+        open_dialog(&b, &format!("{} button[data-action=fork]", card("cp1")), "dlg-fork").await;
         let name = b.find("#fork-name").await;
         b.clear(&name).await;
         b.type_text(&name, "fk").await;
@@ -296,9 +303,7 @@ fn dashboard_checkpoints_in_chromium() {
         b.click_on("#view-cards").await;
         b.screenshot(&shots().join("phone-cards.png")).await;
         // The + New dialog at phone width, then cancelled (Escape closes it too).
-        b.click_on("#btn-new").await;
-        b.wait_js("new dialog open", "document.getElementById('dlg-new').open", LONG)
-            .await;
+        open_dialog(&b, "#btn-new", "dlg-new").await;
         b.screenshot(&shots().join("phone-new-dialog.png")).await;
         b.click_on("#dlg-new .cancel").await;
         b.wait_js("new dialog closed", "!document.getElementById('dlg-new').open", LONG)
@@ -346,16 +351,21 @@ fn dashboard_restore_of_a_stopped_vm_in_chromium() {
             .find_all(&format!("{} button[data-action=restore]", card("late")))
             .await
             .is_empty());
-        b.click_on(&format!("{} button[data-action=restore]", card("early")))
-            .await;
-        b.wait_js(
-            "confirm",
-            "document.getElementById('dlg-confirm').open",
-            LONG,
+        open_dialog(
+            &b,
+            &format!("{} button[data-action=restore]", card("early")),
+            "dlg-confirm",
         )
         .await;
         b.click_on("#confirm-ok").await;
         b.wait("#vm-dot.running", LONG).await;
+        // The stopped-workspace notice goes with the state it described.
+        b.wait_js(
+            "notice hidden",
+            "document.getElementById('notice').hidden",
+            LONG,
+        )
+        .await;
         b.screenshot(&shots().join("restored-running.png")).await;
         b.close().await;
     });

@@ -105,6 +105,11 @@ function renderActions() {
   $("btn-halt").hidden = !live;
   $("btn-hibernate").hidden = !live;
   $("btn-new").disabled = !w;
+  // Said here, not with the cards, so a state change (restore, halt) updates it at once.
+  $("notice").hidden = !(w && !live);
+  $("notice").textContent = w && !live
+    ? `${w.name} is ${w.state}: + New takes a disk-only snapshot; start it for a full one.`
+    : "";
   for (const b of document.querySelectorAll(".toolbar button, .card button")) {
     if (ui.busy && !b.closest(".view-toggle")) b.disabled = true;
   }
@@ -193,8 +198,6 @@ function renderSnapshots() {
     empty.textContent = `No snapshot matches “${q}”.`;
   }
   empty.hidden = shown.length > 0;
-  const w = currentWs();
-  const live = w && (w.state === "running" || w.state === "paused");
   for (const s of shown) {
     const card = el("article", "card");
     card.dataset.tag = s.tag;
@@ -237,10 +240,6 @@ function renderSnapshots() {
     card.appendChild(actions);
     box.appendChild(card);
   }
-  $("notice").hidden = !(w && !live);
-  $("notice").textContent = w && !live
-    ? `${w.name} is ${w.state}: + New takes a disk-only snapshot; start it for a full one.`
-    : "";
   renderActions();
 }
 
