@@ -38,6 +38,8 @@ impl Code {
             5 => Code::SnapshotRefused,
             6 => Code::HostUnsupported,
             7 => Code::GuestFailed,
+            8 => Code::RemoteUnreachable,
+            9 => Code::RemoteAccess,
             _ => return None,
         })
     }

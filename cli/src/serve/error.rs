@@ -74,6 +74,9 @@ pub fn status_for(code: Code) -> StatusCode {
         Code::SnapshotRefused => StatusCode::UNPROCESSABLE_ENTITY,
         Code::HostUnsupported => StatusCode::SERVICE_UNAVAILABLE,
         Code::GuestFailed => StatusCode::BAD_GATEWAY,
+        // An upstream (the object store) failed or refused us: a gateway's errors, not ours.
+        Code::RemoteUnreachable => StatusCode::GATEWAY_TIMEOUT,
+        Code::RemoteAccess => StatusCode::BAD_GATEWAY,
     }
 }
 
@@ -98,6 +101,8 @@ mod tests {
             (Code::SnapshotRefused, 422, "snapshot-refused"),
             (Code::HostUnsupported, 503, "host-unsupported"),
             (Code::GuestFailed, 502, "guest-failed"),
+            (Code::RemoteUnreachable, 504, "remote-unreachable"),
+            (Code::RemoteAccess, 502, "remote-access"),
         ] {
             let e = ApiError::from_code(c, "x");
             assert_eq!(e.status.as_u16(), s);

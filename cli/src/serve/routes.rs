@@ -35,7 +35,8 @@ use crate::workspace::{self, State as WsState, Workspace};
             token from `<state root>/serve-token`, as `Authorization: Bearer TOKEN` or the \
             dashboard's session cookie. Errors are `{\"error\": {\"code\", \"message\"}}` with \
             the CLI's stable codes: usage 400, not-found 404, conflict 409, snapshot-refused \
-            422, error 500, guest-failed 502, host-unsupported 503; and the server's own: \
+            422, error 500, guest-failed 502, remote-access 502, host-unsupported 503, \
+            remote-unreachable 504; and the server's own: \
             unauthorized 401, forbidden-origin 403, too-large 413, unsupported-media-type 415."
     ),
     components(schemas(ErrorBody)),
