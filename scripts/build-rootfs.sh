@@ -6,7 +6,9 @@
 # Made with `mkfs.ext4 -d` from a staging directory and fixed up with debugfs: no mount, no
 # root, no loop devices. Every file is owned by 0:0; /dev/console (char 5:1) is created.
 # /sbin/init (a busybox sh script) mounts /proc, /sys, /dev (devtmpfs, if the kernel has not
-# already), /run (tmpfs, 0755) and /run/secrets (tmpfs, 0700), prints the line
+# already), /run (tmpfs, 0755), /tmp (tmpfs, 1777: a file a guest writes there and deletes is freed
+# memory, zeroed by the kernel's init_on_free, never blocks left in the VM's rootfs copy) and
+# /run/secrets (tmpfs, 0700), prints the line
 #     MICROAGENT-ROOTFS-OK
 # and then:
 #   - with microagent.run=/PATH on the kernel command line: runs PATH, prints
@@ -94,6 +96,7 @@ cat > "$ROOT/etc/fstab" <<'EOF'
 proc   /proc  proc   nosuid,nodev,noexec          0 0
 sysfs  /sys   sysfs  nosuid,nodev,noexec          0 0
 tmpfs  /run   tmpfs  nosuid,nodev,mode=0755       0 0
+tmpfs  /tmp   tmpfs  nosuid,nodev,mode=1777       0 0
 EOF
 printf 'root:x:0:0:root:/root:/bin/sh\n' > "$ROOT/etc/passwd"
 printf 'root:x:0:\n' > "$ROOT/etc/group"

@@ -252,6 +252,7 @@ fn microagent_rep(dir: &Path, elf: &Path, size: u64) -> Result<Rep, String> {
             workspace: None,
             note: None,
             parent: None,
+            secrets: None,
         },
         &mut |p| marks.push((Instant::now(), p)),
     )

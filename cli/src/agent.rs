@@ -200,6 +200,24 @@ fn load_secrets(ws: &Workspace) -> Vec<Secret> {
         .collect()
 }
 
+/// The workspace's secrets as the capture's residue scan needs them: names, and at most the
+/// first `residue::WINDOW` bytes of each value (all the scan looks at), so no more of a secret
+/// than that travels to the VMM.
+pub fn secrets_to_scan(ws: &Workspace) -> Vec<snapshot::residue::SecretValue> {
+    let mut list: Vec<_> = load_secrets(ws)
+        .into_iter()
+        .map(|s| {
+            let bytes = s.data.as_bytes();
+            snapshot::residue::SecretValue {
+                name: s.name.clone(),
+                value: bytes[..bytes.len().min(snapshot::residue::WINDOW)].to_vec(),
+            }
+        })
+        .collect();
+    list.sort_by(|a, b| a.name.cmp(&b.name));
+    list
+}
+
 /// Runs a short command in the guest through its agent; its failure is ours, with its stderr.
 pub fn run_in_guest(ws: &Workspace, argv: &[&str]) -> Result<(), Failure> {
     let client = connect(ws, &RetryPolicy::default())?;

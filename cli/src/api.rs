@@ -28,6 +28,13 @@ pub enum Request {
         /// Only the pages written since the previous capture (or the restored snapshot).
         #[serde(default)]
         diff: bool,
+        /// The secrets delivered to the guest (at most their first `residue::WINDOW` bytes):
+        /// the capture's files are scanned for them before the snapshot becomes visible.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        secrets: Vec<snapshot::residue::SecretValue>,
+        /// Refuse (keeping nothing) a capture that holds any of them.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        strict_secrets: bool,
     },
     Shutdown,
     /// Capture into the workspace's hibernation slot (memory and state; the disk stays as it
@@ -158,6 +165,8 @@ mod tests {
             note: None,
             leave_paused: true,
             diff: false,
+            secrets: Vec::new(),
+            strict_secrets: false,
         };
         let mut buf = Vec::new();
         write_msg(&mut buf, &req).unwrap();

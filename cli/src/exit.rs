@@ -14,7 +14,8 @@ pub enum Code {
     NotFound = 3,
     /// The target is in the wrong state for the request.
     Conflict = 4,
-    /// A snapshot was refused: kernel mismatch, unknown format, corrupt file.
+    /// A snapshot was refused: kernel mismatch, unknown format, corrupt file, or it holds
+    /// delivered secrets (`snapshot create --secrets strict`, `snapshot export`).
     SnapshotRefused = 5,
     /// The host cannot run this: no KVM, a missing capability.
     HostUnsupported = 6,
@@ -58,7 +59,7 @@ Exit codes:
   2  bad usage or invalid input
   3  not found (kernel, workspace, snapshot)
   4  conflict: wrong state for the request
-  5  snapshot refused (kernel mismatch, unknown format, corrupt)
+  5  snapshot refused (kernel mismatch, unknown format, corrupt, holds secrets)
   6  host unsupported (no /dev/kvm, missing KVM capability)
   7  guest failed (triple fault, KVM internal error)
   8  remote unreachable (object storage endpoint down or not answering)

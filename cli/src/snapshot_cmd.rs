@@ -38,11 +38,16 @@ pub enum SnapshotCommand {
     Edit(EditArgs),
     /// Delete old snapshots: older than a duration, beyond the newest N, or both.
     Prune(PruneArgs),
-    /// Write a snapshot to one portable archive (tar + zstd).
+    /// Write a snapshot to one portable archive (tar + zstd). A snapshot whose capture found
+    /// delivered secrets in it is refused (exit 5) unless --allow-secrets: an archive leaves the
+    /// host.
     Export {
         name: String,
         tag: String,
         file: PathBuf,
+        /// Export even a snapshot that holds secrets.
+        #[arg(long)]
+        allow_secrets: bool,
     },
     /// Import a snapshot archive; every digest is checked before it becomes visible.
     Import(ImportArgs),
@@ -90,6 +95,17 @@ pub struct CreateArgs {
     /// (or the snapshot this run was restored from), naming it as parent.
     #[arg(long = "type", value_enum, default_value_t = SnapshotKind::Full)]
     kind: SnapshotKind,
+    /// The capture's files are scanned for every secret delivered to the workspace (raw, hex,
+    /// base64). report: name each one found, with its page count, on stderr, in --json and in
+    /// the manifest; strict: refuse such a capture (exit 5), keeping nothing.
+    #[arg(long, value_enum, default_value_t = SecretsMode::Report)]
+    secrets: SecretsMode,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum SecretsMode {
+    Report,
+    Strict,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -142,7 +158,12 @@ pub fn run(root: &Path, cmd: SnapshotCommand, out: Out) -> Result<(), Failure> {
         SnapshotCommand::Inspect(a) => inspect(root, &a, out),
         SnapshotCommand::Edit(a) => edit(root, a, out),
         SnapshotCommand::Prune(a) => prune(root, a, out),
-        SnapshotCommand::Export { name, tag, file } => export(root, &name, &tag, &file, out),
+        SnapshotCommand::Export {
+            name,
+            tag,
+            file,
+            allow_secrets,
+        } => export(root, &name, &tag, &file, allow_secrets, out),
         SnapshotCommand::Import(a) => import(root, a, out),
         SnapshotCommand::Push { name, tag, remote } => {
             crate::remote::push(root, &name, &tag, &remote, out)
@@ -174,7 +195,32 @@ pub(crate) fn manifest_json(m: &Manifest, dir: &Path) -> serde_json::Value {
         "note": m.note,
         "size": disk_usage(dir),
         "files": m.files,
+        "secret_scan": m.secret_scan,
     })
+}
+
+/// Tells on stderr which secrets a capture holds (names and pages, never values).
+fn warn_residue(m: &Manifest, out: Out) {
+    let Some(scan) = &m.secret_scan else {
+        return;
+    };
+    if scan.has_residue() && !out.json {
+        eprintln!(
+            "microagent: warning: snapshot {} holds secrets delivered to the workspace: {}. \
+             `snapshot export` refuses it unless --allow-secrets; --secrets strict refuses such \
+             a capture",
+            m.tag,
+            scan.summary()
+        );
+    }
+    for s in &scan.skipped {
+        if !out.json {
+            eprintln!(
+                "microagent: warning: secret {} was not scanned for: {}",
+                s.name, s.reason
+            );
+        }
+    }
 }
 
 /// Bytes the snapshot really occupies (sparse files count their allocated blocks).
@@ -197,12 +243,14 @@ fn create(root: &Path, a: CreateArgs, out: Out) -> Result<(), Failure> {
         note,
         no_resume,
         kind,
+        secrets,
     } = a;
     let name = name.as_str();
     let ws = Workspace::open(root, name)?;
     let _lock = ws.lock()?;
+    let strict_secrets = secrets == SecretsMode::Strict;
     if kind == SnapshotKind::Disk {
-        return disk_snapshot(&ws, tag, note, out);
+        return disk_snapshot(&ws, tag, note, strict_secrets, out);
     }
     match ws.state() {
         State::Running | State::Paused => {}
@@ -232,6 +280,8 @@ fn create(root: &Path, a: CreateArgs, out: Out) -> Result<(), Failure> {
             note,
             leave_paused: no_resume,
             diff: kind == SnapshotKind::Diff,
+            secrets: crate::agent::secrets_to_scan(&ws),
+            strict_secrets,
         },
         Some(Duration::from_secs(3600)),
         &mut |done, total| out.progress("capturing memory", done, total),
@@ -244,6 +294,7 @@ fn create(root: &Path, a: CreateArgs, out: Out) -> Result<(), Failure> {
     match resp? {
         Response::Snapshot { manifest } => {
             let dir = ws.snapshots_dir().join(&manifest.tag);
+            warn_residue(&manifest, out);
             out.emit(
                 format!(
                     "snapshot {} created ({} MiB RAM, {} vCPU) at {}",
@@ -514,9 +565,19 @@ fn prune(root: &Path, a: PruneArgs, out: Out) -> Result<(), Failure> {
     Ok(())
 }
 
-fn export(root: &Path, name: &str, tag: &str, file: &Path, out: Out) -> Result<(), Failure> {
+fn export(
+    root: &Path,
+    name: &str,
+    tag: &str,
+    file: &Path,
+    allow_secrets: bool,
+    out: Out,
+) -> Result<(), Failure> {
     let ws = Workspace::open(root, name)?;
     let snap = open_snapshot(&ws, tag)?;
+    if !allow_secrets {
+        refuse_secrets(&ws, &snap)?;
+    }
     if file.exists() {
         return Err(Failure::new(
             Code::Conflict,
@@ -534,6 +595,36 @@ fn export(root: &Path, name: &str, tag: &str, file: &Path, out: Out) -> Result<(
         ),
         json!({"workspace": name, "tag": tag, "file": file, "bytes": size}),
     );
+    Ok(())
+}
+
+/// An archive leaves the host: refuse a snapshot whose capture (or, for a diff, whose parent's)
+/// found delivered secrets in it.
+fn refuse_secrets(ws: &Workspace, snap: &snapshot::Snapshot) -> Result<(), Failure> {
+    let mut at = Some(snap.manifest.clone());
+    let mut hops = 0;
+    while let Some(m) = at.take() {
+        if let Some(scan) = m.secret_scan.as_ref().filter(|s| s.has_residue()) {
+            return Err(Failure::new(
+                Code::SnapshotRefused,
+                format!(
+                    "snapshot {} holds secrets delivered to the workspace: {}; an archive leaves \
+                     the host, so export refuses it (--allow-secrets exports it anyway)",
+                    m.tag,
+                    scan.summary()
+                ),
+            ));
+        }
+        hops += 1;
+        if hops > snapshot::manifest::MAX_CHAIN {
+            break;
+        }
+        at = m
+            .parent
+            .as_deref()
+            .and_then(|p| snapshot::Snapshot::open(&ws.snapshots_dir().join(p)).ok())
+            .map(|s| s.manifest);
+    }
     Ok(())
 }
 
@@ -617,6 +708,7 @@ fn disk_snapshot(
     ws: &Workspace,
     tag: Option<String>,
     note: Option<String>,
+    strict_secrets: bool,
     out: Out,
 ) -> Result<(), Failure> {
     let name = ws.name();
@@ -640,6 +732,15 @@ fn disk_snapshot(
     }
     let tag = tag.unwrap_or_else(default_tag);
     let cfg = &ws.config;
+    let to_scan = crate::agent::secrets_to_scan(ws);
+    let scanner = if to_scan.is_empty() {
+        None
+    } else {
+        Some(
+            snapshot::residue::Scanner::new(&to_scan)
+                .map_err(|e| Failure::new(Code::Error, e.to_string()))?,
+        )
+    };
     let m = snapshot::capture_disk(
         &snapshot::CaptureRequest {
             dir: &ws.snapshots_dir(),
@@ -651,12 +752,17 @@ fn disk_snapshot(
             workspace: Some(name),
             note: note.as_deref(),
             parent: None,
+            secrets: scanner.as_ref().map(|scanner| snapshot::SecretCheck {
+                scanner,
+                strict: strict_secrets,
+            }),
         },
         cfg.vcpus,
         cfg.mem_mib,
     )
     .map_err(crate::snapshot_failure)?;
     let dir = ws.snapshots_dir().join(&m.tag);
+    warn_residue(&m, out);
     out.emit(
         format!("snapshot {} created (disk only) at {}", m.tag, m.created),
         json!({"workspace": name, "snapshot": manifest_json(&m, &dir)}),

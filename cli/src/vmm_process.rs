@@ -289,12 +289,15 @@ fn handle(d: &Daemon, conn: UnixStream) {
             note,
             leave_paused,
             diff,
+            secrets,
+            strict_secrets,
         } => take_snapshot(
             d,
             &tag,
             note.as_deref(),
             leave_paused,
             diff,
+            (&secrets, strict_secrets),
             &mut |done, total| {
                 let _ = api::write_msg(&mut w, &Response::Progress { done, total });
             },
@@ -312,6 +315,7 @@ fn handle(d: &Daemon, conn: UnixStream) {
                 None,
                 true,
                 false,
+                None,
                 None,
                 &mut |done, total| {
                     let _ = api::write_msg(&mut w, &Response::Progress { done, total });
@@ -401,8 +405,22 @@ fn take_snapshot(
     note: Option<&str>,
     leave_paused: bool,
     diff: bool,
+    (secrets, strict_secrets): (&[snapshot::residue::SecretValue], bool),
     progress: &mut dyn FnMut(u64, u64),
 ) -> Response {
+    // Built before the VM pauses: the automaton costs the guest nothing while it runs.
+    let scanner = if secrets.is_empty() {
+        None
+    } else {
+        match snapshot::residue::Scanner::new(secrets) {
+            Ok(s) => Some(s),
+            Err(e) => return error("error", e.to_string()),
+        }
+    };
+    let check = scanner.as_ref().map(|scanner| snapshot::SecretCheck {
+        scanner,
+        strict: strict_secrets,
+    });
     let parent = if diff {
         let last = d
             .last_capture
@@ -429,6 +447,7 @@ fn take_snapshot(
         leave_paused,
         true,
         parent.as_deref(),
+        check,
         progress,
     );
     if matches!(r, Response::Snapshot { .. }) {
@@ -456,6 +475,7 @@ fn capture_into(
     leave_paused: bool,
     with_rootfs: bool,
     parent: Option<&str>,
+    secrets: Option<snapshot::SecretCheck<'_>>,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Response {
     let was_paused = d.paused.load(Ordering::SeqCst);
@@ -483,6 +503,7 @@ fn capture_into(
             workspace: Some(&cfg.name),
             note,
             parent,
+            secrets,
         },
         &mut |p| {
             if let Progress::Memory { done, total } = p {

@@ -81,6 +81,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         etc_dir: dir.0.clone(),
         set_kernel_hostname: false,
         log_errors: false,
+        vm_sysctl_dir: None,
         ..ServerConfig::default()
     });
     server.spawn(UnixListener::bind(&socket)?)?;

@@ -33,9 +33,11 @@
 //!   secrets were scrubbed); on a restore or fork also fresh `entropy` (for example 64 bytes from the
 //!   host's getrandom) and, for a fork, an [`protocol::messages::Identity`]. On first start,
 //!   `after_restore` with only the secrets delivers them.
-//! - The guest: the agent started by init as root, `/run/secrets` a tmpfs, and preferably
-//!   `init_on_free=1` on the kernel command line so that freed kernel buffers (vsock packets that
-//!   carried secrets) are zeroed before a capture can see them.
+//! - The guest: the agent started by init as root, `/run/secrets` a tmpfs, and a kernel built with
+//!   `CONFIG_INIT_ON_FREE_DEFAULT_ON` (kernels/linux/microvm.config) so that freed kernel buffers
+//!   (vsock packets, pipe buffers, deleted tmpfs files that carried secrets) are zeroed before a
+//!   capture can see them. The agent zeroes its own buffers that carried secrets, file contents or
+//!   command output, and `prepare-snapshot` drops and compacts the page cache.
 
 pub mod client;
 pub mod protocol;
@@ -46,8 +48,18 @@ pub use client::{Client, ClientError, RetryPolicy};
 pub use protocol::AGENT_VSOCK_PORT;
 pub use server::{Server, ServerConfig};
 
-/// Overwrites `buf` with zeros in a way the optimiser keeps (the buffer is about to be freed).
-pub(crate) fn zeroize(buf: &mut [u8]) {
-    buf.fill(0);
-    std::hint::black_box(&*buf);
+/// Overwrites `buf` with zeros, its spare capacity included, in a way the optimiser keeps (the
+/// buffer is about to be freed, and glibc's allocator keeps freed memory, contents and all, in the
+/// agent's heap, where a snapshot of the guest would capture it).
+pub(crate) fn zeroize(buf: &mut Vec<u8>) {
+    zeroize::Zeroize::zeroize(buf);
+}
+
+/// A buffer zeroed when dropped, however its owner's code path ends.
+pub(crate) struct Wiped(pub(crate) Vec<u8>);
+
+impl Drop for Wiped {
+    fn drop(&mut self) {
+        zeroize(&mut self.0);
+    }
 }

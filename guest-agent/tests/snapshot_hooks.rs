@@ -77,6 +77,27 @@ fn scrub_zeroes_the_bytes_a_kept_descriptor_sees_and_removes_the_files() {
 }
 
 #[test]
+fn prepare_drops_caches_and_compacts_and_survives_a_kernel_without_the_knobs() {
+    // A stand-in for /proc/sys/vm: the agent writes into files that exist and creates none.
+    let vm = TempDir::new("sysctl-vm");
+    std::fs::write(vm.path().join("drop_caches"), "").unwrap();
+    std::fs::write(vm.path().join("compact_memory"), "").unwrap();
+    let dir = vm.path().to_owned();
+    let agent = TestAgent::start_with(|c| c.vm_sysctl_dir = Some(dir));
+    agent.client().prepare_snapshot(scrub_only()).unwrap();
+    let read = |f: &str| std::fs::read_to_string(vm.path().join(f)).unwrap();
+    assert_eq!(read("drop_caches"), "3");
+    assert_eq!(read("compact_memory"), "1");
+
+    // Without the knobs (no CONFIG_COMPACTION, say) prepare still succeeds and creates nothing.
+    std::fs::remove_file(vm.path().join("compact_memory")).unwrap();
+    std::fs::remove_file(vm.path().join("drop_caches")).unwrap();
+    agent.client().prepare_snapshot(scrub_only()).unwrap();
+    assert!(!vm.path().join("compact_memory").exists());
+    assert!(!vm.path().join("drop_caches").exists());
+}
+
+#[test]
 fn scrub_of_a_missing_secrets_dir_is_empty() {
     let agent = TestAgent::start();
     let report = agent.client().prepare_snapshot(scrub_only()).unwrap();

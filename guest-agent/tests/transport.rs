@@ -49,6 +49,7 @@ impl FakeVmm {
             etc_dir: dir.path().to_owned(),
             set_kernel_hostname: false,
             log_errors: false,
+            vm_sysctl_dir: None,
             ..ServerConfig::default()
         });
         let vmm = Self {

@@ -85,6 +85,7 @@ fn main() {
             workspace: Some("bench"),
             note: None,
             parent: None,
+            secrets: None,
         },
         &mut |_| {},
     )

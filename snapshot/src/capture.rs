@@ -14,6 +14,7 @@ use crate::manifest::{
     MEMORY, ROOTFS, VMSTATE,
 };
 use crate::pagedigest::{self, PageDigests};
+use crate::residue::{Scanner, SecretScan};
 use crate::{faults, memfile, rootfs, vmstate, SavedVm, Snapshottable};
 
 pub const TMP_PREFIX: &str = ".tmp-";
@@ -32,6 +33,42 @@ pub struct CaptureRequest<'a> {
     pub note: Option<&'a str>,
     /// Capture only the pages written since this snapshot (in `dir`) was taken: a diff.
     pub parent: Option<&'a str>,
+    /// Scan every file for these delivered secrets before the snapshot becomes visible.
+    pub secrets: Option<SecretCheck<'a>>,
+}
+
+/// The host-side scan for delivered secrets (see [`crate::residue`]).
+#[derive(Debug, Clone, Copy)]
+pub struct SecretCheck<'a> {
+    pub scanner: &'a Scanner,
+    /// Refuse ([`SnapshotError::SecretResidue`]) a capture that holds any, keeping nothing;
+    /// otherwise the findings are recorded in the manifest.
+    pub strict: bool,
+}
+
+/// Scans the files written into `tmp`, before the manifest: a refusal leaves nothing behind (the
+/// caller's guard removes `tmp`).
+fn check_secrets(
+    check: Option<SecretCheck<'_>>,
+    tmp: &Path,
+    files: &[FileEntry],
+) -> Result<Option<SecretScan>, SnapshotError> {
+    let Some(check) = check else {
+        return Ok(None);
+    };
+    let paths: Vec<(String, PathBuf)> = files
+        .iter()
+        .map(|f| (f.name.clone(), tmp.join(&f.name)))
+        .collect();
+    let list: Vec<(&str, &Path)> = paths
+        .iter()
+        .map(|(n, p)| (n.as_str(), p.as_path()))
+        .collect();
+    let report = check.scanner.scan_files(&list)?;
+    if check.strict && report.has_residue() {
+        return Err(SnapshotError::SecretResidue(Box::new(report)));
+    }
+    Ok(Some(report))
 }
 
 /// Progress of a long capture.
@@ -228,6 +265,8 @@ fn write_snapshot<V: Snapshottable>(
         faults::checkpoint();
     }
 
+    let secret_scan = check_secrets(req.secrets, &tmp, &files)?;
+
     let since_epoch = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default();
@@ -257,6 +296,7 @@ fn write_snapshot<V: Snapshottable>(
         cpuid,
         files,
         note: req.note.map(str::to_string),
+        secret_scan,
         checksum: String::new(),
     };
     write_file(&tmp.join(MANIFEST), &manifest.to_json())?;
@@ -371,6 +411,12 @@ pub fn capture_disk(
         .and_then(|f| f.sync_all())
         .map_err(io("cannot fsync", &dst))?;
     let (digest, size) = digest::file_digest(&dst).map_err(io("cannot read", &dst))?;
+    let files = vec![FileEntry {
+        name: ROOTFS.into(),
+        size,
+        digest,
+    }];
+    let secret_scan = check_secrets(req.secrets, &tmp, &files)?;
     let since_epoch = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default();
@@ -393,12 +439,9 @@ pub fn capture_disk(
         cmdline: req.cmdline.to_string(),
         host_cpu: HostCpu::current(),
         cpuid: Vec::new(),
-        files: vec![FileEntry {
-            name: ROOTFS.into(),
-            size,
-            digest,
-        }],
+        files,
         note: req.note.map(str::to_string),
+        secret_scan,
         checksum: String::new(),
     };
     write_file(&tmp.join(MANIFEST), &manifest.to_json())?;
@@ -407,4 +450,87 @@ pub fn capture_disk(
     guard.disarm();
     fsync_dir(req.dir)?;
     Ok(manifest)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::residue::SecretValue;
+    use crate::{CpuidLeaf, GuestMemory};
+    use vm_memory::{Bytes, GuestAddress};
+
+    struct FakeVm(GuestMemory);
+
+    impl Snapshottable for FakeVm {
+        type State = Vec<u8>;
+        type Error = std::io::Error;
+        fn save(&self) -> Result<SavedVm<Vec<u8>>, std::io::Error> {
+            Ok(SavedVm {
+                state: vec![1; 64],
+                vcpus: 1,
+                mem_mib: 1,
+                cpuid: Vec::<CpuidLeaf>::new(),
+            })
+        }
+        fn guest_memory(&self) -> &GuestMemory {
+            &self.0
+        }
+        fn take_dirty(&self) -> Result<Option<Vec<Vec<u64>>>, std::io::Error> {
+            Ok(None)
+        }
+        fn requeue_dirty(&self, _: Vec<Vec<u64>>) {}
+    }
+
+    #[test]
+    fn strict_refuses_a_capture_holding_a_secret_and_keeps_nothing() {
+        let dir = std::env::temp_dir().join(format!("capture-secrets-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let kernel = dir.join("kernel");
+        std::fs::write(&kernel, b"k").unwrap();
+        let snaps = dir.join("snaps");
+        let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        mem.write_slice(b"hunter2-but-longer", GuestAddress(0x3_0010))
+            .unwrap();
+        let vm = FakeVm(mem);
+        let scanner = Scanner::new(&[SecretValue {
+            name: "PASSWORD".into(),
+            value: b"hunter2-but-longer\n".to_vec(),
+        }])
+        .unwrap();
+        let req = |tag: &'static str, strict: bool| CaptureRequest {
+            dir: &snaps,
+            tag,
+            kernel: &kernel,
+            cmdline: "",
+            rootfs: None,
+            image: None,
+            workspace: None,
+            note: None,
+            parent: None,
+            secrets: Some(SecretCheck {
+                scanner: &scanner,
+                strict,
+            }),
+        };
+        match capture(&vm, &req("strict", true), &mut |_| {}) {
+            Err(SnapshotError::SecretResidue(scan)) => {
+                assert_eq!(scan.found.len(), 1);
+                assert_eq!(scan.found[0].name, "PASSWORD");
+                assert_eq!(scan.found[0].pages, 1);
+            }
+            other => panic!("{other:?}"),
+        }
+        let left: Vec<_> = std::fs::read_dir(&snaps).unwrap().collect();
+        assert!(left.is_empty(), "left behind: {left:?}");
+
+        let m = capture(&vm, &req("report", false), &mut |_| {}).unwrap();
+        let scan = m.secret_scan.unwrap();
+        assert_eq!(scan.found[0].name, "PASSWORD");
+        assert_eq!(scan.found[0].files[0].file, MEMORY);
+        let on_disk = std::fs::read(snaps.join("report").join(MANIFEST)).unwrap();
+        assert!(!String::from_utf8_lossy(&on_disk).contains("hunter2"));
+        assert!(String::from_utf8_lossy(&on_disk).contains("PASSWORD"));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

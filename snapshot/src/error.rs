@@ -86,6 +86,12 @@ pub enum SnapshotError {
     },
     #[error(transparent)]
     Encode(StateError),
+    /// The capture holds delivered secrets and the caller asked for none (`--secrets strict`):
+    /// nothing was kept.
+    #[error("snapshot refused: the capture holds secrets: {}; nothing was kept", .0.summary())]
+    SecretResidue(Box<crate::residue::SecretScan>),
+    #[error("cannot scan the capture for secrets: {0}")]
+    SecretScan(#[from] crate::residue::ResidueError),
     #[error("snapshot refused ({reason}): {refusal}", reason = .refusal.reason())]
     Refused {
         #[from]
@@ -103,7 +109,8 @@ impl SnapshotError {
             SnapshotError::Kernel { .. } | SnapshotError::Rootfs { .. } => "not-found",
             SnapshotError::Save(_) => "host-unsupported",
             SnapshotError::Io { .. } | SnapshotError::Encode(_) => "io",
-            SnapshotError::Refused { .. } => "snapshot-refused",
+            SnapshotError::Refused { .. } | SnapshotError::SecretResidue(_) => "snapshot-refused",
+            SnapshotError::SecretScan(_) => "io",
         }
     }
 }

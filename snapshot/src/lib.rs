@@ -15,10 +15,11 @@ pub mod memfile;
 pub mod open;
 pub mod pagedigest;
 pub mod pageserver;
+pub mod residue;
 pub mod rootfs;
 pub mod vmstate;
 
-pub use capture::{capture, capture_disk, sweep_leftovers, CaptureRequest, Progress};
+pub use capture::{capture, capture_disk, sweep_leftovers, CaptureRequest, Progress, SecretCheck};
 pub use error::{Refusal, SnapshotError};
 pub use manifest::{CpuidLeaf, Kind, Manifest};
 pub use open::{list, Snapshot, VerifyOptions};

@@ -83,6 +83,10 @@ pub struct Manifest {
     pub files: Vec<FileEntry>,
     #[serde(default)]
     pub note: Option<String>,
+    /// What the host's scan for delivered secrets found in this snapshot's files (names and page
+    /// counts, never values). Absent when no scan was asked for, and in older manifests.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_scan: Option<crate::residue::SecretScan>,
     /// Digest of this manifest with this field empty: any edit or flipped byte is detected.
     #[serde(default)]
     pub checksum: String,
@@ -312,6 +316,7 @@ pub(crate) mod tests {
                 },
             ],
             note: None,
+            secret_scan: None,
             checksum: String::new(),
         }
     }
@@ -354,6 +359,33 @@ pub(crate) mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn secret_scan_is_optional_and_round_trips() {
+        // A manifest without the field (every one written before it existed) has no such key,
+        // and still loads.
+        let old = sample().to_json();
+        assert!(!String::from_utf8_lossy(&old).contains("secret_scan"));
+        assert_eq!(Manifest::parse(&old).unwrap().secret_scan, None);
+        let mut m = sample();
+        m.secret_scan = Some(crate::residue::SecretScan {
+            scanned: vec!["TOKEN".into()],
+            found: vec![crate::residue::Residue {
+                name: "TOKEN".into(),
+                pages: 2,
+                files: vec![crate::residue::FilePages {
+                    file: MEMORY.into(),
+                    pages: 2,
+                }],
+            }],
+            skipped: vec![],
+            bytes_scanned: 4096,
+            millis: 1,
+        });
+        let mut parsed = Manifest::parse(&m.to_json()).unwrap();
+        parsed.checksum.clear();
+        assert_eq!(parsed, m);
     }
 
     #[test]

@@ -324,6 +324,7 @@ fn vsock_snapshot_with_an_open_connection_resets_it_and_listens_again() {
             workspace: Some("test"),
             note: None,
             parent: None,
+            secrets: None,
         },
         &mut |_| {},
     )

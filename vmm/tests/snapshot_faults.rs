@@ -35,6 +35,7 @@ fn capture_into(
             workspace: None,
             note: None,
             parent: None,
+            secrets: None,
         },
         &mut |_| {},
     )

@@ -25,6 +25,7 @@ fn take(vm: &vmm::Vm, dir: &std::path::Path, tag: &str, kernel: &std::path::Path
             workspace: Some("test"),
             note: None,
             parent: None,
+            secrets: None,
         },
         &mut |_| {},
     )
@@ -247,6 +248,7 @@ fn take_diff(
             workspace: Some("test"),
             note: None,
             parent: Some(parent),
+            secrets: None,
         },
         &mut |_| {},
     )

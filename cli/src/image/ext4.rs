@@ -2,7 +2,9 @@
 //!
 //! `/.microagent/init` is a busybox sh script (busybox-static is copied in beside it, so images
 //! without a shell work too). It mounts /proc, /sys, /dev (devtmpfs, unless the kernel already
-//! did), /dev/pts, /dev/shm, /run (tmpfs) and /run/secrets (tmpfs, mode 0700), then runs
+//! did), /dev/pts, /dev/shm, /run (tmpfs), /tmp (tmpfs: a deleted file there is freed memory,
+//! zeroed by the guest kernel's init_on_free, not blocks left in the VM's rootfs copy, where a
+//! snapshot would keep them) and /run/secrets (tmpfs, mode 0700), then runs
 //! `/.microagent/agent` as root with stderr on the console, restarting it if it exits. The image's
 //! own files are left as they were; missing mount points and `/dev/console` are added.
 
@@ -31,6 +33,7 @@ $bb mkdir -p /dev/pts /dev/shm
 $bb mount -t devpts -o nosuid,noexec,gid=5,mode=0620,ptmxmode=0666 devpts /dev/pts 2>/dev/null
 $bb mount -t tmpfs -o nosuid,nodev,mode=1777 shm /dev/shm 2>/dev/null
 $bb mount -t tmpfs -o nosuid,nodev,mode=0755 tmpfs /run
+$bb mount -t tmpfs -o nosuid,nodev,mode=1777 tmp /tmp 2>/dev/null
 $bb mkdir -p /run/secrets
 $bb mount -t tmpfs -o nosuid,nodev,noexec,mode=0700 secrets /run/secrets
 [ -s /etc/hostname ] && $bb hostname -F /etc/hostname

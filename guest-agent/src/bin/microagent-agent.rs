@@ -52,7 +52,11 @@ fn parse_args() -> Result<Option<Args>, String> {
                     .ok_or_else(|| format!("bad port {v:?}"))?;
                 listen = Listen::Vsock(port);
             }
-            Some("--unix") => listen = Listen::Unix(value("--unix")?.into()),
+            Some("--unix") => {
+                listen = Listen::Unix(value("--unix")?.into());
+                // Serving on a host (tests, benchmarks): leave the host's page cache alone.
+                config.vm_sysctl_dir = None;
+            }
             Some("--secrets-dir") => config.secrets_dir = value("--secrets-dir")?.into(),
             Some("--quiet") => config.log_errors = false,
             Some("--send-line") => {

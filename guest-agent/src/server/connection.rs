@@ -42,10 +42,11 @@ impl Outbox {
 
     /// Sends one frame; false once the connection is gone (later frames are dropped).
     pub(crate) fn send(&self, id: u64, msg: ServerMsg) -> bool {
+        let mut out = ServerFrame { id, msg };
         if self.broken.load(Ordering::Relaxed) {
+            wipe(&mut out.msg);
             return false;
         }
-        let mut out = ServerFrame { id, msg };
         let frame = match encode_frame(&out) {
             Ok(frame) => frame,
             Err(e) => {
@@ -70,13 +71,17 @@ impl Outbox {
         if !ok {
             self.broken.store(true, Ordering::Relaxed);
         }
-        // Command output and file contents may hold secrets: leave none in freed memory, where a
-        // snapshot would capture it.
-        if let ServerMsg::Stdout(b) | ServerMsg::Stderr(b) | ServerMsg::Data(b) = &mut out.msg {
-            crate::zeroize(b);
-        }
+        wipe(&mut out.msg);
         crate::zeroize(&mut frame);
         ok
+    }
+}
+
+/// Command output and file contents may hold secrets: leave none in freed memory, where a
+/// snapshot would capture it.
+fn wipe(msg: &mut ServerMsg) {
+    if let ServerMsg::Stdout(b) | ServerMsg::Stderr(b) | ServerMsg::Data(b) = msg {
+        crate::zeroize(b);
     }
 }
 
@@ -87,7 +92,8 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 /// Pieces of an upload, from the reader loop to the request's thread.
 pub(crate) enum Inbound {
-    Data(Vec<u8>),
+    /// Upload contents (perhaps secrets): zeroed when dropped, also when nobody takes them.
+    Data(crate::Wiped),
     End,
     Cancel,
 }
@@ -214,16 +220,9 @@ pub(crate) fn serve<C: Connection>(server: &Arc<Inner>, mut conn: C) {
             }
         };
         let frame = decode::<ClientFrame>(&payload);
-        if matches!(
-            frame,
-            Ok(ClientFrame {
-                msg: ClientMsg::AfterRestore(_),
-                ..
-            })
-        ) {
-            // The raw frame holds secrets and entropy: do not leave them in freed memory.
-            crate::zeroize(&mut payload);
-        }
+        // The raw frame may hold secrets, entropy or an upload's bytes, all copied into `frame`
+        // now: do not leave them in freed memory.
+        crate::zeroize(&mut payload);
         match frame {
             Ok(frame) => conn_state.dispatch(frame),
             Err(e) => {
@@ -357,7 +356,7 @@ impl ConnState {
                     files::write(req, rx, reply)
                 });
             }
-            ClientMsg::Data(bytes) => self.route(id, Inbound::Data(bytes)),
+            ClientMsg::Data(bytes) => self.route(id, Inbound::Data(crate::Wiped(bytes))),
             ClientMsg::End => self.route(id, Inbound::End),
             ClientMsg::Cancel => {
                 if !self.requests.signal(id, libc::SIGKILL) {

@@ -66,8 +66,10 @@ pub(crate) fn run(req: ExecRequest, reply: Reply) {
         let _ = thread::Builder::new()
             .name("agent-stdin".into())
             .spawn(move || {
+                let mut data = data;
                 // EPIPE when the process does not read all of it is fine.
                 let _ = stdin.write_all(&data);
+                crate::zeroize(&mut data);
             });
     }
     let pipes: Vec<(File, OutputKind)> = [
@@ -185,6 +187,8 @@ fn supervise(
             };
         }
     }
+    // The last reads may hold what the process printed (secrets, say): not for freed memory.
+    crate::zeroize(&mut buf);
     // From here the pid may be recycled: no more signals to this group.
     reply.set_pgid(None);
     let status = child.wait()?;

@@ -16,6 +16,7 @@ use crate::protocol::messages::{
     ErrorKind, FileInfo, ReadFileRequest, ServerMsg, WriteFileRequest,
 };
 use crate::protocol::CHUNK_LEN;
+use crate::Wiped;
 
 /// Why a file request failed.
 #[derive(Debug, thiserror::Error)]
@@ -81,16 +82,18 @@ fn read_inner(req: &ReadFileRequest, reply: &Reply) -> Result<Option<u64>, FileE
         uid: meta.uid(),
         gid: meta.gid(),
     }));
-    let mut buf = vec![0u8; CHUNK_LEN];
+    // File contents may be secrets: the buffer is zeroed however the loop ends.
+    let mut buf = Wiped(vec![0u8; CHUNK_LEN]);
     let mut total = 0u64;
     loop {
-        let n = match file.read(&mut buf) {
+        let n = match file.read(&mut buf.0) {
             Ok(0) => break,
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(io_at(path)(e)),
         };
-        if !reply.send(ServerMsg::Data(buf[..n].to_vec())) {
+        // (Outbox::send zeroes the chunk once it is sent.)
+        if !reply.send(ServerMsg::Data(buf.0[..n].to_vec())) {
             return Ok(None);
         }
         total += n as u64;
@@ -124,8 +127,9 @@ fn write_inner(req: &WriteFileRequest, body: &Receiver<Inbound>) -> Result<Optio
     loop {
         match body.recv() {
             Ok(Inbound::Data(chunk)) => {
-                file.write_all(&chunk).map_err(io_at(&tmp.path))?;
-                total += chunk.len() as u64;
+                // (A `Wiped` chunk: zeroed whether or not the write succeeds.)
+                file.write_all(&chunk.0).map_err(io_at(&tmp.path))?;
+                total += chunk.0.len() as u64;
             }
             Ok(Inbound::End) => break,
             Ok(Inbound::Cancel) => return Err(FileError::Cancelled(path.to_owned())),

@@ -36,6 +36,10 @@ pub struct ServerConfig {
     pub set_kernel_hostname: bool,
     /// The device reseeded with host entropy.
     pub random_device: PathBuf,
+    /// Where `drop_caches` and `compact_memory` are written before a capture (`/proc/sys/vm` in
+    /// the guest). `None` skips both: an agent serving tests on a host must not drop the host's
+    /// caches.
+    pub vm_sysctl_dir: Option<PathBuf>,
     /// Connections served at once; more are closed on accept.
     pub max_connections: usize,
     /// Requests in flight on one connection; more are refused with `Busy`.
@@ -53,6 +57,7 @@ impl Default for ServerConfig {
             etc_dir: PathBuf::from("/etc"),
             set_kernel_hostname: true,
             random_device: PathBuf::from("/dev/urandom"),
+            vm_sysctl_dir: Some(PathBuf::from("/proc/sys/vm")),
             max_connections: 64,
             max_requests_per_connection: 256,
             log_errors: true,

@@ -1,7 +1,9 @@
 //! `prepare-snapshot` and `after-restore`: what makes a snapshot of a live guest safe to take,
 //! share and fork.
 //!
-//! Prepare: scrub the secrets directory, `sync()`, then FIFREEZE every writable filesystem that
+//! Prepare: scrub the secrets directory, `sync()`, drop the page cache and compact memory (so the
+//! freed pages of deleted files, zeroed by the kernel's init_on_free, are all that is left of
+//! them, and cached copies of files that held secrets are gone), then FIFREEZE every writable filesystem that
 //! supports it (reverse mount order, `/` last). Scrubbing comes first because writing zeros to a
 //! frozen filesystem would block. While frozen, the agent itself writes nothing to disk.
 //!
@@ -65,6 +67,9 @@ impl SnapshotHooks {
         }
         // SAFETY: sync() has no arguments and cannot fail.
         unsafe { libc::sync() };
+        if let Some(dir) = &config.vm_sysctl_dir {
+            drop_caches_and_compact(dir, self.log_errors);
+        }
         if req.freeze {
             let (chosen, skipped) =
                 match freeze::plan_from(&config.mountinfo, config.freeze_only.as_deref()) {
@@ -189,6 +194,28 @@ impl SnapshotHooks {
                 Err(e) => report
                     .warnings
                     .push(format!("thawing {}: {e}", point.display())),
+            }
+        }
+    }
+}
+
+/// Drops clean page cache, dentries and inodes (`drop_caches` = 3) and compacts memory
+/// (`compact_memory` = 1), after `sync()` made every cached page clean. Best effort: a kernel
+/// without these files (no SYSCTL or COMPACTION) still gets its snapshot; the gap is logged.
+fn drop_caches_and_compact(dir: &std::path::Path, log: bool) {
+    for (file, value) in [("drop_caches", "3"), ("compact_memory", "1")] {
+        let path = dir.join(file);
+        // Never create the file: only a kernel's own knob is written.
+        let result = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .and_then(|mut f| std::io::Write::write_all(&mut f, value.as_bytes()));
+        if let Err(e) = result {
+            if log {
+                eprintln!(
+                    "microagent-agent: prepare-snapshot: cannot write {value} to {}: {e}",
+                    path.display()
+                );
             }
         }
     }

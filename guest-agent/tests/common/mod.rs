@@ -56,6 +56,7 @@ impl TestAgent {
             etc_dir: etc,
             set_kernel_hostname: false,
             log_errors: false,
+            vm_sysctl_dir: None,
             ..ServerConfig::default()
         };
         adjust(&mut config);
