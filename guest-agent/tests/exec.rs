@@ -130,7 +130,13 @@ fn signal_and_cancel_reach_a_running_process() {
     );
     call.signal(libc::SIGINT).unwrap();
     match call.next_event().unwrap() {
-        ExecEvent::Exited(status) => assert_eq!(status.signal, Some(libc::SIGINT)),
+        // On a loaded host the signal can reach sh between its echo and its exec: sh then exits
+        // by the shell convention (128 + SIGINT) instead of sleep dying by it. Either way the
+        // signal reached the running command.
+        ExecEvent::Exited(status) => assert!(
+            status.signal == Some(libc::SIGINT) || status.code == Some(128 + libc::SIGINT),
+            "{status:?}"
+        ),
         other => panic!("unexpected {other:?}"),
     }
     let call = client
