@@ -243,14 +243,9 @@ pub fn after_fork(ws: &Workspace) -> Result<(), Failure> {
         return Ok(());
     }
     let mac = mac_for(ws.name()).to_string();
-    // Linux refuses a new address on a running virtio-net link without the control queue, so
-    // the link goes down for it (which also bounces it, as a restore should) and takes its
-    // routes with it: they are put back as they were.
     let set = format!(
-        "set -e; if command -v ip >/dev/null; then IP=ip; else IP='/.microagent/busybox ip'; fi; \
-         routes=$($IP route show dev eth0); \
-         $IP link set dev eth0 down; $IP link set dev eth0 address {mac}; $IP link set dev eth0 up; \
-         echo \"$routes\" | while read -r r; do [ -z \"$r\" ] || $IP route replace $r dev eth0; done"
+        "ip link set dev eth0 address {mac} 2>/dev/null || \
+         /.microagent/busybox ip link set dev eth0 address {mac}"
     );
     // A guest without `ip` keeps working with its source's address; say so, do not fail.
     if let Err(f) = crate::agent::run_in_guest(ws, &["sh", "-c", &set]) {
