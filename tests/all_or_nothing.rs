@@ -244,3 +244,56 @@ fn pause_snapshot_resume_continues_the_count() {
     assert_eq!(h.run(&["resume", "w"]).status.code(), Some(4));
     h.ok(&["delete", "w", "--yes"]);
 }
+
+/// Restores skip re-hashing files a verified stamp vouches for; a byte changed in memory.bin
+/// after the stamp was taken (right after a capture and after a restore) must still be refused,
+/// by a rollback and by a fork, with the workspace left as it was.
+#[test]
+fn a_flipped_byte_in_memory_is_refused_after_stamps() {
+    if !kvm_or_skip("a_flipped_byte_in_memory_is_refused_after_stamps") {
+        return;
+    }
+    use std::os::unix::fs::FileExt;
+    let h = Home::new("stamp-flip");
+    boot(&h, "w");
+    h.ok(&["snapshot", "create", "w", "--tag", "s"]);
+    let dir = h.ws("w").join("snapshots/s");
+    assert!(
+        dir.join("verified.json").exists(),
+        "the capture stamps what it wrote"
+    );
+    h.ok(&["halt", "w"]);
+    h.ok(&["start", "w", "--from-snapshot", "s"]);
+    h.wait_counts("w", &[1]);
+    h.ok(&["halt", "w"]);
+
+    // The counter's page: a byte the guest reads, flipped in place without changing the size.
+    let mem = dir.join("memory.bin");
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .read(true)
+        .open(&mem)
+        .unwrap();
+    let mut b = [0u8; 1];
+    f.read_exact_at(&mut b, 0x1000).unwrap();
+    f.write_all_at(&[b[0] ^ 0x01], 0x1000).unwrap();
+    drop(f);
+
+    for args in [
+        vec!["start", "w", "--from-snapshot", "s"],
+        vec!["create", "f", "--from-snapshot", "w:s"],
+    ] {
+        let out = h.run(&args);
+        assert_eq!(out.status.code(), Some(5), "{args:?}: {}", stderr(&out));
+        assert!(
+            stderr(&out).contains("memory.bin"),
+            "{args:?}: {}",
+            stderr(&out)
+        );
+    }
+    assert!(!h.ws("f").exists(), "a refused fork leaves no workspace");
+    let status = json(&h.ok(&["--json", "status", "w"]));
+    assert_ne!(status["state"], "running", "{status}");
+    let out = h.run(&["snapshot", "inspect", "w", "s", "--verify"]);
+    assert_eq!(out.status.code(), Some(5), "{}", stderr(&out));
+}

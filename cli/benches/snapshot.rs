@@ -295,6 +295,7 @@ fn microagent_rep(dir: &Path, elf: &Path, size: u64) -> Result<Rep, String> {
     snap.verify(&VerifyOptions {
         kernel: Some(elf),
         contents: true,
+        recheck: true,
     })
     .map_err(|e| format!("verify: {e}"))?;
     let verify = secs(t.elapsed());

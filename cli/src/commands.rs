@@ -369,6 +369,7 @@ fn fork(root: &Path, args: &CreateArgs, src: &str, out: Out) -> Result<(), Failu
     snap.verify(&VerifyOptions {
         kernel: Some(&source.config.kernel),
         contents: true,
+        recheck: false,
     })
     .map_err(crate::snapshot_failure)?;
 
@@ -552,6 +553,7 @@ pub fn start(root: &Path, args: StartArgs, out: Out) -> Result<(), Failure> {
             snap.verify(&VerifyOptions {
                 kernel: Some(&ws.config.kernel),
                 contents: true,
+                recheck: false,
             })
             .map_err(crate::snapshot_failure)?;
             Some(snap)
@@ -565,6 +567,7 @@ pub fn start(root: &Path, args: StartArgs, out: Out) -> Result<(), Failure> {
             snap.verify(&VerifyOptions {
                 kernel: Some(&ws.config.kernel),
                 contents: true,
+                recheck: false,
             })
             .map_err(crate::snapshot_failure)?;
             if let (Some(src), Some(dst)) = (snap.rootfs_path(), ws.config.rootfs.as_ref()) {

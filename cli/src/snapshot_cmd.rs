@@ -411,6 +411,7 @@ fn inspect(root: &Path, a: &InspectArgs, out: Out) -> Result<(), Failure> {
         snap.verify(&VerifyOptions {
             kernel: Some(&ws.config.kernel),
             contents: true,
+            recheck: true,
         })
         .map_err(crate::snapshot_failure)?;
     }

@@ -124,6 +124,7 @@ pub fn verify_staged(dir: &Path) -> Result<Snapshot, SnapshotError> {
     snap.verify(&VerifyOptions {
         kernel: None,
         contents: true,
+        recheck: true,
     })?;
     snap.check_state()?;
     Ok(snap)

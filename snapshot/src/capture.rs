@@ -307,6 +307,7 @@ fn write_snapshot<V: Snapshottable>(
     guard.disarm();
     fsync_dir(req.dir)?;
     faults::checkpoint();
+    crate::stamp::Stamps::record_captured(&final_dir, &manifest);
     progress(Progress::Done);
     Ok(manifest)
 }
@@ -449,6 +450,7 @@ pub fn capture_disk(
     std::fs::rename(&tmp, &final_dir).map_err(io("cannot rename into place", &final_dir))?;
     guard.disarm();
     fsync_dir(req.dir)?;
+    crate::stamp::Stamps::record_captured(&final_dir, &manifest);
     Ok(manifest)
 }
 

@@ -17,6 +17,7 @@ pub mod pagedigest;
 pub mod pageserver;
 pub mod residue;
 pub mod rootfs;
+pub mod stamp;
 pub mod vmstate;
 
 pub use capture::{capture, capture_disk, sweep_leftovers, CaptureRequest, Progress, SecretCheck};

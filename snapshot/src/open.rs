@@ -9,6 +9,7 @@ use crate::digest;
 use crate::error::{io, Refusal, SnapshotError};
 use crate::hostcpu::HostCpu;
 use crate::manifest::{Manifest, ManifestError, MEMORY, ROOTFS, VMSTATE};
+use crate::stamp::{FileId, Stamps};
 use crate::vmstate;
 
 /// A complete snapshot directory with a valid manifest.
@@ -23,8 +24,11 @@ pub struct Snapshot {
 pub struct VerifyOptions<'a> {
     /// The kernel the restored VM would claim to run: its sha256 must match.
     pub kernel: Option<&'a Path>,
-    /// Re-read every file and compare digests.
+    /// Compare every file's digest; a file whose verified stamp still matches (see `stamp`) is
+    /// not read again.
     pub contents: bool,
+    /// Read every file again even where a stamp vouches for it.
+    pub recheck: bool,
 }
 
 impl Snapshot {
@@ -67,11 +71,22 @@ impl Snapshot {
             }
             .into());
         }
+        let mut stamps = Stamps::load(&self.dir);
         if let Some(kernel) = opts.kernel {
-            let actual = digest::sha256_file(kernel).map_err(|source| SnapshotError::Kernel {
+            let kernel_err = |source| SnapshotError::Kernel {
                 path: kernel.to_path_buf(),
                 source,
-            })?;
+            };
+            let key = format!("kernel:{}", kernel.display());
+            let id = FileId::of(&std::fs::metadata(kernel).map_err(kernel_err)?);
+            let expected = &self.manifest.kernel.sha256;
+            let actual = if !opts.recheck && stamps.vouches(&key, &id, expected) {
+                expected.clone()
+            } else {
+                let actual = digest::sha256_file(kernel).map_err(kernel_err)?;
+                stamps.record(&key, id, &actual);
+                actual
+            };
             if actual != self.manifest.kernel.sha256 {
                 return Err(Refusal::KernelMismatch {
                     path: kernel.display().to_string(),
@@ -98,7 +113,8 @@ impl Snapshot {
                 }
                 .into());
             }
-            if opts.contents {
+            let id = FileId::of(&meta);
+            if opts.contents && (opts.recheck || !stamps.vouches(&f.name, &id, &f.digest)) {
                 let (actual, _) = digest::file_digest(&p).map_err(io("cannot read", &p))?;
                 if actual != f.digest {
                     return Err(Refusal::Digest {
@@ -108,8 +124,11 @@ impl Snapshot {
                     }
                     .into());
                 }
+                stamps.record(&f.name, id, &f.digest);
             }
         }
+        // A cache: a snapshot directory we cannot write to is verified in full next time.
+        let _ = stamps.save(&self.dir);
         Ok(())
     }
 

@@ -83,6 +83,7 @@ impl Vm {
             s.verify(&VerifyOptions {
                 kernel: r.kernel,
                 contents: r.verify_contents,
+                recheck: false,
             })?;
         }
         let state: VmState = r.snapshot.load_state()?;

@@ -110,6 +110,7 @@ fn capture_killed_at_every_point_leaves_all_or_nothing() {
                 s.verify(&VerifyOptions {
                     kernel: Some(&kernel),
                     contents: true,
+                    recheck: false,
                 })
                 .unwrap_or_else(|e| panic!("crash at {at}: snapshot looks complete but {e}"));
                 complete += 1;
@@ -179,6 +180,7 @@ fn flipped_bytes_and_a_different_kernel_are_refused() {
         .verify(&VerifyOptions {
             kernel: Some(&other),
             contents: false,
+            recheck: false,
         })
         .unwrap_err();
     assert!(
@@ -199,6 +201,7 @@ fn flipped_bytes_and_a_different_kernel_are_refused() {
                 s.verify(&VerifyOptions {
                     kernel: Some(&kernel),
                     contents: true,
+                    recheck: false,
                 })?;
                 s.load_state::<vmm::vm::VmState>().map(|_| ())
             });

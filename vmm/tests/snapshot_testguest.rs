@@ -159,6 +159,7 @@ fn forks_and_source_diverge_and_five_forks_run_at_once() {
     snap.verify(&VerifyOptions {
         kernel: Some(&kernel),
         contents: true,
+        recheck: false,
     })
     .unwrap();
     assert_eq!(file_counts(&snap, &addrs), saved);
