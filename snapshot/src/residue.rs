@@ -8,10 +8,19 @@
 //! depend on the neighbouring bytes). The result names secrets and counts pages; it never holds a
 //! value.
 //!
-//! One Aho-Corasick automaton searches for every pattern of every secret in one pass. Holes of a
-//! sparse file are never read, all-zero pages are skipped, and the file is cut into chunks that
-//! the machine's threads scan in parallel (a chunk reads a little past its end, so a match across
-//! a chunk boundary is still found, and counted only by the chunk it starts in).
+//! One Aho-Corasick automaton searches for every pattern of every secret in one pass. Two ways in:
+//!
+//! * [`StreamScan`]: data fed in file order as a capture writes it (guest memory is scanned from
+//!   the capture's own chunks, in a thread beside the writer, instead of written and read back).
+//!   It keeps the last `longest pattern - 1` bytes of what it was fed, so a match across two
+//!   contiguous feeds (a chunk or page boundary) is still found, once.
+//! * [`Scanner::scan_file`]: a file already on disk (the rootfs copy). Holes of a sparse file are
+//!   never read, and the file is cut into chunks that the machine's threads scan in parallel (a
+//!   chunk reads a little past its end, so a match across a chunk boundary is still found, and
+//!   counted only by the chunk it starts in).
+//!
+//! Either way all-zero pages are skipped, and a page is counted once per secret however many
+//! matches start in it.
 //!
 //! Bounded: at most [`MAX_SECRETS`] secrets (more are reported as not scanned), and patterns come
 //! from at most the first [`WINDOW`] bytes of a value (any full copy contains them). Values
@@ -44,8 +53,7 @@ pub const PAGE: u64 = 4096;
 /// Bytes of file one thread scans at a time.
 const CHUNK: u64 = 4 << 20;
 /// Longest pattern: hex of a full window.
-#[cfg(test)]
-const MAX_PATTERN: usize = 2 * WINDOW;
+pub const MAX_PATTERN: usize = 2 * WINDOW;
 
 const B64_STD: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
 const B64_URL: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
@@ -60,6 +68,8 @@ pub enum ResidueError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("the secret scan's thread panicked")]
+    Panicked,
 }
 
 /// One secret to search for: its name and value.
@@ -113,7 +123,8 @@ pub struct SecretScan {
     /// Bytes read and searched (holes and zero pages excluded).
     #[serde(default)]
     pub bytes_scanned: u64,
-    /// How long the scan took.
+    /// How long the scan took, its own time: a capture scans guest memory in a thread beside
+    /// the writer, so it is not all added to the capture's.
     #[serde(default)]
     pub millis: u64,
 }
@@ -256,35 +267,15 @@ impl Scanner {
     /// Scans `files` (name shown in the report, path), each with all the machine's threads.
     pub fn scan_files(&self, files: &[(&str, &Path)]) -> Result<SecretScan, ResidueError> {
         let t0 = Instant::now();
-        let mut report = SecretScan {
-            scanned: self.names.clone(),
-            skipped: self.skipped.clone(),
-            ..SecretScan::default()
-        };
-        let mut per_secret: Vec<Vec<FilePages>> = vec![Vec::new(); self.names.len()];
+        let mut per_file = Vec::new();
+        let mut bytes = 0;
         for (name, path) in files {
-            let (pages, bytes) = self.scan_file(path)?;
-            report.bytes_scanned += bytes;
-            for (i, n) in pages.into_iter().enumerate() {
-                if n > 0 {
-                    per_secret[i].push(FilePages {
-                        file: (*name).to_string(),
-                        pages: n,
-                    });
-                }
-            }
+            let (pages, b) = self.scan_file(path)?;
+            bytes += b;
+            per_file.push(((*name).to_string(), pages));
         }
-        for (i, files) in per_secret.into_iter().enumerate() {
-            if !files.is_empty() {
-                report.found.push(Residue {
-                    name: self.names[i].clone(),
-                    pages: files.iter().map(|f| f.pages).sum(),
-                    files,
-                });
-            }
-        }
-        report.millis = u64::try_from(t0.elapsed().as_millis()).unwrap_or(u64::MAX);
-        Ok(report)
+        let millis = u64::try_from(t0.elapsed().as_millis()).unwrap_or(u64::MAX);
+        Ok(self.report(per_file, bytes, millis))
     }
 
     /// Pages per secret in one file, and the bytes searched.
@@ -350,37 +341,224 @@ impl Scanner {
     /// page run, skipping all-zero pages; counts, per secret, the pages where a match starts
     /// (only inside `own`). Returns the bytes searched.
     fn scan_chunk(&self, ac: &AhoCorasick, buf: &[u8], own: usize, pages: &mut [u64]) -> u64 {
-        let page = PAGE as usize;
-        let mut last_page: Vec<Option<usize>> = vec![None; self.names.len()];
+        let mut counter = PageCounter::new(self.names.len());
         let mut searched = 0u64;
-        let mut at = 0;
-        while at < own {
-            if is_zero(&buf[at..(at + page).min(buf.len())]) {
-                at += page;
-                continue;
-            }
-            let run_start = at;
-            while at < buf.len() && !is_zero(&buf[at..(at + page).min(buf.len())]) {
-                at += page;
-            }
-            let run = &buf[run_start..at.min(buf.len())];
-            searched += run.len() as u64;
-            for m in ac.find_overlapping_iter(run) {
-                let start = run_start + m.start();
-                if start >= own {
+        for (start, end) in nonzero_runs(buf, own) {
+            searched += (end - start) as u64;
+            for m in ac.find_overlapping_iter(&buf[start..end]) {
+                let at = start + m.start();
+                if at >= own {
                     continue; // the next chunk's
                 }
-                let pg = start / page;
-                for &secret in &self.owners[m.pattern().as_usize()] {
-                    if last_page[secret] != Some(pg) {
-                        last_page[secret] = Some(pg);
-                        pages[secret] += 1;
+                counter.count(&self.owners[m.pattern().as_usize()], at as u64 / PAGE);
+            }
+        }
+        for (total, n) in pages.iter_mut().zip(counter.pages) {
+            *total += n;
+        }
+        searched
+    }
+
+    /// A scan of one file fed in order as it is written (see [`StreamScan`]).
+    pub fn stream(&self) -> StreamScan<'_> {
+        StreamScan {
+            scanner: self,
+            counter: PageCounter::new(self.names.len()),
+            tail: Vec::with_capacity(self.longest),
+            tail_end: 0,
+            junction: Vec::with_capacity(2 * self.longest),
+            bytes: 0,
+        }
+    }
+
+    /// Builds a report from per-file page counts (file name, pages per secret), files in the
+    /// order given; `bytes` searched in all, `millis` the time it took.
+    pub fn report(&self, files: Vec<(String, Vec<u64>)>, bytes: u64, millis: u64) -> SecretScan {
+        let mut per_secret: Vec<Vec<FilePages>> = vec![Vec::new(); self.names.len()];
+        for (name, pages) in files {
+            for (i, n) in pages.into_iter().enumerate() {
+                if n > 0 {
+                    if let Some(list) = per_secret.get_mut(i) {
+                        list.push(FilePages {
+                            file: name.clone(),
+                            pages: n,
+                        });
                     }
                 }
             }
         }
-        searched
+        let mut report = SecretScan {
+            scanned: self.names.clone(),
+            skipped: self.skipped.clone(),
+            bytes_scanned: bytes,
+            millis,
+            ..SecretScan::default()
+        };
+        for (i, files) in per_secret.into_iter().enumerate() {
+            if !files.is_empty() {
+                report.found.push(Residue {
+                    name: self.names[i].clone(),
+                    pages: files.iter().map(|f| f.pages).sum(),
+                    files,
+                });
+            }
+        }
+        report
     }
+}
+
+/// Pages per secret where a match starts, each page counted once per secret.
+///
+/// Matches come out of the automaton in order of where they end, and no pattern is longer than
+/// [`MAX_PATTERN`] (< one page), so a match can start at most one page before the highest page
+/// already counted: remembering the two highest pages counted per secret is exact.
+struct PageCounter {
+    pages: Vec<u64>,
+    recent: Vec<[Option<u64>; 2]>,
+}
+
+impl PageCounter {
+    fn new(secrets: usize) -> Self {
+        Self {
+            pages: vec![0; secrets],
+            recent: vec![[None; 2]; secrets],
+        }
+    }
+
+    fn count(&mut self, owners: &[usize], page: u64) {
+        for &secret in owners {
+            let (Some(recent), Some(total)) =
+                (self.recent.get_mut(secret), self.pages.get_mut(secret))
+            else {
+                continue;
+            };
+            if recent.contains(&Some(page)) {
+                continue;
+            }
+            *total += 1;
+            // Keep the two highest: replace the lower (or an empty slot).
+            let low = usize::from(recent[1] < recent[0]);
+            if recent[low] < Some(page) {
+                recent[low] = Some(page);
+            }
+        }
+    }
+}
+
+/// A scan of one file's data fed in file order, in pieces of any size ([`Scanner::stream`]).
+///
+/// Pieces that follow each other in the file (the previous one ended where this one starts) are
+/// searched as one text: the last `longest pattern - 1` bytes of what came before are kept, and
+/// a match that starts there and ends in the new piece is found (it cannot be found in either
+/// piece alone). A gap between pieces (a hole, a zero page, a page the file does not hold) ends
+/// the text, as a zero page does in [`Scanner::scan_file`].
+pub struct StreamScan<'a> {
+    scanner: &'a Scanner,
+    counter: PageCounter,
+    /// The last bytes fed (at most longest - 1), ending at file offset `tail_end`.
+    tail: Vec<u8>,
+    tail_end: u64,
+    /// The tail and the start of the next piece: where the matches across them are.
+    junction: Vec<u8>,
+    bytes: u64,
+}
+
+impl StreamScan<'_> {
+    /// Searches `data`, which is the file's bytes at `offset`, skipping all-zero pages (pages
+    /// are counted from the file's start; `offset` should be page-aligned).
+    pub fn feed_nonzero(&mut self, offset: u64, data: &[u8]) {
+        for (start, end) in nonzero_runs(data, data.len()) {
+            self.feed(offset + start as u64, &data[start..end]);
+        }
+    }
+
+    /// Searches `data`, the file's bytes at `offset`, as they are (zero pages included).
+    pub fn feed(&mut self, offset: u64, data: &[u8]) {
+        let Some(ac) = &self.scanner.automaton else {
+            return;
+        };
+        if data.is_empty() {
+            return;
+        }
+        self.bytes += data.len() as u64;
+        let owners = &self.scanner.owners;
+        let keep = self.scanner.longest.saturating_sub(1);
+        if offset != self.tail_end {
+            self.tail.zeroize();
+            self.tail.clear();
+        }
+        if !self.tail.is_empty() {
+            // Matches from the tail into `data`; those wholly in the tail were counted before,
+            // those wholly in `data` are counted below.
+            let t = self.tail.len();
+            let tail_start = self.tail_end - t as u64;
+            self.junction.clear();
+            self.junction.extend_from_slice(&self.tail);
+            self.junction
+                .extend_from_slice(&data[..data.len().min(keep)]);
+            for m in ac.find_overlapping_iter(&self.junction) {
+                if m.start() < t && m.end() > t {
+                    self.counter.count(
+                        &owners[m.pattern().as_usize()],
+                        (tail_start + m.start() as u64) / PAGE,
+                    );
+                }
+            }
+            self.junction.zeroize();
+        }
+        for m in ac.find_overlapping_iter(data) {
+            self.counter.count(
+                &owners[m.pattern().as_usize()],
+                (offset + m.start() as u64) / PAGE,
+            );
+        }
+        // The new tail: the last `keep` bytes of the old tail followed by `data`.
+        if data.len() >= keep {
+            self.tail.zeroize();
+            self.tail.clear();
+            self.tail.extend_from_slice(&data[data.len() - keep..]);
+        } else {
+            self.tail.extend_from_slice(data);
+            let excess = self.tail.len().saturating_sub(keep);
+            self.tail[..excess].zeroize();
+            self.tail.drain(..excess);
+        }
+        self.tail_end = offset + data.len() as u64;
+    }
+
+    /// Pages per secret (in [`Scanner`] order) and the bytes searched.
+    pub fn finish(mut self) -> (Vec<u64>, u64) {
+        (std::mem::take(&mut self.counter.pages), self.bytes)
+    }
+}
+
+impl Drop for StreamScan<'_> {
+    fn drop(&mut self) {
+        // The tail may end in the first bytes of a secret.
+        self.tail.zeroize();
+        self.junction.zeroize();
+    }
+}
+
+/// The runs of non-zero pages among the pages of `buf` that start before `own`, as byte ranges
+/// of `buf` (a run may go on past `own`, into the overlap, while its pages are non-zero).
+fn nonzero_runs(buf: &[u8], own: usize) -> Vec<(usize, usize)> {
+    let page = PAGE as usize;
+    let zero_at = |at: usize| is_zero(&buf[at..(at + page).min(buf.len())]);
+    let mut runs = Vec::new();
+    let mut at = 0;
+    while at < own.min(buf.len()) {
+        if zero_at(at) {
+            at += page;
+            continue;
+        }
+        let start = at;
+        while at < buf.len() && !zero_at(at) {
+            at += page;
+        }
+        runs.push((start, at.min(buf.len())));
+    }
+    runs
 }
 
 /// Every pattern for one value: raw, hex (both cases), base64 (both alphabets, three alignments).
@@ -528,8 +706,9 @@ mod tests {
         pages
     }
 
-    #[test]
-    fn finds_each_encoding_at_each_alignment_and_page_offset() {
+    /// VALUE as a program could hold it: raw, hex in both cases, and base64 in both alphabets
+    /// inside a longer text at each of the three alignments.
+    fn encoded_cases() -> Vec<(String, Vec<u8>)> {
         let alphabets: [&[u8; 64]; 2] = [B64_STD, B64_URL];
         let mut cases: Vec<(String, Vec<u8>)> = vec![
             ("raw".into(), VALUE.to_vec()),
@@ -548,7 +727,12 @@ mod tests {
                 ));
             }
         }
-        for (what, encoded) in cases {
+        cases
+    }
+
+    #[test]
+    fn finds_each_encoding_at_each_alignment_and_page_offset() {
+        for (what, encoded) in encoded_cases() {
             // At several offsets, including across a page boundary and a chunk boundary.
             for offset in [
                 0usize,
@@ -677,5 +861,105 @@ mod tests {
                 String::from_utf8_lossy(&full)
             );
         }
+    }
+
+    /// Feeds `data` to a stream in pieces cut at `cuts` (file offsets), as a capture's writer
+    /// hands over its chunks.
+    fn stream_pages(scanner: &Scanner, data: &[u8], cuts: &[usize]) -> Vec<u64> {
+        let mut stream = scanner.stream();
+        let mut at = 0;
+        for &cut in cuts.iter().chain([data.len()].iter()) {
+            stream.feed_nonzero(at as u64, &data[at..cut]);
+            at = cut;
+        }
+        stream.finish().0
+    }
+
+    #[test]
+    fn stream_finds_each_encoding_straddling_a_piece_boundary_once() {
+        let scanner =
+            Scanner::new(&[secret("other", b"unrelated-value"), secret("token", VALUE)]).unwrap();
+        for (what, encoded) in encoded_cases() {
+            let len = encoded.len();
+            // The value at the end of a page, cut by a piece boundary at every byte of it (and
+            // one piece boundary that is also the page boundary).
+            let page_end = 3 * 4096;
+            let at = page_end - len / 2;
+            let mut data = vec![0u8; 6 * 4096];
+            data[at..at + len].copy_from_slice(&encoded);
+            // Other bytes on both pages, so neither page is zero whatever the cut.
+            data[2 * 4096] = 1;
+            data[page_end + 4000] = 1;
+            for cut in at..=at + len {
+                assert_eq!(
+                    stream_pages(&scanner, &data, &[cut]),
+                    vec![0, 1],
+                    "{what} cut at {}",
+                    cut - at
+                );
+            }
+            // Cut into many small pieces (each shorter than the pattern) it is found too.
+            let cuts: Vec<usize> = (1..data.len()).step_by(7).collect();
+            assert_eq!(stream_pages(&scanner, &data, &cuts), vec![0, 1], "{what}");
+            // Two copies in one page are one page; copies in two pages, two.
+            let mut two = data.clone();
+            two[100..100 + len].copy_from_slice(&encoded);
+            two[200..200 + len].copy_from_slice(&encoded);
+            assert_eq!(stream_pages(&scanner, &two, &[150]), vec![0, 2], "{what}");
+        }
+    }
+
+    #[test]
+    fn stream_does_not_join_pieces_that_are_not_contiguous() {
+        let scanner = Scanner::new(&[secret("token", VALUE)]).unwrap();
+        let (head, rest) = VALUE.split_at(10);
+        let mut stream = scanner.stream();
+        // The first half ends a page, the second starts a page two pages on: a gap between.
+        let mut a = vec![1u8; 4096];
+        a[4096 - head.len()..].copy_from_slice(head);
+        let mut b = vec![1u8; 4096];
+        b[..rest.len()].copy_from_slice(rest);
+        stream.feed(0, &a);
+        stream.feed(2 * 4096, &b);
+        assert_eq!(stream.finish().0, vec![0]);
+        // Contiguous, the same halves are one match.
+        let mut stream = scanner.stream();
+        stream.feed(0, &a);
+        stream.feed(4096, &b);
+        assert_eq!(stream.finish().0, vec![1]);
+    }
+
+    #[test]
+    fn stream_and_file_scan_agree_on_a_file() {
+        // Random pages with copies of several encodings at random places, some across pages.
+        let mut x = 0x1234_5678_9abc_def1u64;
+        let mut rnd = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let mut data = vec![0u8; 64 * 4096];
+        for p in 0..64 {
+            if rnd() % 3 == 0 {
+                continue; // a zero page
+            }
+            for b in &mut data[p * 4096..(p + 1) * 4096] {
+                *b = rnd() as u8;
+            }
+        }
+        let cases = encoded_cases();
+        for _ in 0..20 {
+            let (_, e) = &cases[(rnd() % cases.len() as u64) as usize];
+            let at = (rnd() % (data.len() - e.len()) as u64) as usize;
+            data[at..at + e.len()].copy_from_slice(e);
+        }
+        let scanner = Scanner::new(&[secret("token", VALUE), secret("b", b"zzzzzzzzzz")]).unwrap();
+        let p = tmpfile("agree", &data);
+        let (from_file, _) = scanner.scan_file(&p).unwrap();
+        std::fs::remove_file(&p).unwrap();
+        assert!(from_file[0] > 0);
+        let cuts: Vec<usize> = (1..16).map(|i| i * 4096 * 4 - 4096 * (i % 2)).collect();
+        assert_eq!(stream_pages(&scanner, &data, &cuts), from_file);
     }
 }
