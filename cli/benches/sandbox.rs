@@ -1,8 +1,14 @@
-//! The sandbox's cost, side by side in one run: boot to ready, snapshot capture and a fork of 10,
-//! with jail + seccomp (the default) and with `--no-jail --no-seccomp`, through the real binary.
-//! Rounds alternate between the two so drift on a shared machine hits both alike. Prints one
-//! table of medians and the overhead.
+//! The sandbox's cost, side by side in one run: boot to ready, snapshot capture, a fork of 10 and
+//! a vsock round trip, with jail + seccomp (the default) and with `--no-jail --no-seccomp`,
+//! through the real binary. Rounds alternate between the two so drift on a shared machine hits
+//! both alike. Prints one table of medians and the overhead.
+//!
+//! The round trip: a host client on the workspace's `vsock.sock` (`CONNECT 5000`), through the
+//! VMM's vsock device, to the test guest's echo service (`mode=vsock`) and back, 64 bytes at a
+//! time; the median of many per round.
 
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -56,6 +62,82 @@ struct Times {
     boot: Vec<f64>,
     capture: Vec<f64>,
     fork10: Vec<f64>,
+    rtt: Vec<f64>,
+}
+
+/// Round trips timed per round (after as many untimed ones).
+const ROUND_TRIPS: usize = 300;
+
+fn console_has(home: &Path, name: &str, what: &str) -> bool {
+    std::fs::read_to_string(ws(home, name).join("console.log"))
+        .map(|t| t.contains(what))
+        .unwrap_or(false)
+}
+
+/// `CONNECT port` on the workspace's hybrid vsock socket, up to the VMM's `OK <hostport>`.
+fn vsock_connect(home: &Path, name: &str, port: u32) -> UnixStream {
+    let mut s = UnixStream::connect(ws(home, name).join("vsock.sock")).expect("vsock.sock");
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    s.write_all(format!("CONNECT {port}\n").as_bytes()).unwrap();
+    let mut line = Vec::new();
+    let mut b = [0u8; 1];
+    while line.last() != Some(&b'\n') {
+        assert_eq!(
+            s.read(&mut b).expect("answer to CONNECT"),
+            1,
+            "vsock.sock closed"
+        );
+        line.push(b[0]);
+        assert!(line.len() < 64, "bad answer to CONNECT: {line:?}");
+    }
+    assert!(
+        line.starts_with(b"OK "),
+        "{}",
+        String::from_utf8_lossy(&line)
+    );
+    s
+}
+
+/// The median time of a 64-byte message to the guest's echo service and back.
+fn vsock_rtt(home: &Path, label: &str, extra: &[&str], mem: &str) -> f64 {
+    let name = format!("v{label}");
+    let mut create = vec![
+        "create",
+        &name,
+        "--kernel",
+        "builtin:testguest",
+        "--mem",
+        mem,
+        "--cmdline",
+        "mode=vsock vsock_port=5000",
+    ];
+    create.extend_from_slice(extra);
+    ma(home, &create);
+    ma(home, &["start", &name]);
+    let t0 = Instant::now();
+    while !console_has(home, &name, "testguest: vsock ready") {
+        assert!(
+            t0.elapsed() < Duration::from_secs(600),
+            "{name} never ready"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let mut s = vsock_connect(home, &name, 5000);
+    let msg = [0x5au8; 64];
+    let mut back = [0u8; 64];
+    let mut times = Vec::with_capacity(ROUND_TRIPS);
+    for i in 0..2 * ROUND_TRIPS {
+        let t = Instant::now();
+        s.write_all(&msg).unwrap();
+        s.read_exact(&mut back).expect("echo");
+        if i >= ROUND_TRIPS {
+            times.push(t.elapsed().as_secs_f64());
+        }
+        assert_eq!(back, msg);
+    }
+    drop(s);
+    ma(home, &["delete", &name, "--yes"]);
+    median(times)
 }
 
 fn round(home: &Path, label: &str, extra: &[&str], mem: &str, forks: usize, t: &mut Times) {
@@ -93,6 +175,7 @@ fn round(home: &Path, label: &str, extra: &[&str], mem: &str, forks: usize, t: &
         ma(home, &["delete", f, "--yes"]);
     }
     ma(home, &["delete", &name, "--yes"]);
+    t.rtt.push(vsock_rtt(home, label, extra, mem));
 }
 
 fn main() {
@@ -138,20 +221,28 @@ fn main() {
     println!(
         "sandbox overhead: {mem} MiB test guest, 1 vCPU, median of {rounds} alternating rounds"
     );
-    println!("| what                      | jail + seccomp s | no jail, no seccomp s | overhead |");
-    println!("|---------------------------|-----------------:|----------------------:|---------:|");
-    for (what, a, b) in [
-        ("boot to ready", on.boot, off.boot),
-        ("snapshot capture", on.capture, off.capture),
+    println!(
+        "| what                           | jail + seccomp | no jail, no seccomp | overhead |"
+    );
+    println!(
+        "|--------------------------------|---------------:|--------------------:|---------:|"
+    );
+    for (what, scale, a, b) in [
+        ("boot to ready (s)", 1.0, on.boot, off.boot),
+        ("snapshot capture (s)", 1.0, on.capture, off.capture),
         (
-            &*format!("fork of {forks} (all counting)"),
+            &*format!("fork of {forks}, all counting (s)"),
+            1.0,
             on.fork10,
             off.fork10,
         ),
+        ("vsock round trip, 64 B (us)", 1e6, on.rtt, off.rtt),
     ] {
         let (a, b) = (median(a), median(b));
         println!(
-            "| {what:<25} | {a:>16.3} | {b:>21.3} | {:>+7.1}% |",
+            "| {what:<30} | {:>14.3} | {:>19.3} | {:>+7.1}% |",
+            a * scale,
+            b * scale,
             (a / b - 1.0) * 100.0
         );
     }

@@ -4,7 +4,8 @@
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::sync::mpsc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::digest::{self, FileDigest};
 use crate::error::{io, SnapshotError};
@@ -13,8 +14,9 @@ use crate::manifest::{
     is_safe_name, rfc3339, FileEntry, KernelRef, Kind, Manifest, DIRTY, FORMAT_VERSION, MANIFEST,
     MEMORY, ROOTFS, VMSTATE,
 };
+use crate::memfile::{Chunk, ChunkSink};
 use crate::pagedigest::{self, PageDigests};
-use crate::residue::{Scanner, SecretScan};
+use crate::residue::{ResidueError, Scanner, SecretScan};
 use crate::{faults, memfile, rootfs, vmstate, SavedVm, Snapshottable};
 
 pub const TMP_PREFIX: &str = ".tmp-";
@@ -46,29 +48,131 @@ pub struct SecretCheck<'a> {
     pub strict: bool,
 }
 
-/// Scans the files written into `tmp`, before the manifest: a refusal leaves nothing behind (the
-/// caller's guard removes `tmp`).
-fn check_secrets(
-    check: Option<SecretCheck<'_>>,
-    tmp: &Path,
-    files: &[FileEntry],
-) -> Result<Option<SecretScan>, SnapshotError> {
-    let Some(check) = check else {
-        return Ok(None);
-    };
-    let paths: Vec<(String, PathBuf)> = files
-        .iter()
-        .map(|f| (f.name.clone(), tmp.join(&f.name)))
-        .collect();
-    let list: Vec<(&str, &Path)> = paths
-        .iter()
-        .map(|(n, p)| (n.as_str(), p.as_path()))
-        .collect();
-    let report = check.scanner.scan_files(&list)?;
-    if check.strict && report.has_residue() {
-        return Err(SnapshotError::SecretResidue(Box::new(report)));
+/// The secret scan of one capture, file by file as they are written: the small files from the
+/// bytes in hand, memory from the writer's chunks in a thread beside it ([`scanning`]), the rootfs
+/// copy from disk. Files are reported in the order they were added (the manifest's order).
+struct ScanLog<'a> {
+    check: Option<SecretCheck<'a>>,
+    per_file: Vec<(String, Vec<u64>)>,
+    bytes: u64,
+    /// Time the scan itself took, the memory scan's thread included.
+    spent: Duration,
+}
+
+impl<'a> ScanLog<'a> {
+    fn new(check: Option<SecretCheck<'a>>) -> Self {
+        Self {
+            check,
+            per_file: Vec::new(),
+            bytes: 0,
+            spent: Duration::ZERO,
+        }
     }
-    Ok(Some(report))
+
+    fn scanner(&self) -> Option<&'a Scanner> {
+        self.check.map(|c| c.scanner)
+    }
+
+    fn add(&mut self, name: &str, (pages, bytes): (Vec<u64>, u64), spent: Duration) {
+        if self.check.is_some() {
+            self.per_file.push((name.to_string(), pages));
+            self.bytes += bytes;
+            self.spent += spent;
+        }
+    }
+
+    /// A file written from `data`, as it is on disk (its zero pages skipped).
+    fn data(&mut self, name: &str, data: &[u8]) {
+        let Some(scanner) = self.scanner() else {
+            return;
+        };
+        let t = Instant::now();
+        let mut stream = scanner.stream();
+        stream.feed_nonzero(0, data);
+        self.add(name, stream.finish(), t.elapsed());
+    }
+
+    /// A file read back from disk.
+    fn file(&mut self, name: &str, path: &Path) -> Result<(), SnapshotError> {
+        let Some(scanner) = self.scanner() else {
+            return Ok(());
+        };
+        let t = Instant::now();
+        let found = scanner.scan_file(path)?;
+        self.add(name, found, t.elapsed());
+        Ok(())
+    }
+
+    /// The report, before the manifest is written: under `strict`, a capture holding a secret
+    /// is refused here, and the caller's guard removes everything it wrote.
+    fn finish(self) -> Result<Option<SecretScan>, SnapshotError> {
+        let Some(check) = self.check else {
+            return Ok(None);
+        };
+        let millis = u64::try_from(self.spent.as_millis()).unwrap_or(u64::MAX);
+        let report = check.scanner.report(self.per_file, self.bytes, millis);
+        if check.strict && report.has_residue() {
+            return Err(SnapshotError::SecretResidue(Box::new(report)));
+        }
+        Ok(Some(report))
+    }
+}
+
+/// Buffers the memory writer may have besides the one it started with: one in the channel, one
+/// being scanned; more would only let the writer run further ahead of the scan.
+const SCAN_BUFFERS: usize = 2;
+
+/// Runs `work` (the memory write) with a sink that hands its chunks to a scan thread, so guest
+/// memory is searched while it is written rather than read back from the file afterwards, on
+/// another core. Returns the scan's pages per secret, bytes searched and time spent, for the
+/// memory file; `None` without a scanner.
+#[allow(clippy::type_complexity)]
+fn scanning<R>(
+    scanner: Option<&Scanner>,
+    work: impl FnOnce(Option<ChunkSink<'_>>) -> Result<R, SnapshotError>,
+) -> Result<(R, Option<((Vec<u64>, u64), Duration)>), SnapshotError> {
+    let Some(scanner) = scanner else {
+        return Ok((work(None)?, None));
+    };
+    std::thread::scope(|s| {
+        // Bounded: the writer blocks once it is SCAN_BUFFERS chunks ahead.
+        let (tx, rx) = mpsc::sync_channel::<Chunk>(1);
+        let (back_tx, back_rx) = mpsc::channel::<Vec<u8>>();
+        let scan = s.spawn(move || {
+            let mut stream = scanner.stream();
+            let mut spent = Duration::ZERO;
+            for chunk in rx {
+                let t = Instant::now();
+                for &(at, start, end) in &chunk.runs {
+                    if let Some(run) = chunk.buf.get(start..end) {
+                        stream.feed_nonzero(at, run);
+                    }
+                }
+                spent += t.elapsed();
+                // The writer may have stopped waiting (it failed): then the buffer just goes.
+                let _ = back_tx.send(chunk.buf);
+            }
+            (stream.finish(), spent)
+        });
+        let mut spare = SCAN_BUFFERS;
+        let mut sink = move |chunk: Chunk| -> Vec<u8> {
+            if let Err(mpsc::SendError(chunk)) = tx.send(chunk) {
+                // The scan thread is gone (it panicked): joining it below says so.
+                return chunk.buf;
+            }
+            if spare > 0 {
+                spare -= 1;
+                Vec::new()
+            } else {
+                back_rx.recv().unwrap_or_default()
+            }
+        };
+        let result = work(Some(&mut sink));
+        // Closes the channel: the scan thread ends once it has searched what it was sent.
+        drop(sink);
+        let found = scan.join().map_err(|_| ResidueError::Panicked)?;
+        Ok((result?, Some(found)))
+    })
 }
 
 /// Progress of a long capture.
@@ -188,6 +292,7 @@ fn write_snapshot<V: Snapshottable>(
     faults::checkpoint();
 
     let mut files = Vec::new();
+    let mut scan = ScanLog::new(req.secrets);
     let mut d = FileDigest::new();
     d.update(state_bytes);
     write_file(&tmp.join(VMSTATE), state_bytes)?;
@@ -196,6 +301,7 @@ fn write_snapshot<V: Snapshottable>(
         size: state_bytes.len() as u64,
         digest: d.finish(),
     });
+    scan.data(VMSTATE, state_bytes);
     faults::checkpoint();
 
     let pages = digests.encode();
@@ -207,47 +313,64 @@ fn write_snapshot<V: Snapshottable>(
         size: pages.len() as u64,
         digest: d.finish(),
     });
+    scan.data(pagedigest::FILE, &pages);
 
     let mem_path = tmp.join(MEMORY);
     let mem_file = create(&mem_path)?;
-    match (req.parent, dirty) {
-        (Some(_), Some(dirty)) => {
-            memfile::write_dirty_memory(vm.guest_memory(), &mem_file, dirty, |done, total| {
-                progress(Progress::Memory { done, total })
-            })
-            .map_err(io("cannot write", &mem_path))?;
-            mem_file.sync_all().map_err(io("cannot fsync", &mem_path))?;
-            let (digest, size) =
-                digest::file_digest(&mem_path).map_err(io("cannot read", &mem_path))?;
-            files.push(FileEntry {
-                name: MEMORY.into(),
-                size,
-                digest,
-            });
-            let bits = memfile::encode_dirty(vm.guest_memory(), dirty);
-            let mut d = FileDigest::new();
-            d.update(&bits);
-            write_file(&tmp.join(DIRTY), &bits)?;
-            files.push(FileEntry {
-                name: DIRTY.into(),
-                size: bits.len() as u64,
-                digest: d.finish(),
-            });
-        }
-        _ => {
-            let written = memfile::write_memory(vm.guest_memory(), &mem_file, |done, total| {
-                progress(Progress::Memory { done, total })
-            })
-            .map_err(io("cannot write", &mem_path))?;
-            mem_file.sync_all().map_err(io("cannot fsync", &mem_path))?;
-            files.push(FileEntry {
-                name: MEMORY.into(),
-                size: written.size,
-                digest: written.digest,
-            });
-        }
+    // The memory file is scanned from the writer's chunks, beside it; the thread is joined
+    // after the rootfs copy, which it overlaps too.
+    let ((memory, dirty_bits), mem_scan) = scanning(scan.scanner(), |mut sink| {
+        let written = match (req.parent, dirty) {
+            (Some(_), Some(dirty)) => {
+                memfile::write_dirty_memory_to(
+                    vm.guest_memory(),
+                    &mem_file,
+                    dirty,
+                    |done, total| progress(Progress::Memory { done, total }),
+                    sink.take(),
+                )
+                .map_err(io("cannot write", &mem_path))?;
+                mem_file.sync_all().map_err(io("cannot fsync", &mem_path))?;
+                let (digest, size) =
+                    digest::file_digest(&mem_path).map_err(io("cannot read", &mem_path))?;
+                let bits = memfile::encode_dirty(vm.guest_memory(), dirty);
+                let mut d = FileDigest::new();
+                d.update(&bits);
+                write_file(&tmp.join(DIRTY), &bits)?;
+                let entry = FileEntry {
+                    name: DIRTY.into(),
+                    size: bits.len() as u64,
+                    digest: d.finish(),
+                };
+                ((size, digest), Some((entry, bits)))
+            }
+            _ => {
+                let written = memfile::write_memory_to(
+                    vm.guest_memory(),
+                    &mem_file,
+                    |done, total| progress(Progress::Memory { done, total }),
+                    sink.take(),
+                )
+                .map_err(io("cannot write", &mem_path))?;
+                mem_file.sync_all().map_err(io("cannot fsync", &mem_path))?;
+                ((written.size, written.digest), None)
+            }
+        };
+        faults::checkpoint();
+        Ok(written)
+    })?;
+    files.push(FileEntry {
+        name: MEMORY.into(),
+        size: memory.0,
+        digest: memory.1,
+    });
+    if let Some((found, spent)) = mem_scan {
+        scan.add(MEMORY, found, spent);
     }
-    faults::checkpoint();
+    if let Some((entry, bits)) = dirty_bits {
+        files.push(entry);
+        scan.data(DIRTY, &bits);
+    }
 
     if let Some(src) = req.rootfs {
         progress(Progress::Rootfs);
@@ -262,10 +385,11 @@ fn write_snapshot<V: Snapshottable>(
             size,
             digest,
         });
+        scan.file(ROOTFS, &dst)?;
         faults::checkpoint();
     }
 
-    let secret_scan = check_secrets(req.secrets, &tmp, &files)?;
+    let secret_scan = scan.finish()?;
 
     let since_epoch = SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -417,7 +541,9 @@ pub fn capture_disk(
         size,
         digest,
     }];
-    let secret_scan = check_secrets(req.secrets, &tmp, &files)?;
+    let mut scan = ScanLog::new(req.secrets);
+    scan.file(ROOTFS, &dst)?;
+    let secret_scan = scan.finish()?;
     let since_epoch = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default();
@@ -461,14 +587,16 @@ mod tests {
     use crate::{CpuidLeaf, GuestMemory};
     use vm_memory::{Bytes, GuestAddress};
 
-    struct FakeVm(GuestMemory);
+    /// Guest memory and a state that is a text (CBOR keeps a text's bytes as they are: a
+    /// secret in it is in vmstate.bin verbatim, as a device's buffer would be).
+    struct FakeVm(GuestMemory, String);
 
     impl Snapshottable for FakeVm {
-        type State = Vec<u8>;
+        type State = String;
         type Error = std::io::Error;
-        fn save(&self) -> Result<SavedVm<Vec<u8>>, std::io::Error> {
+        fn save(&self) -> Result<SavedVm<String>, std::io::Error> {
             Ok(SavedVm {
-                state: vec![1; 64],
+                state: self.1.clone(),
                 vcpus: 1,
                 mem_mib: 1,
                 cpuid: Vec::<CpuidLeaf>::new(),
@@ -494,7 +622,7 @@ mod tests {
         let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
         mem.write_slice(b"hunter2-but-longer", GuestAddress(0x3_0010))
             .unwrap();
-        let vm = FakeVm(mem);
+        let vm = FakeVm(mem, "state".into());
         let scanner = Scanner::new(&[SecretValue {
             name: "PASSWORD".into(),
             value: b"hunter2-but-longer\n".to_vec(),
@@ -533,6 +661,100 @@ mod tests {
         let on_disk = std::fs::read(snaps.join("report").join(MANIFEST)).unwrap();
         assert!(!String::from_utf8_lossy(&on_disk).contains("hunter2"));
         assert!(String::from_utf8_lossy(&on_disk).contains("PASSWORD"));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn the_scan_beside_the_writer_finds_what_a_scan_of_the_files_finds() {
+        const SECRET: &[u8] = b"tok-0123456789-abcdef";
+        let hex: Vec<u8> = SECRET
+            .iter()
+            .flat_map(|b| format!("{b:02x}").into_bytes())
+            .collect();
+        let dir = std::env::temp_dir().join(format!("capture-stream-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let kernel = dir.join("kernel");
+        std::fs::write(&kernel, b"k").unwrap();
+        let rootfs = dir.join("rootfs.ext4");
+        let mut disk = vec![0u8; 1 << 20];
+        disk[4096 - 3..4096 - 3 + hex.len()].copy_from_slice(&hex);
+        std::fs::write(&rootfs, &disk).unwrap();
+        let snaps = dir.join("snaps");
+        // Two regions, back to back in memory.bin: 8 MiB (two of the writer's 4 MiB chunks)
+        // and 4 MiB.
+        let mem = GuestMemory::from_ranges(&[
+            (GuestAddress(0), 8 << 20),
+            (GuestAddress(1 << 32), 4 << 20),
+        ])
+        .unwrap();
+        // Across the writer's chunk boundary, across a page boundary inside a chunk (in hex),
+        // and across the boundary between the regions (in the file, it is contiguous).
+        mem.write_slice(SECRET, GuestAddress((4 << 20) - 7))
+            .unwrap();
+        mem.write_slice(&hex, GuestAddress((1 << 20) - 11)).unwrap();
+        mem.write_slice(&SECRET[..5], GuestAddress((8 << 20) - 5))
+            .unwrap();
+        mem.write_slice(&SECRET[5..], GuestAddress(1 << 32))
+            .unwrap();
+        let state = format!("device buffer: {}", String::from_utf8_lossy(SECRET));
+        let vm = FakeVm(mem, state);
+        let scanner = Scanner::new(&[SecretValue {
+            name: "TOKEN".into(),
+            value: SECRET.to_vec(),
+        }])
+        .unwrap();
+        let req = |tag: &'static str, parent: Option<&'static str>| CaptureRequest {
+            dir: &snaps,
+            tag,
+            kernel: &kernel,
+            cmdline: "",
+            rootfs: Some(&rootfs),
+            image: None,
+            workspace: None,
+            note: None,
+            parent,
+            secrets: Some(SecretCheck {
+                scanner: &scanner,
+                strict: false,
+            }),
+        };
+        let files_scan = |m: &Manifest| {
+            let d = snaps.join(&m.tag);
+            let paths: Vec<(String, PathBuf)> = m
+                .files
+                .iter()
+                .map(|f| (f.name.clone(), d.join(&f.name)))
+                .collect();
+            let list: Vec<(&str, &Path)> = paths
+                .iter()
+                .map(|(n, p)| (n.as_str(), p.as_path()))
+                .collect();
+            scanner.scan_files(&list).unwrap()
+        };
+
+        let full = capture(&vm, &req("full", None), &mut |_| {}).unwrap();
+        let scan = full.secret_scan.clone().unwrap();
+        let pages = |scan: &SecretScan, file: &str| {
+            scan.found[0]
+                .files
+                .iter()
+                .find(|f| f.file == file)
+                .map_or(0, |f| f.pages)
+        };
+        assert_eq!(pages(&scan, MEMORY), 3, "{scan:?}");
+        assert_eq!(pages(&scan, VMSTATE), 1, "{scan:?}");
+        assert_eq!(pages(&scan, ROOTFS), 1, "{scan:?}");
+        assert_eq!(scan.found, files_scan(&full).found);
+
+        // A diff holds only the pages that changed: here the two a new copy straddles, in the
+        // second region.
+        vm.0.write_slice(SECRET, GuestAddress((1 << 32) + (2 << 20) - 9))
+            .unwrap();
+        let diff = capture(&vm, &req("diff", Some("full")), &mut |_| {}).unwrap();
+        let scan = diff.secret_scan.clone().unwrap();
+        assert_eq!(pages(&scan, MEMORY), 1, "{scan:?}");
+        assert_eq!(scan.found, files_scan(&diff).found);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

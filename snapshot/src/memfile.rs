@@ -33,12 +33,34 @@ fn is_zero(page: &[u8]) -> bool {
         && chunks.remainder().iter().all(|b| *b == 0)
 }
 
+/// A chunk of guest memory a write has just read and written, handed on (to the secret scan)
+/// instead of being read back from the file: the buffer, and the byte ranges of it that went to
+/// the file with their file offsets.
+pub struct Chunk {
+    pub buf: Vec<u8>,
+    /// (file offset, start, end): `buf[start..end]` is the file's bytes at that offset.
+    pub runs: Vec<(u64, usize, usize)>,
+}
+
+/// Takes each [`Chunk`] once it is written and gives back a buffer for the next one.
+pub type ChunkSink<'a> = &'a mut dyn FnMut(Chunk) -> Vec<u8>;
+
 /// Writes all of `mem` to `file` (which must be empty), skipping zero pages; calls `progress`
 /// with bytes done so far.
 pub fn write_memory(
     mem: &GuestMemory,
     file: &File,
+    progress: impl FnMut(u64, u64),
+) -> std::io::Result<MemoryWritten> {
+    write_memory_to(mem, file, progress, None)
+}
+
+/// [`write_memory`], handing every chunk (with the non-zero runs written) to `sink`.
+pub fn write_memory_to(
+    mem: &GuestMemory,
+    file: &File,
     mut progress: impl FnMut(u64, u64),
+    mut sink: Option<ChunkSink<'_>>,
 ) -> std::io::Result<MemoryWritten> {
     let total: u64 = mem.iter().map(|r| r.len()).sum();
     let mut digest = FileDigest::new();
@@ -49,10 +71,12 @@ pub fn write_memory(
         let mut done = 0u64;
         while done < region.len() {
             let n = (region.len() - done).min(CHUNK as u64) as usize;
+            buf.resize(CHUNK, 0);
             let chunk = &mut buf[..n];
             mem.read_slice(chunk, region.start_addr().unchecked_add(done))
                 .map_err(|e| std::io::Error::other(e.to_string()))?;
             digest.update(chunk);
+            let mut runs = Vec::new();
             // Coalesce runs of non-zero pages into single writes.
             let mut page = 0;
             while page < n {
@@ -65,8 +89,18 @@ pub fn write_memory(
                     page += PAGE;
                 }
                 let end = page.min(n);
-                file.write_all_at(&chunk[start..end], file_off + done + start as u64)?;
+                let at = file_off + done + start as u64;
+                file.write_all_at(&chunk[start..end], at)?;
                 data_bytes += (end - start) as u64;
+                runs.push((at, start, end));
+            }
+            if let Some(sink) = sink.as_mut() {
+                if !runs.is_empty() {
+                    buf = sink(Chunk {
+                        buf: std::mem::take(&mut buf),
+                        runs,
+                    });
+                }
             }
             done += n as u64;
             progress(file_off + done, total);
@@ -88,10 +122,24 @@ pub fn write_dirty_memory(
     mem: &GuestMemory,
     file: &File,
     dirty: &[Vec<u64>],
+    progress: impl FnMut(u64, u64),
+) -> std::io::Result<u64> {
+    write_dirty_memory_to(mem, file, dirty, progress, None)
+}
+
+/// [`write_dirty_memory`], handing the pages written to `sink`, several runs to a chunk.
+pub fn write_dirty_memory_to(
+    mem: &GuestMemory,
+    file: &File,
+    dirty: &[Vec<u64>],
     mut progress: impl FnMut(u64, u64),
+    mut sink: Option<ChunkSink<'_>>,
 ) -> std::io::Result<u64> {
     let total: u64 = mem.iter().map(|r| r.len()).sum();
     let mut buf = vec![0u8; CHUNK];
+    // Bytes of `buf` holding runs not yet handed to the sink, and those runs.
+    let mut filled = 0usize;
+    let mut runs = Vec::new();
     let mut file_off = 0u64;
     let mut pages_written = 0u64;
     for (region, bits) in mem
@@ -110,19 +158,38 @@ pub fn write_dirty_memory(
                 continue;
             }
             let start = p;
-            while p < pages && set(p) && ((p - start) as usize) * PAGE < CHUNK {
+            while p < pages && set(p) && ((p - start) as usize) * PAGE < CHUNK - filled {
                 p += 1;
             }
             let len = ((p - start) as usize) * PAGE;
             let addr = region.start_addr().unchecked_add(start * PAGE as u64);
-            mem.read_slice(&mut buf[..len], addr)
+            buf.resize(CHUNK, 0);
+            let run = &mut buf[filled..filled + len];
+            mem.read_slice(run, addr)
                 .map_err(|e| std::io::Error::other(e.to_string()))?;
-            file.write_all_at(&buf[..len], file_off + start * PAGE as u64)?;
+            let at = file_off + start * PAGE as u64;
+            file.write_all_at(run, at)?;
             pages_written += p - start;
+            if let Some(sink) = sink.as_mut() {
+                runs.push((at, filled, filled + len));
+                filled += len;
+                if filled == CHUNK {
+                    buf = sink(Chunk {
+                        buf: std::mem::take(&mut buf),
+                        runs: std::mem::take(&mut runs),
+                    });
+                    filled = 0;
+                }
+            }
             faults::checkpoint();
         }
         file_off += region.len();
         progress(file_off, total);
+    }
+    if let Some(sink) = sink.as_mut() {
+        if !runs.is_empty() {
+            sink(Chunk { buf, runs });
+        }
     }
     file.set_len(total)?;
     Ok(pages_written)

@@ -8,10 +8,20 @@
 //! depend on the neighbouring bytes). The result names secrets and counts pages; it never holds a
 //! value.
 //!
-//! One Aho-Corasick automaton searches for every pattern of every secret in one pass. Holes of a
-//! sparse file are never read, all-zero pages are skipped, and the file is cut into chunks that
-//! the machine's threads scan in parallel (a chunk reads a little past its end, so a match across
-//! a chunk boundary is still found, and counted only by the chunk it starts in).
+//! One Aho-Corasick automaton searches for every pattern of every secret in one pass. Two ways in:
+//!
+//! * [`StreamScan`]: data fed in file order as a capture writes it (guest memory is scanned from
+//!   the capture's own chunks, in a thread beside the writer, instead of written and read back).
+//!   It keeps the last `longest pattern - 1` bytes of what it was fed, so a match across two
+//!   contiguous feeds (a chunk or page boundary) is still found, once.
+//! * [`Scanner::scan_file`]: a file already on disk (the rootfs copy). Holes of a sparse file are
+//!   never read, and the file is cut into chunks that the machine's threads scan in parallel (a
+//!   chunk reads a little past its end, so a match across a chunk boundary is still found, and
+//!   counted only by the chunk it starts in).
+//!
+//! Either way all-zero pages are skipped, a prefilter of sampled 4-byte grams (`GramFilter`)
+//! lets the automaton search only around places a pattern could be, and a page is counted once
+//! per secret however many matches start in it.
 //!
 //! Bounded: at most [`MAX_SECRETS`] secrets (more are reported as not scanned), and patterns come
 //! from at most the first [`WINDOW`] bytes of a value (any full copy contains them). Values
@@ -44,8 +54,7 @@ pub const PAGE: u64 = 4096;
 /// Bytes of file one thread scans at a time.
 const CHUNK: u64 = 4 << 20;
 /// Longest pattern: hex of a full window.
-#[cfg(test)]
-const MAX_PATTERN: usize = 2 * WINDOW;
+pub const MAX_PATTERN: usize = 2 * WINDOW;
 
 const B64_STD: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
 const B64_URL: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
@@ -60,6 +69,8 @@ pub enum ResidueError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("the secret scan's thread panicked")]
+    Panicked,
 }
 
 /// One secret to search for: its name and value.
@@ -113,7 +124,8 @@ pub struct SecretScan {
     /// Bytes read and searched (holes and zero pages excluded).
     #[serde(default)]
     pub bytes_scanned: u64,
-    /// How long the scan took.
+    /// How long the scan took, its own time: a capture scans guest memory in a thread beside
+    /// the writer, so it is not all added to the capture's.
     #[serde(default)]
     pub millis: u64,
 }
@@ -172,6 +184,66 @@ pub struct Scanner {
     owners: Vec<Vec<usize>>,
     automaton: Option<AhoCorasick>,
     longest: usize,
+    filter: GramFilter,
+}
+
+/// Bytes in one sampled gram of [`GramFilter`].
+const GRAM: usize = 4;
+
+/// A prefilter in front of the automaton, which alone searches a few hundred MB/s: the set of
+/// every 4-byte gram of every pattern, as a bitset indexed by a hash of the gram. An occurrence
+/// of a pattern of length `L >= shortest` covers `L - 3` gram positions, so it holds a gram that
+/// starts at a multiple of `stride = shortest - 3`: only grams at those positions are looked
+/// up, and the automaton searches only around the ones found in the set. Exact: a match is
+/// missed only if none of its sampled grams is in the set, which cannot be.
+struct GramFilter {
+    /// 0: no filter (a pattern shorter than a gram), search everything.
+    stride: usize,
+    bits: Vec<u64>,
+    shift: u32,
+}
+
+impl GramFilter {
+    fn new(patterns: &[Vec<u8>]) -> Self {
+        let shortest = patterns.iter().map(Vec::len).min().unwrap_or(0);
+        if shortest < GRAM {
+            return Self {
+                stride: 0,
+                bits: Vec::new(),
+                shift: 0,
+            };
+        }
+        let grams: usize = patterns.iter().map(|p| p.len() + 1 - GRAM).sum();
+        // About 32 bits per gram (few false candidates), between 4 KiB and 1 MiB.
+        let log2 = (grams * 32)
+            .next_power_of_two()
+            .trailing_zeros()
+            .clamp(15, 23);
+        let mut filter = Self {
+            stride: shortest + 1 - GRAM,
+            bits: vec![0; 1 << (log2 - 6)],
+            shift: 32 - log2,
+        };
+        for p in patterns {
+            for g in p.windows(GRAM) {
+                let i = filter.index(g);
+                filter.bits[i / 64] |= 1 << (i % 64);
+            }
+        }
+        filter
+    }
+
+    fn index(&self, gram: &[u8]) -> usize {
+        let g = u32::from_le_bytes([gram[0], gram[1], gram[2], gram[3]]);
+        (g.wrapping_mul(0x9E37_79B1) >> self.shift) as usize
+    }
+
+    fn holds(&self, gram: &[u8]) -> bool {
+        let i = self.index(gram);
+        self.bits
+            .get(i / 64)
+            .is_some_and(|w| w & (1 << (i % 64)) != 0)
+    }
 }
 
 impl std::fmt::Debug for Scanner {
@@ -221,6 +293,7 @@ impl Scanner {
             }
         }
         let longest = patterns.iter().map(Vec::len).max().unwrap_or(0);
+        let filter = GramFilter::new(&patterns);
         let automaton = if patterns.is_empty() {
             None
         } else {
@@ -245,7 +318,47 @@ impl Scanner {
             owners,
             automaton,
             longest,
+            filter,
         })
+    }
+
+    /// Calls `found(start, pattern)` for every match wholly inside `hay`, in order of where they
+    /// end (as the automaton's overlapping search reports them).
+    fn matches(&self, ac: &AhoCorasick, hay: &[u8], mut found: impl FnMut(usize, usize)) {
+        let mut search = |from: usize, to: usize| {
+            for m in ac.find_overlapping_iter(&hay[from..to]) {
+                found(from + m.start(), m.pattern().as_usize());
+            }
+        };
+        let stride = self.filter.stride;
+        if stride == 0 {
+            search(0, hay.len());
+            return;
+        }
+        // A gram in the set at `pos` may belong to a match that starts up to `longest - GRAM`
+        // before it and ends up to `longest` after it: that window is searched. Overlapping
+        // windows are merged (so each match is wholly inside exactly one searched range, and
+        // ranges go up: matches still come in order of their end).
+        let mut pending: Option<(usize, usize)> = None;
+        let mut pos = 0;
+        while pos + GRAM <= hay.len() {
+            if self.filter.holds(&hay[pos..pos + GRAM]) {
+                let from = pos.saturating_sub(self.longest - GRAM);
+                let to = (pos + self.longest).min(hay.len());
+                pending = match pending {
+                    Some((a, b)) if from <= b => Some((a, to.max(b))),
+                    Some((a, b)) => {
+                        search(a, b);
+                        Some((from, to))
+                    }
+                    None => Some((from, to)),
+                };
+            }
+            pos += stride;
+        }
+        if let Some((a, b)) = pending {
+            search(a, b);
+        }
     }
 
     /// Whether there is nothing to search for.
@@ -256,35 +369,15 @@ impl Scanner {
     /// Scans `files` (name shown in the report, path), each with all the machine's threads.
     pub fn scan_files(&self, files: &[(&str, &Path)]) -> Result<SecretScan, ResidueError> {
         let t0 = Instant::now();
-        let mut report = SecretScan {
-            scanned: self.names.clone(),
-            skipped: self.skipped.clone(),
-            ..SecretScan::default()
-        };
-        let mut per_secret: Vec<Vec<FilePages>> = vec![Vec::new(); self.names.len()];
+        let mut per_file = Vec::new();
+        let mut bytes = 0;
         for (name, path) in files {
-            let (pages, bytes) = self.scan_file(path)?;
-            report.bytes_scanned += bytes;
-            for (i, n) in pages.into_iter().enumerate() {
-                if n > 0 {
-                    per_secret[i].push(FilePages {
-                        file: (*name).to_string(),
-                        pages: n,
-                    });
-                }
-            }
+            let (pages, b) = self.scan_file(path)?;
+            bytes += b;
+            per_file.push(((*name).to_string(), pages));
         }
-        for (i, files) in per_secret.into_iter().enumerate() {
-            if !files.is_empty() {
-                report.found.push(Residue {
-                    name: self.names[i].clone(),
-                    pages: files.iter().map(|f| f.pages).sum(),
-                    files,
-                });
-            }
-        }
-        report.millis = u64::try_from(t0.elapsed().as_millis()).unwrap_or(u64::MAX);
-        Ok(report)
+        let millis = u64::try_from(t0.elapsed().as_millis()).unwrap_or(u64::MAX);
+        Ok(self.report(per_file, bytes, millis))
     }
 
     /// Pages per secret in one file, and the bytes searched.
@@ -350,37 +443,222 @@ impl Scanner {
     /// page run, skipping all-zero pages; counts, per secret, the pages where a match starts
     /// (only inside `own`). Returns the bytes searched.
     fn scan_chunk(&self, ac: &AhoCorasick, buf: &[u8], own: usize, pages: &mut [u64]) -> u64 {
-        let page = PAGE as usize;
-        let mut last_page: Vec<Option<usize>> = vec![None; self.names.len()];
+        let mut counter = PageCounter::new(self.names.len());
         let mut searched = 0u64;
-        let mut at = 0;
-        while at < own {
-            if is_zero(&buf[at..(at + page).min(buf.len())]) {
-                at += page;
-                continue;
-            }
-            let run_start = at;
-            while at < buf.len() && !is_zero(&buf[at..(at + page).min(buf.len())]) {
-                at += page;
-            }
-            let run = &buf[run_start..at.min(buf.len())];
-            searched += run.len() as u64;
-            for m in ac.find_overlapping_iter(run) {
-                let start = run_start + m.start();
-                if start >= own {
-                    continue; // the next chunk's
+        for (start, end) in nonzero_runs(buf, own) {
+            searched += (end - start) as u64;
+            self.matches(ac, &buf[start..end], |at, pattern| {
+                let at = start + at;
+                if at < own {
+                    // (Else the next chunk's.)
+                    counter.count(&self.owners[pattern], at as u64 / PAGE);
                 }
-                let pg = start / page;
-                for &secret in &self.owners[m.pattern().as_usize()] {
-                    if last_page[secret] != Some(pg) {
-                        last_page[secret] = Some(pg);
-                        pages[secret] += 1;
+            });
+        }
+        for (total, n) in pages.iter_mut().zip(counter.pages) {
+            *total += n;
+        }
+        searched
+    }
+
+    /// A scan of one file fed in order as it is written (see [`StreamScan`]).
+    pub fn stream(&self) -> StreamScan<'_> {
+        StreamScan {
+            scanner: self,
+            counter: PageCounter::new(self.names.len()),
+            tail: Vec::with_capacity(self.longest),
+            tail_end: 0,
+            junction: Vec::with_capacity(2 * self.longest),
+            bytes: 0,
+        }
+    }
+
+    /// Builds a report from per-file page counts (file name, pages per secret), files in the
+    /// order given; `bytes` searched in all, `millis` the time it took.
+    pub fn report(&self, files: Vec<(String, Vec<u64>)>, bytes: u64, millis: u64) -> SecretScan {
+        let mut per_secret: Vec<Vec<FilePages>> = vec![Vec::new(); self.names.len()];
+        for (name, pages) in files {
+            for (i, n) in pages.into_iter().enumerate() {
+                if n > 0 {
+                    if let Some(list) = per_secret.get_mut(i) {
+                        list.push(FilePages {
+                            file: name.clone(),
+                            pages: n,
+                        });
                     }
                 }
             }
         }
-        searched
+        let mut report = SecretScan {
+            scanned: self.names.clone(),
+            skipped: self.skipped.clone(),
+            bytes_scanned: bytes,
+            millis,
+            ..SecretScan::default()
+        };
+        for (i, files) in per_secret.into_iter().enumerate() {
+            if !files.is_empty() {
+                report.found.push(Residue {
+                    name: self.names[i].clone(),
+                    pages: files.iter().map(|f| f.pages).sum(),
+                    files,
+                });
+            }
+        }
+        report
     }
+}
+
+/// Pages per secret where a match starts, each page counted once per secret.
+///
+/// Matches come out of the automaton in order of where they end, and no pattern is longer than
+/// [`MAX_PATTERN`] (< one page), so a match can start at most one page before the highest page
+/// already counted: remembering the two highest pages counted per secret is exact.
+struct PageCounter {
+    pages: Vec<u64>,
+    recent: Vec<[Option<u64>; 2]>,
+}
+
+impl PageCounter {
+    fn new(secrets: usize) -> Self {
+        Self {
+            pages: vec![0; secrets],
+            recent: vec![[None; 2]; secrets],
+        }
+    }
+
+    fn count(&mut self, owners: &[usize], page: u64) {
+        for &secret in owners {
+            let (Some(recent), Some(total)) =
+                (self.recent.get_mut(secret), self.pages.get_mut(secret))
+            else {
+                continue;
+            };
+            if recent.contains(&Some(page)) {
+                continue;
+            }
+            *total += 1;
+            // Keep the two highest: replace the lower (or an empty slot).
+            let low = usize::from(recent[1] < recent[0]);
+            if recent[low] < Some(page) {
+                recent[low] = Some(page);
+            }
+        }
+    }
+}
+
+/// A scan of one file's data fed in file order, in pieces of any size ([`Scanner::stream`]).
+///
+/// Pieces that follow each other in the file (the previous one ended where this one starts) are
+/// searched as one text: the last `longest pattern - 1` bytes of what came before are kept, and
+/// a match that starts there and ends in the new piece is found (it cannot be found in either
+/// piece alone). A gap between pieces (a hole, a zero page, a page the file does not hold) ends
+/// the text, as a zero page does in [`Scanner::scan_file`].
+pub struct StreamScan<'a> {
+    scanner: &'a Scanner,
+    counter: PageCounter,
+    /// The last bytes fed (at most longest - 1), ending at file offset `tail_end`.
+    tail: Vec<u8>,
+    tail_end: u64,
+    /// The tail and the start of the next piece: where the matches across them are.
+    junction: Vec<u8>,
+    bytes: u64,
+}
+
+impl StreamScan<'_> {
+    /// Searches `data`, which is the file's bytes at `offset`, skipping all-zero pages (pages
+    /// are counted from the file's start; `offset` should be page-aligned).
+    pub fn feed_nonzero(&mut self, offset: u64, data: &[u8]) {
+        for (start, end) in nonzero_runs(data, data.len()) {
+            self.feed(offset + start as u64, &data[start..end]);
+        }
+    }
+
+    /// Searches `data`, the file's bytes at `offset`, as they are (zero pages included).
+    pub fn feed(&mut self, offset: u64, data: &[u8]) {
+        let Some(ac) = &self.scanner.automaton else {
+            return;
+        };
+        if data.is_empty() {
+            return;
+        }
+        self.bytes += data.len() as u64;
+        let owners = &self.scanner.owners;
+        let keep = self.scanner.longest.saturating_sub(1);
+        if offset != self.tail_end {
+            self.tail.zeroize();
+            self.tail.clear();
+        }
+        if !self.tail.is_empty() {
+            // Matches from the tail into `data`; those wholly in the tail were counted before,
+            // those wholly in `data` are counted below.
+            let t = self.tail.len();
+            let tail_start = self.tail_end - t as u64;
+            self.junction.clear();
+            self.junction.extend_from_slice(&self.tail);
+            self.junction
+                .extend_from_slice(&data[..data.len().min(keep)]);
+            for m in ac.find_overlapping_iter(&self.junction) {
+                if m.start() < t && m.end() > t {
+                    self.counter.count(
+                        &owners[m.pattern().as_usize()],
+                        (tail_start + m.start() as u64) / PAGE,
+                    );
+                }
+            }
+            self.junction.zeroize();
+        }
+        let counter = &mut self.counter;
+        self.scanner.matches(ac, data, |at, pattern| {
+            counter.count(&owners[pattern], (offset + at as u64) / PAGE);
+        });
+        // The new tail: the last `keep` bytes of the old tail followed by `data`.
+        if data.len() >= keep {
+            self.tail.zeroize();
+            self.tail.clear();
+            self.tail.extend_from_slice(&data[data.len() - keep..]);
+        } else {
+            self.tail.extend_from_slice(data);
+            let excess = self.tail.len().saturating_sub(keep);
+            self.tail[..excess].zeroize();
+            self.tail.drain(..excess);
+        }
+        self.tail_end = offset + data.len() as u64;
+    }
+
+    /// Pages per secret (in [`Scanner`] order) and the bytes searched.
+    pub fn finish(mut self) -> (Vec<u64>, u64) {
+        (std::mem::take(&mut self.counter.pages), self.bytes)
+    }
+}
+
+impl Drop for StreamScan<'_> {
+    fn drop(&mut self) {
+        // The tail may end in the first bytes of a secret.
+        self.tail.zeroize();
+        self.junction.zeroize();
+    }
+}
+
+/// The runs of non-zero pages among the pages of `buf` that start before `own`, as byte ranges
+/// of `buf` (a run may go on past `own`, into the overlap, while its pages are non-zero).
+fn nonzero_runs(buf: &[u8], own: usize) -> Vec<(usize, usize)> {
+    let page = PAGE as usize;
+    let zero_at = |at: usize| is_zero(&buf[at..(at + page).min(buf.len())]);
+    let mut runs = Vec::new();
+    let mut at = 0;
+    while at < own.min(buf.len()) {
+        if zero_at(at) {
+            at += page;
+            continue;
+        }
+        let start = at;
+        while at < buf.len() && !zero_at(at) {
+            at += page;
+        }
+        runs.push((start, at.min(buf.len())));
+    }
+    runs
 }
 
 /// Every pattern for one value: raw, hex (both cases), base64 (both alphabets, three alignments).
@@ -528,8 +806,9 @@ mod tests {
         pages
     }
 
-    #[test]
-    fn finds_each_encoding_at_each_alignment_and_page_offset() {
+    /// VALUE as a program could hold it: raw, hex in both cases, and base64 in both alphabets
+    /// inside a longer text at each of the three alignments.
+    fn encoded_cases() -> Vec<(String, Vec<u8>)> {
         let alphabets: [&[u8; 64]; 2] = [B64_STD, B64_URL];
         let mut cases: Vec<(String, Vec<u8>)> = vec![
             ("raw".into(), VALUE.to_vec()),
@@ -548,7 +827,12 @@ mod tests {
                 ));
             }
         }
-        for (what, encoded) in cases {
+        cases
+    }
+
+    #[test]
+    fn finds_each_encoding_at_each_alignment_and_page_offset() {
+        for (what, encoded) in encoded_cases() {
             // At several offsets, including across a page boundary and a chunk boundary.
             for offset in [
                 0usize,
@@ -676,6 +960,162 @@ mod tests {
                 String::from_utf8_lossy(&part),
                 String::from_utf8_lossy(&full)
             );
+        }
+    }
+
+    /// Feeds `data` to a stream in pieces cut at `cuts` (file offsets), as a capture's writer
+    /// hands over its chunks.
+    fn stream_pages(scanner: &Scanner, data: &[u8], cuts: &[usize]) -> Vec<u64> {
+        let mut stream = scanner.stream();
+        let mut at = 0;
+        for &cut in cuts.iter().chain([data.len()].iter()) {
+            stream.feed_nonzero(at as u64, &data[at..cut]);
+            at = cut;
+        }
+        stream.finish().0
+    }
+
+    #[test]
+    fn stream_finds_each_encoding_straddling_a_piece_boundary_once() {
+        let scanner =
+            Scanner::new(&[secret("other", b"unrelated-value"), secret("token", VALUE)]).unwrap();
+        for (what, encoded) in encoded_cases() {
+            let len = encoded.len();
+            // The value at the end of a page, cut by a piece boundary at every byte of it (and
+            // one piece boundary that is also the page boundary).
+            let page_end = 3 * 4096;
+            let at = page_end - len / 2;
+            let mut data = vec![0u8; 6 * 4096];
+            data[at..at + len].copy_from_slice(&encoded);
+            // Other bytes on both pages, so neither page is zero whatever the cut.
+            data[2 * 4096] = 1;
+            data[page_end + 4000] = 1;
+            for cut in at..=at + len {
+                assert_eq!(
+                    stream_pages(&scanner, &data, &[cut]),
+                    vec![0, 1],
+                    "{what} cut at {}",
+                    cut - at
+                );
+            }
+            // Cut into many small pieces (each shorter than the pattern) it is found too.
+            let cuts: Vec<usize> = (1..data.len()).step_by(7).collect();
+            assert_eq!(stream_pages(&scanner, &data, &cuts), vec![0, 1], "{what}");
+            // Two copies in one page are one page; copies in two pages, two.
+            let mut two = data.clone();
+            two[100..100 + len].copy_from_slice(&encoded);
+            two[200..200 + len].copy_from_slice(&encoded);
+            assert_eq!(stream_pages(&scanner, &two, &[150]), vec![0, 2], "{what}");
+        }
+    }
+
+    #[test]
+    fn stream_does_not_join_pieces_that_are_not_contiguous() {
+        let scanner = Scanner::new(&[secret("token", VALUE)]).unwrap();
+        let (head, rest) = VALUE.split_at(10);
+        let mut stream = scanner.stream();
+        // The first half ends a page, the second starts a page two pages on: a gap between.
+        let mut a = vec![1u8; 4096];
+        a[4096 - head.len()..].copy_from_slice(head);
+        let mut b = vec![1u8; 4096];
+        b[..rest.len()].copy_from_slice(rest);
+        stream.feed(0, &a);
+        stream.feed(2 * 4096, &b);
+        assert_eq!(stream.finish().0, vec![0]);
+        // Contiguous, the same halves are one match.
+        let mut stream = scanner.stream();
+        stream.feed(0, &a);
+        stream.feed(4096, &b);
+        assert_eq!(stream.finish().0, vec![1]);
+    }
+
+    #[test]
+    fn stream_and_file_scan_agree_on_a_file() {
+        // Random pages with copies of several encodings at random places, some across pages.
+        let mut x = 0x1234_5678_9abc_def1u64;
+        let mut rnd = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let mut data = vec![0u8; 64 * 4096];
+        for p in 0..64 {
+            if rnd() % 3 == 0 {
+                continue; // a zero page
+            }
+            for b in &mut data[p * 4096..(p + 1) * 4096] {
+                *b = rnd() as u8;
+            }
+        }
+        let cases = encoded_cases();
+        for _ in 0..20 {
+            let (_, e) = &cases[(rnd() % cases.len() as u64) as usize];
+            let at = (rnd() % (data.len() - e.len()) as u64) as usize;
+            data[at..at + e.len()].copy_from_slice(e);
+        }
+        let scanner = Scanner::new(&[secret("token", VALUE), secret("b", b"zzzzzzzzzz")]).unwrap();
+        let p = tmpfile("agree", &data);
+        let (from_file, _) = scanner.scan_file(&p).unwrap();
+        std::fs::remove_file(&p).unwrap();
+        assert!(from_file[0] > 0);
+        let cuts: Vec<usize> = (1..16).map(|i| i * 4096 * 4 - 4096 * (i % 2)).collect();
+        assert_eq!(stream_pages(&scanner, &data, &cuts), from_file);
+    }
+
+    #[test]
+    fn gram_prefilter_finds_exactly_what_the_automaton_alone_finds() {
+        let mut x = 0x0bad_5eed_1234_5678u64;
+        let mut rnd = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        // Short values (the smallest stride), a long one, and one that is a prefix of another.
+        let secrets = [
+            secret("short", b"abcd1234"),
+            secret("token", VALUE),
+            secret("prefix", &VALUE[..12]),
+            secret("long", &[b'q'; 200]),
+        ];
+        let scanner = Scanner::new(&secrets).unwrap();
+        let ac = scanner.automaton.as_ref().unwrap();
+        assert!(scanner.filter.stride >= 1);
+        let mut patterns = Vec::new();
+        for s in &secrets {
+            patterns.extend(encodings(s.window()));
+        }
+        for round in 0..40 {
+            // Text from a small alphabet that shares grams with the patterns (many candidates,
+            // merged windows), or random bytes; copies of patterns and their pieces anywhere.
+            let mut hay: Vec<u8> = (0..20_000)
+                .map(|_| {
+                    if round % 2 == 0 {
+                        b"abcd1234s3cr3t-qT0ken"[(rnd() % 21) as usize]
+                    } else {
+                        rnd() as u8
+                    }
+                })
+                .collect();
+            for _ in 0..30 {
+                let p = &patterns[(rnd() % patterns.len() as u64) as usize];
+                let piece = if rnd() % 3 == 0 {
+                    &p[..p.len() - 1]
+                } else {
+                    &p[..]
+                };
+                let at = (rnd() % (hay.len() - piece.len()) as u64) as usize;
+                hay[at..at + piece.len()].copy_from_slice(piece);
+            }
+            let plain: Vec<(usize, usize)> = ac
+                .find_overlapping_iter(&hay)
+                .map(|m| (m.start(), m.pattern().as_usize()))
+                .collect();
+            let mut filtered = Vec::new();
+            scanner.matches(ac, &hay, |at, p| filtered.push((at, p)));
+            assert!(!plain.is_empty());
+            assert_eq!(filtered, plain, "round {round}");
         }
     }
 }
