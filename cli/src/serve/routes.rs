@@ -989,16 +989,18 @@ async fn download_snapshot(
         .await
         .map_err(|e| ApiError::internal(format!("cannot stat the archive: {e}")))?
         .len();
-    let stream = futures_util::stream::unfold(f, |mut f| async move {
+    let stream = futures_util::stream::unfold(Some(f), |f| async move {
+        let mut f = f?;
         let mut buf = vec![0u8; 256 * 1024];
         match f.read(&mut buf).await {
             Ok(0) => None,
             Ok(n) => {
                 buf.truncate(n);
-                Some((Ok::<_, std::io::Error>(Bytes::from(buf)), f))
+                Some((Ok::<_, std::io::Error>(Bytes::from(buf)), Some(f)))
             }
-            // The client sees a cut body (shorter than Content-Length), not a whole archive.
-            Err(e) => Some((Err(e), f)),
+            // The body ends there, cut (shorter than Content-Length): the client cannot take
+            // it for a whole archive, and import would refuse it anyway.
+            Err(e) => Some((Err(e), None)),
         }
     });
     let disposition = format!("attachment; filename=\"{name}-{tag}.tar.zst\"");
