@@ -750,7 +750,8 @@ fn archive_download_imports_elsewhere_and_refuses_secrets() {
 }
 
 /// Schemathesis (from PyPI) generates requests from `/api/openapi.json`, valid and not, and
-/// checks that none gets a 5xx. Where a workspace name or tag is asked for, the read and
+/// checks that none gets a 5xx, that answers keep to the document and that requests violating
+/// it or lacking the token are refused. Where a workspace name or tag is asked for, the read and
 /// lifecycle routes are pointed at a real running test-guest workspace and snapshot, so the
 /// generated bodies and queries reach the CLI and the VMM, not only the 404 path; a delete of
 /// a workspace at a stopped one (schemathesis also reuses names it saw in answers: pinned, it
@@ -800,7 +801,19 @@ fn schemathesis_finds_no_server_error() {
         "--mem",
         "64",
     ]);
-    let s = Server::start(&h);
+    // Generated workspaces name generated images: every registry is made unreachable (a proxy
+    // that refuses), so the run never depends on the internet and a pull ends at once, as the
+    // documented 504.
+    let proxy = "http://127.0.0.1:9";
+    let s = Server::start_env(
+        &h,
+        &[
+            ("HTTPS_PROXY", proxy),
+            ("HTTP_PROXY", proxy),
+            ("ALL_PROXY", proxy),
+            ("NO_PROXY", ""),
+        ],
+    );
     let config = h.dir.join("schemathesis.toml");
     std::fs::write(
         &config,
@@ -825,7 +838,13 @@ parameters = { name = "w", tag = "no-such-tag" }
         .arg(&config)
         .args(["run", &s.url("/api/openapi.json")])
         .args(["--header", &format!("Authorization: Bearer {}", s.token)])
-        .args(["--checks", "not_a_server_error"])
+        // No 5xx; and, since the document is the contract: every status and content type is
+        // one it lists, what violates it is refused, and nothing passes without the token.
+        .args([
+            "--checks",
+            "not_a_server_error,status_code_conformance,content_type_conformance,\
+             negative_data_rejection,ignored_auth",
+        ])
         // The two endless streams (events, console tail) would hold each generated request
         // until its timeout; they take no input but the name and are tested above.
         .args(["--exclude-path", "/api/events"])
@@ -890,4 +909,28 @@ parameters = { name = "w", tag = "no-such-tag" }
     // The server is still up and consistent after the run.
     let (st, v) = rt().block_on(s.get("/api/workspaces"));
     assert_eq!(st, 200, "{v}");
+}
+
+/// An image whose registry cannot be reached is the remote's failure: 504
+/// `remote-unreachable` (the CLI's exit 8), not a 500. Schemathesis found the 500.
+#[test]
+fn unreachable_registry_is_a_gateway_timeout() {
+    let h = Home::new("api-registry");
+    let proxy = "http://127.0.0.1:9";
+    let s = Server::start_env(
+        &h,
+        &[
+            ("HTTPS_PROXY", proxy),
+            ("HTTP_PROXY", proxy),
+            ("ALL_PROXY", proxy),
+            ("NO_PROXY", ""),
+        ],
+    );
+    let (st, v) = rt().block_on(s.send(
+        reqwest::Method::POST,
+        "/api/workspaces",
+        json!({"name": "img", "image": "registry.example/tools:1"}),
+    ));
+    assert_eq!((st, code(&v)), (504, "remote-unreachable"), "{v}");
+    assert!(!h.ws("img").exists(), "a workspace was left behind");
 }

@@ -23,8 +23,14 @@ pub struct Server {
 
 impl Server {
     pub fn start(h: &Home) -> Server {
+        Self::start_env(h, &[])
+    }
+
+    /// As `start`, with extra environment variables for the server (and the CLI it runs).
+    pub fn start_env(h: &Home, env: &[(&str, &str)]) -> Server {
         let mut child = Command::new(bin())
             .env("MICROAGENT_HOME", &h.dir)
+            .envs(env.iter().copied())
             .args(["--json", "serve", "--listen", "127.0.0.1:0"])
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

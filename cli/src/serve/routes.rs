@@ -249,6 +249,7 @@ struct CreateWorkspace {
         (status = 403, description = "A request from another Origin (`forbidden-origin`)", body = ErrorBody),
         (status = 404, description = "Kernel or image not found (`not-found`)", body = ErrorBody),
         (status = 409, description = "Exists already (`conflict`)", body = ErrorBody),
+        (status = 504, description = "The image's registry cannot be reached (`remote-unreachable`)", body = ErrorBody),
         (status = 413, description = "Body over 64 KiB (`too-large`)", body = ErrorBody),
     ))]
 async fn create_workspace(
@@ -329,7 +330,7 @@ struct StartBody {
 
 #[utoipa::path(post, path = "/api/workspaces/{name}/start", tag = "workspaces",
     params(("name" = String, Path, description = "Workspace name", pattern = r"^[A-Za-z0-9_][A-Za-z0-9_-]{0,62}$")),
-    request_body(content = StartBody, description = "Optional"),
+    request_body(content = Option<StartBody>, description = "Optional: an empty body starts (or resumes) as it is"),
     responses(
         (status = 200, description = "Running", body = Value),
         (status = 400, description = "Bad input (`usage`)", body = ErrorBody),
@@ -683,7 +684,7 @@ struct CreateSnapshot {
 
 #[utoipa::path(post, path = "/api/workspaces/{name}/snapshots", tag = "snapshots",
     params(("name" = String, Path, description = "Workspace name", pattern = r"^[A-Za-z0-9_][A-Za-z0-9_-]{0,62}$")),
-    request_body(content = CreateSnapshot, description = "Optional"),
+    request_body(content = Option<CreateSnapshot>, description = "Optional: an empty body takes a full snapshot tagged with the time"),
     responses(
         (status = 201, description = "`{\"workspace\", \"snapshot\"}`", body = Value),
         (status = 400, description = "Bad input (`usage`)", body = ErrorBody),
