@@ -7,6 +7,9 @@ mod common;
 use common::*;
 use std::path::PathBuf;
 
+#[path = "common/serve.rs"]
+mod serve;
+
 fn inputs_or_skip(test: &str) -> Option<(PathBuf, PathBuf)> {
     if !kvm_or_skip(test) {
         return None;
@@ -60,6 +63,7 @@ fn linux_exec_secrets_snapshot_fork() {
     assert_eq!(code.status.code(), Some(3));
     assert_eq!(stdout(&code), "out\n");
     assert_eq!(stderr(&code), "err\n");
+    api_exec_streams(&h);
 
     // Guest-initiated vsock: a program in the guest connects to host port 7000, which the VMM
     // forwards to `<vsock.sock>_7000` where this test listens.
@@ -142,4 +146,56 @@ fn linux_exec_secrets_snapshot_fork() {
     assert_eq!(id_a.trim().len(), 32, "{id_a}");
     h.ok(&["delete", "fk", "--yes"]);
     h.ok(&["delete", "lx", "--yes"]);
+}
+
+/// The API's exec against the real agent: the command's stdout and stderr arrive as events
+/// while it runs (the first line well before the command ends), then its exit status.
+fn api_exec_streams(h: &Home) {
+    use futures_util::StreamExt;
+    use serde_json::{json, Value};
+    let s = serve::Server::start(h);
+    serve::rt().block_on(async {
+        let r = s
+            .req(reqwest::Method::POST, "/api/workspaces/lx/exec")
+            .json(&json!({"argv": ["sh", "-c", "echo out; echo err >&2; sleep 2; echo late; exit 3"]}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 200);
+        assert!(r.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/event-stream"));
+        let start = std::time::Instant::now();
+        let (mut body, mut first_at, mut exit_at) = (String::new(), None, None);
+        let mut stream = r.bytes_stream();
+        while let Some(chunk) = stream.next().await {
+            body.push_str(&String::from_utf8_lossy(&chunk.unwrap()));
+            let evs = serve::parse_sse(&body);
+            if first_at.is_none() && evs.iter().any(|(n, v)| n == "stdout" && v["text"] == "out\n") {
+                first_at = Some(start.elapsed());
+            }
+            if exit_at.is_none() && evs.iter().any(|(n, _)| n == "exit") {
+                exit_at = Some(start.elapsed());
+            }
+        }
+        let evs = serve::parse_sse(&body);
+        let text = |name: &str| -> String {
+            evs.iter()
+                .filter(|(n, _)| n == name)
+                .filter_map(|(_, v)| v["text"].as_str())
+                .collect()
+        };
+        assert_eq!(text("stdout"), "out\nlate\n", "{body}");
+        assert_eq!(text("stderr"), "err\n", "{body}");
+        let last: Option<&(String, Value)> = evs.last();
+        assert_eq!(last, Some(&("exit".to_string(), json!({"code": 3}))), "{body}");
+        // Streamed, not collected: the first line came while the guest still slept.
+        let (first, exit) = (first_at.unwrap(), exit_at.unwrap());
+        assert!(
+            exit.saturating_sub(first) >= std::time::Duration::from_millis(1500),
+            "first line at {first:?}, exit at {exit:?}: the output was held back"
+        );
+        eprintln!("api exec: first line at {first:?}, exit at {exit:?}");
+    });
 }

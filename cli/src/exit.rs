@@ -21,7 +21,7 @@ pub enum Code {
     HostUnsupported = 6,
     /// The guest crashed: triple fault, KVM internal error.
     GuestFailed = 7,
-    /// A remote (S3-compatible object storage) could not be reached.
+    /// A remote (S3-compatible object storage, an image registry) could not be reached.
     RemoteUnreachable = 8,
     /// A remote refused us: wrong credentials, no permission, or a missing bucket.
     RemoteAccess = 9,

@@ -108,6 +108,10 @@ pub enum ImageError {
     /// Talking to a registry failed.
     #[error("registry {registry}: {message}")]
     Registry { registry: String, message: String },
+    /// The registry could not be reached at all (name, connection, proxy): the remote's
+    /// failure, not ours (the API answers 504, not 500).
+    #[error("registry {registry}: {message}")]
+    Unreachable { registry: String, message: String },
     /// A host tool or file the build needs is missing.
     #[error("{0}")]
     Host(String),
@@ -161,6 +165,7 @@ impl ImageError {
             | ImageError::Unsupported(_) => Code::Usage,
             ImageError::NotFound(_) => Code::NotFound,
             ImageError::Host(_) => Code::HostUnsupported,
+            ImageError::Unreachable { .. } => Code::RemoteUnreachable,
             ImageError::Auth { .. }
             | ImageError::Registry { .. }
             | ImageError::Tool { .. }

@@ -142,7 +142,7 @@ impl RegistrySource {
                 }
             }
             OciDistributionError::ServerError { code: 404, .. } => ImageError::NotFound(format!("image {name} was not found")),
-            OciDistributionError::RequestError(e) => ImageError::Registry {
+            OciDistributionError::RequestError(e) => ImageError::Unreachable {
                 registry,
                 message: format!("cannot reach {}: {}", self.reference.endpoint(), error_chain(&e)),
             },

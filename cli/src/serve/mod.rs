@@ -74,6 +74,7 @@ pub fn run(root: &Path, args: ServeArgs, out: Out) -> Result<(), Failure> {
         )
     })?;
     let token = token::load_or_create(root)?;
+    routes::sweep_staging(root);
     let exe = std::env::current_exe()
         .map_err(|e| Failure::new(Code::Error, format!("cannot find my own binary: {e}")))?;
     let rt = tokio::runtime::Builder::new_multi_thread()

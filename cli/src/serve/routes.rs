@@ -81,6 +81,7 @@ pub fn app(state: Shared) -> axum::Router {
         .routes(routes!(prune_snapshots))
         .routes(routes!(inspect_snapshot, edit_snapshot, delete_snapshot))
         .routes(routes!(export_snapshot))
+        .routes(routes!(download_snapshot))
         .routes(routes!(fork_snapshot))
         .routes(routes!(events_stream))
         .routes(routes!(openapi_json))
@@ -147,6 +148,23 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
     }
 }
 
+/// A query string, typed, whose errors come in the API's shape (axum's own are plain text).
+pub struct QueryArgs<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> axum::extract::FromRequestParts<S> for QueryArgs<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, ApiError> {
+        Query::<T>::from_request_parts(parts, state)
+            .await
+            .map(|Query(q)| QueryArgs(q))
+            .map_err(|e| ApiError::usage(e.body_text()))
+    }
+}
+
 // ----- argument checks ----------------------------------------------------------------------
 
 fn check_ws(name: &str) -> Result<(), ApiError> {
@@ -193,6 +211,7 @@ fn op(workspace: &str, action: &'static str) -> Op {
     responses(
         (status = 200, description = "`{\"workspaces\": [...]}` as `microagent --json list`", body = Value),
         (status = 401, description = "No or wrong token", body = ErrorBody),
+        (status = 403, description = "A request from another Origin (`forbidden-origin`)", body = ErrorBody),
     ))]
 async fn list_workspaces(State(st): State<Shared>) -> Result<Json<Value>, ApiError> {
     let root = st.root.clone();
@@ -211,6 +230,7 @@ async fn list_workspaces(State(st): State<Shared>) -> Result<Json<Value>, ApiErr
 #[serde(deny_unknown_fields)]
 struct CreateWorkspace {
     /// 1-63 letters, digits, '-' or '_'.
+    #[schema(pattern = r"^[A-Za-z0-9_][A-Za-z0-9_-]{0,62}$")]
     name: String,
     /// A kernel path on the server, or `builtin:testguest`.
     kernel: Option<String>,
@@ -226,9 +246,11 @@ struct CreateWorkspace {
         (status = 201, description = "Created: `{\"created\": config}`", body = Value),
         (status = 400, description = "Bad input (`usage`)", body = ErrorBody),
         (status = 401, description = "No or wrong token", body = ErrorBody),
+        (status = 403, description = "A request from another Origin (`forbidden-origin`)", body = ErrorBody),
         (status = 404, description = "Kernel or image not found (`not-found`)", body = ErrorBody),
         (status = 409, description = "Exists already (`conflict`)", body = ErrorBody),
-        (status = 413, description = "Body too large", body = ErrorBody),
+        (status = 504, description = "The image's registry cannot be reached (`remote-unreachable`)", body = ErrorBody),
+        (status = 413, description = "Body over 64 KiB (`too-large`)", body = ErrorBody),
     ))]
 async fn create_workspace(
     State(st): State<Shared>,
@@ -256,11 +278,12 @@ async fn create_workspace(
 }
 
 #[utoipa::path(get, path = "/api/workspaces/{name}", tag = "workspaces",
-    params(("name" = String, Path, description = "Workspace name")),
+    params(("name" = String, Path, description = "Workspace name", pattern = r"^[A-Za-z0-9_][A-Za-z0-9_-]{0,62}$")),
     responses(
         (status = 200, description = "As `microagent --json status NAME`", body = Value),
         (status = 400, description = "Invalid name (`usage`)", body = ErrorBody),
         (status = 401, description = "No or wrong token", body = ErrorBody),
+        (status = 403, description = "A request from another Origin (`forbidden-origin`)", body = ErrorBody),
         (status = 404, description = "No such workspace (`not-found`)", body = ErrorBody),
     ))]
 async fn workspace_status(
@@ -277,11 +300,12 @@ async fn workspace_status(
 }
 
 #[utoipa::path(delete, path = "/api/workspaces/{name}", tag = "workspaces",
-    params(("name" = String, Path, description = "Workspace name")),
+    params(("name" = String, Path, description = "Workspace name", pattern = r"^[A-Za-z0-9_][A-Za-z0-9_-]{0,62}$")),
     responses(
         (status = 200, description = "Halted and deleted with all its snapshots", body = Value),
         (status = 400, description = "Invalid name (`usage`)", body = ErrorBody),
         (status = 401, description = "No or wrong token", body = ErrorBody),
+        (status = 403, description = "A request from another Origin (`forbidden-origin`)", body = ErrorBody),
         (status = 404, description = "No such workspace (`not-found`)", body = ErrorBody),
         (status = 409, description = "Busy: another command holds it (`conflict`)", body = ErrorBody),
     ))]
@@ -305,15 +329,17 @@ struct StartBody {
 }
 
 #[utoipa::path(post, path = "/api/workspaces/{name}/start", tag = "workspaces",
-    params(("name" = String, Path, description = "Workspace name")),
-    request_body(content = StartBody, description = "Optional"),
+    params(("name" = String, Path, description = "Workspace name", pattern = r"^[A-Za-z0-9_][A-Za-z0-9_-]{0,62}$")),
+    request_body(content = Option<StartBody>, description = "Optional: an empty body starts (or resumes) as it is"),
     responses(
         (status = 200, description = "Running", body = Value),
         (status = 400, description = "Bad input (`usage`)", body = ErrorBody),
         (status = 401, description = "No or wrong token", body = ErrorBody),
+        (status = 403, description = "A request from another Origin (`forbidden-origin`)", body = ErrorBody),
         (status = 404, description = "No such workspace or snapshot (`not-found`)", body = ErrorBody),
         (status = 409, description = "Already running (`conflict`)", body = ErrorBody),
         (status = 422, description = "Snapshot refused", body = ErrorBody),
+        (status = 413, description = "Body over 64 KiB (`too-large`)", body = ErrorBody),
     ))]
 async fn start_workspace(
     State(st): State<Shared>,
@@ -333,11 +359,12 @@ async fn start_workspace(
 }
 
 #[utoipa::path(post, path = "/api/workspaces/{name}/halt", tag = "workspaces",
-    params(("name" = String, Path, description = "Workspace name")),
+    params(("name" = String, Path, description = "Workspace name", pattern = r"^[A-Za-z0-9_][A-Za-z0-9_-]{0,62}$")),
     responses(
         (status = 200, description = "Stopped", body = Value),
         (status = 400, description = "Invalid name (`usage`)", body = ErrorBody),
         (status = 401, description = "No or wrong token", body = ErrorBody),
+        (status = 403, description = "A request from another Origin (`forbidden-origin`)", body = ErrorBody),
         (status = 404, description = "No such workspace (`not-found`)", body = ErrorBody),
         (status = 409, description = "Busy (`conflict`)", body = ErrorBody),
     ))]
@@ -351,11 +378,12 @@ async fn halt_workspace(
 }
 
 #[utoipa::path(post, path = "/api/workspaces/{name}/hibernate", tag = "workspaces",
-    params(("name" = String, Path, description = "Workspace name")),
+    params(("name" = String, Path, description = "Workspace name", pattern = r"^[A-Za-z0-9_][A-Za-z0-9_-]{0,62}$")),
     responses(
         (status = 200, description = "Memory saved and VM stopped; `start` resumes it", body = Value),
         (status = 400, description = "Invalid name (`usage`)", body = ErrorBody),
         (status = 401, description = "No or wrong token", body = ErrorBody),
+        (status = 403, description = "A request from another Origin (`forbidden-origin`)", body = ErrorBody),
         (status = 404, description = "No such workspace (`not-found`)", body = ErrorBody),
         (status = 409, description = "Not running (`conflict`)", body = ErrorBody),
     ))]
@@ -373,25 +401,29 @@ async fn hibernate_workspace(
 #[serde(deny_unknown_fields)]
 struct ExecBody {
     /// The command and its arguments (1 to 256).
+    #[schema(min_items = 1, max_items = 256)]
     argv: Vec<String>,
     cwd: Option<String>,
     /// KEY=VALUE.
     #[serde(default)]
+    #[schema(max_items = 256)]
     env: Vec<String>,
     /// Kill the command after this many seconds.
     timeout_s: Option<u64>,
 }
 
 #[utoipa::path(post, path = "/api/workspaces/{name}/exec", tag = "workspaces",
-    params(("name" = String, Path, description = "Workspace name")),
+    params(("name" = String, Path, description = "Workspace name", pattern = r"^[A-Za-z0-9_][A-Za-z0-9_-]{0,62}$")),
     request_body = ExecBody,
     responses(
         (status = 200, description = "Server-sent events: `stdout` and `stderr` (`{\"text\"}`), \
             then `exit` (`{\"code\"}`)", content_type = "text/event-stream", body = String),
         (status = 400, description = "Bad input (`usage`)", body = ErrorBody),
         (status = 401, description = "No or wrong token", body = ErrorBody),
+        (status = 403, description = "A request from another Origin (`forbidden-origin`)", body = ErrorBody),
         (status = 404, description = "No such workspace (`not-found`)", body = ErrorBody),
-        (status = 409, description = "Not running (`conflict`)", body = ErrorBody),
+        (status = 409, description = "Not running, or without a guest agent (`conflict`)", body = ErrorBody),
+        (status = 413, description = "Body over 64 KiB (`too-large`)", body = ErrorBody),
     ))]
 async fn exec(
     State(st): State<Shared>,
@@ -423,6 +455,13 @@ async fn exec(
     let n = name.clone();
     blocking(move || {
         let ws = Workspace::open(&root, &n)?;
+        if !ws.config.agent {
+            // The CLI would retry the agent's socket for seconds, then fail inside the stream.
+            return Err(ApiError::from_code(
+                crate::exit::Code::Conflict,
+                format!("workspace {n} has no guest agent (its kernel is not a Linux image with one); exec needs it"),
+            ));
+        }
         match ws.state() {
             WsState::Running => Ok(()),
             s => Err(ApiError::from_code(
@@ -494,12 +533,13 @@ async fn pump(
 
 /// The console log's last bytes first, then what the guest writes, as it writes it.
 #[utoipa::path(get, path = "/api/workspaces/{name}/console", tag = "workspaces",
-    params(("name" = String, Path, description = "Workspace name")),
+    params(("name" = String, Path, description = "Workspace name", pattern = r"^[A-Za-z0-9_][A-Za-z0-9_-]{0,62}$")),
     responses(
         (status = 200, description = "Server-sent events: `console` (`{\"text\"}`); `reset` when \
             a new run starts a new log", content_type = "text/event-stream", body = String),
         (status = 400, description = "Invalid name (`usage`)", body = ErrorBody),
         (status = 401, description = "No or wrong token", body = ErrorBody),
+        (status = 403, description = "A request from another Origin (`forbidden-origin`)", body = ErrorBody),
         (status = 404, description = "No such workspace (`not-found`)", body = ErrorBody),
     ))]
 async fn console(State(st): State<Shared>, Path(name): Path<String>) -> Result<Response, ApiError> {
@@ -576,17 +616,18 @@ struct ListQuery {
 /// Oldest first, as the CLI lists them; each also says which snapshots depend on it
 /// (`children`: a Delete would need `cascade`) and whether it is the newest (`latest`).
 #[utoipa::path(get, path = "/api/workspaces/{name}/snapshots", tag = "snapshots",
-    params(("name" = String, Path, description = "Workspace name"), ListQuery),
+    params(("name" = String, Path, description = "Workspace name", pattern = r"^[A-Za-z0-9_][A-Za-z0-9_-]{0,62}$"), ListQuery),
     responses(
         (status = 200, description = "`{\"workspace\", \"snapshots\": [...]}`", body = Value),
         (status = 400, description = "Invalid name (`usage`)", body = ErrorBody),
         (status = 401, description = "No or wrong token", body = ErrorBody),
+        (status = 403, description = "A request from another Origin (`forbidden-origin`)", body = ErrorBody),
         (status = 404, description = "No such workspace (`not-found`)", body = ErrorBody),
     ))]
 async fn list_snapshots(
     State(st): State<Shared>,
     Path(name): Path<String>,
-    Query(q): Query<ListQuery>,
+    QueryArgs(q): QueryArgs<ListQuery>,
 ) -> Result<Json<Value>, ApiError> {
     check_ws(&name)?;
     let root = st.root.clone();
@@ -642,14 +683,16 @@ struct CreateSnapshot {
 }
 
 #[utoipa::path(post, path = "/api/workspaces/{name}/snapshots", tag = "snapshots",
-    params(("name" = String, Path, description = "Workspace name")),
-    request_body(content = CreateSnapshot, description = "Optional"),
+    params(("name" = String, Path, description = "Workspace name", pattern = r"^[A-Za-z0-9_][A-Za-z0-9_-]{0,62}$")),
+    request_body(content = Option<CreateSnapshot>, description = "Optional: an empty body takes a full snapshot tagged with the time"),
     responses(
         (status = 201, description = "`{\"workspace\", \"snapshot\"}`", body = Value),
         (status = 400, description = "Bad input (`usage`)", body = ErrorBody),
         (status = 401, description = "No or wrong token", body = ErrorBody),
+        (status = 403, description = "A request from another Origin (`forbidden-origin`)", body = ErrorBody),
         (status = 404, description = "No such workspace (`not-found`)", body = ErrorBody),
         (status = 409, description = "Wrong state, tag taken, or busy (`conflict`)", body = ErrorBody),
+        (status = 413, description = "Body over 64 KiB (`too-large`)", body = ErrorBody),
     ))]
 async fn create_snapshot(
     State(st): State<Shared>,
@@ -686,19 +729,20 @@ struct InspectQuery {
 }
 
 #[utoipa::path(get, path = "/api/workspaces/{name}/snapshots/{tag}", tag = "snapshots",
-    params(("name" = String, Path, description = "Workspace name"),
-        ("tag" = String, Path, description = "Snapshot tag"), InspectQuery),
+    params(("name" = String, Path, description = "Workspace name", pattern = r"^[A-Za-z0-9_][A-Za-z0-9_-]{0,62}$"),
+        ("tag" = String, Path, description = "Snapshot tag", pattern = r"^[A-Za-z0-9_:+-][A-Za-z0-9_.:+-]{0,127}$"), InspectQuery),
     responses(
         (status = 200, description = "The manifest, as `snapshot inspect --json`", body = Value),
         (status = 400, description = "Invalid name or tag (`usage`)", body = ErrorBody),
         (status = 401, description = "No or wrong token", body = ErrorBody),
+        (status = 403, description = "A request from another Origin (`forbidden-origin`)", body = ErrorBody),
         (status = 404, description = "No such workspace or snapshot (`not-found`)", body = ErrorBody),
         (status = 422, description = "Verification failed (`snapshot-refused`)", body = ErrorBody),
     ))]
 async fn inspect_snapshot(
     State(st): State<Shared>,
     Path((name, tag)): Path<(String, String)>,
-    Query(q): Query<InspectQuery>,
+    QueryArgs(q): QueryArgs<InspectQuery>,
 ) -> Result<Json<Value>, ApiError> {
     check_ws(&name)?;
     check_tag(&tag)?;
@@ -721,15 +765,17 @@ struct EditSnapshot {
 }
 
 #[utoipa::path(patch, path = "/api/workspaces/{name}/snapshots/{tag}", tag = "snapshots",
-    params(("name" = String, Path, description = "Workspace name"),
-        ("tag" = String, Path, description = "Snapshot tag")),
+    params(("name" = String, Path, description = "Workspace name", pattern = r"^[A-Za-z0-9_][A-Za-z0-9_-]{0,62}$"),
+        ("tag" = String, Path, description = "Snapshot tag", pattern = r"^[A-Za-z0-9_:+-][A-Za-z0-9_.:+-]{0,127}$")),
     request_body = EditSnapshot,
     responses(
         (status = 200, description = "`{\"workspace\", \"snapshot\"}` after the edit", body = Value),
         (status = 400, description = "Bad input or nothing to change (`usage`)", body = ErrorBody),
         (status = 401, description = "No or wrong token", body = ErrorBody),
+        (status = 403, description = "A request from another Origin (`forbidden-origin`)", body = ErrorBody),
         (status = 404, description = "No such workspace or snapshot (`not-found`)", body = ErrorBody),
         (status = 409, description = "New tag taken, or busy (`conflict`)", body = ErrorBody),
+        (status = 413, description = "Body over 64 KiB (`too-large`)", body = ErrorBody),
     ))]
 async fn edit_snapshot(
     State(st): State<Shared>,
@@ -760,19 +806,20 @@ struct DeleteQuery {
 }
 
 #[utoipa::path(delete, path = "/api/workspaces/{name}/snapshots/{tag}", tag = "snapshots",
-    params(("name" = String, Path, description = "Workspace name"),
-        ("tag" = String, Path, description = "Snapshot tag"), DeleteQuery),
+    params(("name" = String, Path, description = "Workspace name", pattern = r"^[A-Za-z0-9_][A-Za-z0-9_-]{0,62}$"),
+        ("tag" = String, Path, description = "Snapshot tag", pattern = r"^[A-Za-z0-9_:+-][A-Za-z0-9_.:+-]{0,127}$"), DeleteQuery),
     responses(
         (status = 200, description = "`{\"workspace\", \"deleted\": [tags]}`", body = Value),
         (status = 400, description = "Invalid name or tag (`usage`)", body = ErrorBody),
         (status = 401, description = "No or wrong token", body = ErrorBody),
+        (status = 403, description = "A request from another Origin (`forbidden-origin`)", body = ErrorBody),
         (status = 404, description = "No such workspace or snapshot (`not-found`)", body = ErrorBody),
         (status = 409, description = "Others depend on it (pass cascade), or busy (`conflict`)", body = ErrorBody),
     ))]
 async fn delete_snapshot(
     State(st): State<Shared>,
     Path((name, tag)): Path<(String, String)>,
-    Query(q): Query<DeleteQuery>,
+    QueryArgs(q): QueryArgs<DeleteQuery>,
 ) -> Result<Json<Value>, ApiError> {
     check_ws(&name)?;
     check_tag(&tag)?;
@@ -797,14 +844,16 @@ struct PruneBody {
 }
 
 #[utoipa::path(post, path = "/api/workspaces/{name}/prune", tag = "snapshots",
-    params(("name" = String, Path, description = "Workspace name")),
+    params(("name" = String, Path, description = "Workspace name", pattern = r"^[A-Za-z0-9_][A-Za-z0-9_-]{0,62}$")),
     request_body = PruneBody,
     responses(
         (status = 200, description = "`{\"workspace\", \"dry_run\", \"deleted\": [tags]}`", body = Value),
         (status = 400, description = "Bad input (`usage`)", body = ErrorBody),
         (status = 401, description = "No or wrong token", body = ErrorBody),
+        (status = 403, description = "A request from another Origin (`forbidden-origin`)", body = ErrorBody),
         (status = 404, description = "No such workspace (`not-found`)", body = ErrorBody),
         (status = 409, description = "Busy (`conflict`)", body = ErrorBody),
+        (status = 413, description = "Body over 64 KiB (`too-large`)", body = ErrorBody),
     ))]
 async fn prune_snapshots(
     State(st): State<Shared>,
@@ -832,18 +881,25 @@ async fn prune_snapshots(
 struct ExportBody {
     /// An absolute path on the server for the archive (tar + zstd); it must not exist.
     file: String,
+    /// Export even a snapshot whose capture found delivered secrets in it.
+    #[serde(default)]
+    allow_secrets: bool,
 }
 
 #[utoipa::path(post, path = "/api/workspaces/{name}/snapshots/{tag}/export", tag = "snapshots",
-    params(("name" = String, Path, description = "Workspace name"),
-        ("tag" = String, Path, description = "Snapshot tag")),
+    params(("name" = String, Path, description = "Workspace name", pattern = r"^[A-Za-z0-9_][A-Za-z0-9_-]{0,62}$"),
+        ("tag" = String, Path, description = "Snapshot tag", pattern = r"^[A-Za-z0-9_:+-][A-Za-z0-9_.:+-]{0,127}$")),
     request_body = ExportBody,
     responses(
         (status = 200, description = "`{\"workspace\", \"tag\", \"file\", \"bytes\"}`", body = Value),
         (status = 400, description = "Bad input (`usage`)", body = ErrorBody),
         (status = 401, description = "No or wrong token", body = ErrorBody),
+        (status = 403, description = "A request from another Origin (`forbidden-origin`)", body = ErrorBody),
         (status = 404, description = "No such workspace or snapshot (`not-found`)", body = ErrorBody),
         (status = 409, description = "The file exists (`conflict`)", body = ErrorBody),
+        (status = 422, description = "The capture found delivered secrets in it and \
+            `allow_secrets` is not set (`snapshot-refused`)", body = ErrorBody),
+        (status = 413, description = "Body over 64 KiB (`too-large`)", body = ErrorBody),
     ))]
 async fn export_snapshot(
     State(st): State<Shared>,
@@ -856,34 +912,162 @@ async fn export_snapshot(
     if !file.starts_with('/') {
         return Err(ApiError::usage("file must be an absolute path"));
     }
-    let args = vec!["snapshot".into(), "export".into(), name.clone(), tag, file];
+    let mut args = vec!["snapshot".into(), "export".into(), name.clone(), tag, file];
+    if b.allow_secrets {
+        args.push("--allow-secrets".into());
+    }
     Ok(Json(
         child::run(&st, args, op(&name, "snapshot-export")).await?,
     ))
+}
+
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+struct ArchiveQuery {
+    /// Send even a snapshot whose capture found delivered secrets in it.
+    #[serde(default)]
+    allow_secrets: bool,
+}
+
+/// The snapshot as one archive (tar + zstd, manifest first), the same bytes `snapshot export`
+/// writes, downloaded: `microagent snapshot import FILE` on any host restores it.
+#[utoipa::path(get, path = "/api/workspaces/{name}/snapshots/{tag}/archive", tag = "snapshots",
+    params(
+        ("name" = String, Path, description = "Workspace name", pattern = r"^[A-Za-z0-9_][A-Za-z0-9_-]{0,62}$"),
+        ("tag" = String, Path, description = "Snapshot tag", pattern = r"^[A-Za-z0-9_:+-][A-Za-z0-9_.:+-]{0,127}$"),
+        ArchiveQuery),
+    responses(
+        (status = 200, description = "The archive, streamed (`Content-Length` and a file name \
+            in `Content-Disposition`)", content_type = "application/zstd", body = Vec<u8>),
+        (status = 400, description = "Invalid name or tag (`usage`)", body = ErrorBody),
+        (status = 401, description = "No or wrong token", body = ErrorBody),
+        (status = 403, description = "A request from another Origin (`forbidden-origin`)", body = ErrorBody),
+        (status = 404, description = "No such workspace or snapshot (`not-found`)", body = ErrorBody),
+        (status = 409, description = "Busy (`conflict`)", body = ErrorBody),
+        (status = 422, description = "The capture found delivered secrets in it and \
+            `allow_secrets` is not set, or a file fails its digest (`snapshot-refused`)", body = ErrorBody),
+    ))]
+async fn download_snapshot(
+    State(st): State<Shared>,
+    Path((name, tag)): Path<(String, String)>,
+    QueryArgs(q): QueryArgs<ArchiveQuery>,
+) -> Result<Response, ApiError> {
+    check_ws(&name)?;
+    check_tag(&tag)?;
+    // The CLI writes the archive (its lock, its secret refusal, its exit codes) into a staging
+    // directory of the state root; the file is unlinked as soon as it is open, so nothing is
+    // left behind however the download ends.
+    let dir = st.root.join(EXPORT_STAGING);
+    let id = st.hub.next_op_id();
+    let file = dir.join(format!("{name}-{id}-{}.tar.zst", std::process::id()));
+    let d = dir.clone();
+    blocking(move || {
+        std::fs::create_dir_all(&d)
+            .map_err(|e| ApiError::internal(format!("cannot create {}: {e}", d.display())))
+    })
+    .await?;
+    let mut args = vec![
+        "snapshot".to_string(),
+        "export".into(),
+        name.clone(),
+        tag.clone(),
+        file.to_string_lossy().into_owned(),
+    ];
+    if q.allow_secrets {
+        args.push("--allow-secrets".into());
+    }
+    let result = child::run(&st, args, op(&name, "snapshot-download")).await;
+    let opened = match result {
+        Ok(_) => tokio::fs::File::open(&file)
+            .await
+            .map_err(|e| ApiError::internal(format!("cannot open {}: {e}", file.display()))),
+        Err(e) => Err(e),
+    };
+    let _ = tokio::fs::remove_file(&file).await;
+    let f = opened?;
+    let len = f
+        .metadata()
+        .await
+        .map_err(|e| ApiError::internal(format!("cannot stat the archive: {e}")))?
+        .len();
+    let stream = futures_util::stream::unfold(Some(f), |f| async move {
+        let mut f = f?;
+        let mut buf = vec![0u8; 256 * 1024];
+        match f.read(&mut buf).await {
+            Ok(0) => None,
+            Ok(n) => {
+                buf.truncate(n);
+                Some((Ok::<_, std::io::Error>(Bytes::from(buf)), Some(f)))
+            }
+            // The body ends there, cut (shorter than Content-Length): the client cannot take
+            // it for a whole archive, and import would refuse it anyway.
+            Err(e) => Some((Err(e), None)),
+        }
+    });
+    let disposition = format!("attachment; filename=\"{name}-{tag}.tar.zst\"");
+    let mut resp = axum::body::Body::from_stream(stream).into_response();
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/zstd"),
+    );
+    h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    // Name and tag are checked above: letters, digits and `-_.:+` only, safe in a quoted string.
+    if let Ok(v) = HeaderValue::from_str(&disposition) {
+        h.insert(header::CONTENT_DISPOSITION, v);
+    }
+    Ok(resp)
+}
+
+/// Where downloads are staged, under the state root.
+pub const EXPORT_STAGING: &str = "serve-exports";
+
+/// Removes staged downloads a server that died mid-way left (a live server unlinks each one
+/// as soon as it is open, so only files of a crashed one stay; an hour spares a slow export
+/// of another server on the same root that is still being written).
+pub fn sweep_staging(root: &std::path::Path) {
+    let Ok(entries) = std::fs::read_dir(root.join(EXPORT_STAGING)) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let old = e
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age > Duration::from_secs(3600));
+        if old {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
 }
 
 #[derive(Deserialize, ToSchema, Default)]
 #[serde(deny_unknown_fields)]
 struct ForkBody {
     /// The fork's name; with `count`, the prefix of NAME-1..NAME-N.
+    #[schema(pattern = r"^[A-Za-z0-9_][A-Za-z0-9_-]{0,62}$")]
     name: String,
     /// How many forks (1 to 1000), all or nothing.
+    #[schema(minimum = 1, maximum = 1000)]
     count: Option<u32>,
     /// Each fork halts and is deleted after this long (e.g. 30m, 2h).
     ttl: Option<String>,
 }
 
 #[utoipa::path(post, path = "/api/workspaces/{name}/snapshots/{tag}/fork", tag = "snapshots",
-    params(("name" = String, Path, description = "Workspace name"),
-        ("tag" = String, Path, description = "Snapshot tag")),
+    params(("name" = String, Path, description = "Workspace name", pattern = r"^[A-Za-z0-9_][A-Za-z0-9_-]{0,62}$"),
+        ("tag" = String, Path, description = "Snapshot tag", pattern = r"^[A-Za-z0-9_:+-][A-Za-z0-9_.:+-]{0,127}$")),
     request_body = ForkBody,
     responses(
         (status = 201, description = "`{\"forked\": [{\"name\", \"pid\", \"from\"}]}`, all running", body = Value),
         (status = 400, description = "Bad input (`usage`)", body = ErrorBody),
         (status = 401, description = "No or wrong token", body = ErrorBody),
+        (status = 403, description = "A request from another Origin (`forbidden-origin`)", body = ErrorBody),
         (status = 404, description = "No such workspace or snapshot (`not-found`)", body = ErrorBody),
         (status = 409, description = "A fork name is taken (`conflict`)", body = ErrorBody),
         (status = 422, description = "Snapshot refused", body = ErrorBody),
+        (status = 413, description = "Body over 64 KiB (`too-large`)", body = ErrorBody),
     ))]
 async fn fork_snapshot(
     State(st): State<Shared>,
@@ -920,6 +1104,7 @@ async fn fork_snapshot(
             \"total\", \"unit\"}`); `resync` when the client fell behind",
             content_type = "text/event-stream", body = String),
         (status = 401, description = "No or wrong token", body = ErrorBody),
+        (status = 403, description = "A request from another Origin (`forbidden-origin`)", body = ErrorBody),
     ))]
 async fn events_stream(State(st): State<Shared>) -> impl IntoResponse {
     events::client_stream(&st)
@@ -929,6 +1114,7 @@ async fn events_stream(State(st): State<Shared>) -> impl IntoResponse {
     responses(
         (status = 200, description = "This document (OpenAPI 3)", body = Value),
         (status = 401, description = "No or wrong token", body = ErrorBody),
+        (status = 403, description = "A request from another Origin (`forbidden-origin`)", body = ErrorBody),
     ))]
 async fn openapi_json(State(st): State<Shared>) -> Response {
     let body = st.openapi.get().cloned().unwrap_or_default();
@@ -943,6 +1129,7 @@ const APP_CSS: &str = include_str!("assets/app.css");
     responses(
         (status = 200, description = "The dashboard", content_type = "text/html", body = String),
         (status = 401, description = "Not signed in: the sign-in form", content_type = "text/html", body = String),
+        (status = 403, description = "A request from another Origin (`forbidden-origin`)", body = ErrorBody),
     ))]
 async fn dashboard() -> Html<&'static str> {
     Html(INDEX_HTML)
@@ -961,8 +1148,9 @@ struct LoginQuery {
         (status = 200, description = "The sign-in form", content_type = "text/html", body = String),
         (status = 303, description = "Signed in: cookie set, on to `/`"),
         (status = 401, description = "Wrong token", content_type = "text/html", body = String),
+        (status = 403, description = "A request from another Origin (`forbidden-origin`)", body = ErrorBody),
     ))]
-async fn login_form(State(st): State<Shared>, Query(q): Query<LoginQuery>) -> Response {
+async fn login_form(State(st): State<Shared>, QueryArgs(q): QueryArgs<LoginQuery>) -> Response {
     match q.token {
         None => Html(security::login_page(false)).into_response(),
         Some(t) => sign_in(&st, &t),
@@ -980,6 +1168,8 @@ struct LoginForm {
         (status = 303, description = "Signed in: cookie set, on to `/`"),
         (status = 400, description = "No token field", body = ErrorBody),
         (status = 401, description = "Wrong token", content_type = "text/html", body = String),
+        (status = 403, description = "A request from another Origin (`forbidden-origin`)", body = ErrorBody),
+        (status = 413, description = "Body over 64 KiB (`too-large`)", body = ErrorBody),
     ))]
 async fn login_submit(State(st): State<Shared>, body: Bytes) -> Response {
     let form: Result<LoginForm, _> = serde_urlencoded_form(&body);
@@ -1011,6 +1201,7 @@ fn sign_in(st: &Shared, given: &str) -> Response {
     responses(
         (status = 200, description = "A dashboard asset, built into the binary", body = String),
         (status = 404, description = "No such asset", body = ErrorBody),
+        (status = 403, description = "A request from another Origin (`forbidden-origin`)", body = ErrorBody),
     ))]
 async fn asset(Path(file): Path<String>) -> Response {
     let (ct, body) = match file.as_str() {
