@@ -177,12 +177,15 @@ impl MmioTransport {
     /// The registers, with queue indices taken from the live device when it runs.
     pub fn state(&self) -> MmioTransportState {
         let dev = lock(&self.device);
-        let queues = match dev.active_queues() {
-            Some(live) if live.len() == self.queues.len() => {
-                live.iter().map(QueueSnapshot::of).collect()
-            }
-            _ => self.queues.iter().map(QueueSnapshot::of).collect(),
-        };
+        // A device may run on fewer queues than it has (those its features use): the rest are
+        // as the driver left them.
+        let live = dev.active_queues().unwrap_or(&[]);
+        let queues = self
+            .queues
+            .iter()
+            .enumerate()
+            .map(|(i, q)| QueueSnapshot::of(live.get(i).unwrap_or(q)))
+            .collect();
         MmioTransportState {
             device_type: self.device_type,
             status: self.status,
@@ -414,8 +417,11 @@ impl MmioTransport {
     /// Validates every queue against guest memory and starts the device on copies of them.
     fn activate(&mut self) -> Result<(), String> {
         let event_idx = self.acked_features & VIRTIO_RING_F_EVENT_IDX != 0;
-        let mut live = Vec::with_capacity(self.queues.len());
-        for (i, q) in self.queues.iter_mut().enumerate() {
+        let in_use = lock(&self.device)
+            .queues_in_use(self.acked_features)
+            .min(self.queues.len());
+        let mut live = Vec::with_capacity(in_use);
+        for (i, q) in self.queues.iter_mut().enumerate().take(in_use) {
             if self.bad_queues[i] {
                 return Err(format!("queue {i} was given an invalid size or address"));
             }
@@ -515,6 +521,8 @@ pub(crate) mod tests {
         pub active: Option<ActiveQueues>,
         pub resets: u32,
         pub config: [u8; 8],
+        /// The second queue is used only with feature bit 3 (as net's control queue).
+        pub optional_second: bool,
     }
 
     impl Dummy {
@@ -524,6 +532,7 @@ pub(crate) mod tests {
                 active: None,
                 resets: 0,
                 config: *b"abcdefgh",
+                optional_second: false,
             }
         }
     }
@@ -537,6 +546,13 @@ pub(crate) mod tests {
         }
         fn avail_features(&self) -> u64 {
             COMMON_FEATURES | 1 << 3
+        }
+        fn queues_in_use(&self, acked_features: u64) -> usize {
+            if self.optional_second && acked_features & 1 << 3 == 0 {
+                1
+            } else {
+                2
+            }
         }
         fn read_config(&self, offset: u64, data: &mut [u8]) {
             super::super::read_config_bytes(&self.config, offset, data)
@@ -663,6 +679,42 @@ pub(crate) mod tests {
         assert_eq!(a.queues[0].desc_table(), 0x1_0000);
         assert!(a.queues[0].event_idx_enabled());
         assert_eq!(a.acked_features, COMMON_FEATURES);
+    }
+
+    #[test]
+    fn a_queue_for_a_feature_not_taken_may_stay_unconfigured() {
+        let (mut t, dev) = transport();
+        dev.lock().unwrap().optional_second = true;
+        negotiate(&mut t, COMMON_FEATURES);
+        setup_queue(&mut t, 0, 16, 0x1_0000);
+        w(&mut t, STATUS, ALL);
+        assert_eq!(r(&mut t, STATUS), ALL, "{:?}", t.last_error());
+        assert_eq!(dev.lock().unwrap().active.as_ref().unwrap().queues.len(), 1);
+        // The snapshot view: the live first queue, the second as the driver left it.
+        let state = t.state();
+        assert_eq!(state.queues.len(), 2);
+        assert!(state.queues[0].ready);
+        assert!(!state.queues[1].ready);
+        let dev2 = Arc::new(Mutex::new(Dummy::new()));
+        dev2.lock().unwrap().optional_second = true;
+        let t2 = MmioTransport::restore(
+            mem(),
+            dev2.clone(),
+            Arc::new(Interrupt::new().unwrap()),
+            &state,
+        )
+        .unwrap();
+        assert_eq!(t2.state(), state);
+        assert_eq!(
+            dev2.lock().unwrap().active.as_ref().unwrap().queues.len(),
+            1
+        );
+        // With the feature taken, the second queue is needed.
+        w(&mut t, STATUS, 0);
+        negotiate(&mut t, COMMON_FEATURES | 1 << 3);
+        setup_queue(&mut t, 0, 16, 0x1_0000);
+        w(&mut t, STATUS, ALL);
+        assert_ne!(r(&mut t, STATUS) & S_NEEDS_RESET, 0);
     }
 
     #[test]

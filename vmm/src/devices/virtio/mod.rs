@@ -19,8 +19,8 @@
 //! * Speak virtio-mmio version 2 only: 32-bit aligned register accesses (config space: any
 //!   width), accept VIRTIO_F_VERSION_1 (bit 32: DriverFeaturesSel=1, DriverFeatures=1) and no
 //!   feature that was not offered, or FEATURES_OK stays clear.
-//! * Configure and enable every queue of the device before DRIVER_OK (blk 1, net 2 = rx/tx,
-//!   vsock 3 = rx/tx/event, rng 1): size a power of two <= 256 (QueueNumMax), descriptor table
+//! * Configure and enable every queue of the device before DRIVER_OK (blk 1, net 2 = rx/tx plus
+//!   the control queue with VIRTIO_NET_F_CTRL_VQ, vsock 3 = rx/tx/event, rng 1): size a power of two <= 256 (QueueNumMax), descriptor table
 //!   16-byte, available ring 2-byte, used ring 4-byte aligned, all in guest RAM; otherwise the
 //!   status reads back with DEVICE_NEEDS_RESET (0x40).
 //! * Notify by writing the queue index (32 bits) to QueueNotify (0x50). A polling driver may
@@ -154,6 +154,12 @@ pub trait VirtioDevice: Send {
     fn device_type(&self) -> u32;
     /// Maximum size of each queue; their count is the device's number of queues.
     fn queue_max_sizes(&self) -> &[u16];
+    /// How many of the queues (the first ones) the driver must set up with `acked_features`:
+    /// a queue that exists only for a feature the driver did not take (net's control queue)
+    /// may stay unconfigured.
+    fn queues_in_use(&self, _acked_features: u64) -> usize {
+        self.queue_max_sizes().len()
+    }
     /// Every feature bit the device offers, `COMMON_FEATURES` included.
     fn avail_features(&self) -> u64;
     /// Reads the device-specific config space; bytes past its end read as zero.

@@ -1,13 +1,22 @@
 //! virtio-net (virtio 1.x §5.1) with a passt or tap back end. No offloads: every frame carries
 //! the 12-byte `virtio_net_hdr_v1` with no checksum or GSO work asked of anyone.
+//!
+//! Queues: rx, tx and, when the driver takes VIRTIO_NET_F_CTRL_VQ, the control queue (index 2)
+//! through which it sets the MAC address on a running link ([`ctrl`]). A device restored from a
+//! snapshot taken before the control queue existed keeps offering what it offered then (its
+//! saved feature bits): two queues, no live MAC change.
 
 pub mod backend;
+pub mod ctrl;
 
 use std::io::ErrorKind;
 
 use event_manager::{EventOps, Events, MutEventSubscriber};
 use serde::{Deserialize, Serialize};
-use virtio_bindings::virtio_net::{VIRTIO_NET_F_MAC, VIRTIO_NET_F_STATUS, VIRTIO_NET_S_LINK_UP};
+use virtio_bindings::virtio_net::{
+    VIRTIO_NET_F_CTRL_MAC_ADDR, VIRTIO_NET_F_CTRL_VQ, VIRTIO_NET_F_MAC, VIRTIO_NET_F_STATUS,
+    VIRTIO_NET_S_LINK_UP,
+};
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -23,6 +32,16 @@ use crate::devices::config::{MacAddr, NetBackendConfig, NetConfig};
 pub const QUEUE_SIZE: u16 = 256;
 const RXQ: usize = 0;
 const TXQ: usize = 1;
+const CTRLQ: usize = 2;
+/// The control queue is small: Linux has one command in flight at a time.
+pub const CTRL_QUEUE_SIZE: u16 = 64;
+const QUEUE_SIZES_CTRL: [u16; 3] = [QUEUE_SIZE, QUEUE_SIZE, CTRL_QUEUE_SIZE];
+const QUEUE_SIZES: [u16; 2] = [QUEUE_SIZE, QUEUE_SIZE];
+/// What a new device offers besides COMMON_FEATURES.
+const FEATURES: u64 = 1 << VIRTIO_NET_F_MAC
+    | 1 << VIRTIO_NET_F_STATUS
+    | 1 << VIRTIO_NET_F_CTRL_VQ
+    | 1 << VIRTIO_NET_F_CTRL_MAC_ADDR;
 /// virtio_net_hdr_v1 (with num_buffers): always present with VIRTIO_F_VERSION_1.
 pub const NET_HDR_LEN: usize = 12;
 
@@ -30,6 +49,7 @@ const EV_RXQ: u32 = 0;
 const EV_TXQ: u32 = 1;
 const EV_BACKEND: u32 = 2;
 const EV_CONTROL: u32 = 3;
+const EV_CTRLQ: u32 = 4;
 
 #[derive(Debug, thiserror::Error)]
 pub enum NetError {
@@ -43,7 +63,10 @@ pub enum NetError {
 /// the guest's connections through it are gone after a restore.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NetState {
+    /// The address in force (config space), as the driver last set it.
     pub mac: MacAddr,
+    /// What the device offered: a snapshot from before the control queue has no
+    /// VIRTIO_NET_F_CTRL_VQ here, and its restored device has two queues as then.
     pub avail_features: u64,
 }
 
@@ -57,7 +80,10 @@ pub struct NetStats {
 }
 
 pub struct Net {
+    /// The address in config space now (the driver may change it through the control queue).
     mac: MacAddr,
+    /// The configured address, which a device reset returns to.
+    base_mac: MacAddr,
     backend: Backend,
     avail_features: u64,
     config: [u8; 8],
@@ -95,10 +121,11 @@ impl Net {
         cfg[6..8].copy_from_slice(&(VIRTIO_NET_S_LINK_UP as u16).to_le_bytes());
         Ok(Self {
             mac,
+            base_mac: mac,
             backend,
-            avail_features: COMMON_FEATURES | 1 << VIRTIO_NET_F_MAC | 1 << VIRTIO_NET_F_STATUS,
+            avail_features: COMMON_FEATURES | FEATURES,
             config: cfg,
-            queue_evts: queue_eventfds(2).map_err(NetError::EventFd)?,
+            queue_evts: queue_eventfds(QUEUE_SIZES_CTRL.len()).map_err(NetError::EventFd)?,
             control_evt: EventFd::new(EFD_NONBLOCK).map_err(NetError::EventFd)?,
             active: None,
             pending_rx: None,
@@ -109,13 +136,49 @@ impl Net {
         })
     }
 
+    /// The guest continues with the address it had (`state.mac`); `config.mac` (a fork's own)
+    /// is what a device reset returns to, and what the fork's guest is asked to take.
     pub fn from_state(config: &NetConfig, state: &NetState) -> Result<Self, NetError> {
-        let mut n = Self::new(&NetConfig {
-            backend: config.backend.clone(),
-            mac: state.mac,
-        })?;
+        let mut n = Self::new(config)?;
+        n.set_mac(state.mac);
         n.avail_features = state.avail_features;
         Ok(n)
+    }
+
+    fn set_mac(&mut self, mac: MacAddr) {
+        self.mac = mac;
+        self.config[..6].copy_from_slice(&mac.0);
+    }
+
+    /// The address in config space now.
+    pub fn mac(&self) -> MacAddr {
+        self.mac
+    }
+
+    fn has_ctrl_queue(&self) -> bool {
+        self.avail_features & 1 << VIRTIO_NET_F_CTRL_VQ != 0
+    }
+
+    /// Answers the driver's control commands (a MAC address change, mostly).
+    pub fn process_ctrl(&mut self) -> bool {
+        let Some(a) = self.active.as_mut() else {
+            return false;
+        };
+        let Some(q) = a.queues.get_mut(CTRLQ) else {
+            return false;
+        };
+        let mem = &a.mem;
+        let mut mac = self.mac;
+        let drained = drain_queue(q, mem, |c| {
+            Some(ctrl::handle(c, mem, usize::from(CTRL_QUEUE_SIZE), &mut mac))
+        });
+        if drained.notify {
+            a.interrupt.signal_used_queue();
+        }
+        if mac != self.mac {
+            self.set_mac(mac);
+        }
+        drained.notify
     }
 
     pub fn state(&self) -> NetState {
@@ -255,7 +318,18 @@ impl VirtioDevice for Net {
         TYPE_NET
     }
     fn queue_max_sizes(&self) -> &[u16] {
-        &[QUEUE_SIZE; 2]
+        if self.has_ctrl_queue() {
+            &QUEUE_SIZES_CTRL
+        } else {
+            &QUEUE_SIZES
+        }
+    }
+    fn queues_in_use(&self, acked_features: u64) -> usize {
+        if acked_features & 1 << VIRTIO_NET_F_CTRL_VQ != 0 && self.has_ctrl_queue() {
+            3
+        } else {
+            2
+        }
     }
     fn avail_features(&self) -> u64 {
         self.avail_features
@@ -264,10 +338,10 @@ impl VirtioDevice for Net {
         read_config_bytes(&self.config, offset, data)
     }
     fn queue_events(&self) -> &[EventFd] {
-        &self.queue_evts
+        &self.queue_evts[..self.queue_max_sizes().len()]
     }
     fn activate(&mut self, active: ActiveQueues) -> Result<(), ActivateError> {
-        active.check_count(2)?;
+        active.check_count(self.queues_in_use(active.acked_features))?;
         self.active = Some(active);
         let _ = self.control_evt.write(1);
         Ok(())
@@ -278,6 +352,7 @@ impl VirtioDevice for Net {
     fn reset(&mut self) {
         self.active = None;
         self.pending_rx = None;
+        self.set_mac(self.base_mac);
     }
 }
 
@@ -318,6 +393,7 @@ impl MutEventSubscriber for Net {
         let evs = [
             Events::with_data(&self.queue_evts[RXQ], EV_RXQ, EventSet::IN),
             Events::with_data(&self.queue_evts[TXQ], EV_TXQ, EventSet::IN),
+            Events::with_data(&self.queue_evts[CTRLQ], EV_CTRLQ, EventSet::IN),
             Events::with_data(&self.control_evt, EV_CONTROL, EventSet::IN),
             Events::with_data_raw(
                 self.backend.fd(),
@@ -342,9 +418,14 @@ impl MutEventSubscriber for Net {
                 let _ = self.queue_evts[TXQ].read();
                 self.process_tx();
             }
+            EV_CTRLQ => {
+                let _ = self.queue_evts[CTRLQ].read();
+                self.process_ctrl();
+            }
             EV_CONTROL => {
                 let _ = self.control_evt.read();
                 self.process_tx();
+                self.process_ctrl();
             }
             EV_BACKEND => {
                 let set = events.event_set();

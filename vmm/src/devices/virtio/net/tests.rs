@@ -13,6 +13,7 @@ use crate::devices::config::{MacAddr, NetBackendConfig, NetConfig};
 use crate::devices::virtio::chain::tests::mem;
 use crate::devices::virtio::testutil::TestQueue;
 use crate::devices::virtio::{ActiveQueues, Interrupt, VirtioDevice, COMMON_FEATURES};
+use crate::memory::GuestMemory;
 
 const MAC: MacAddr = MacAddr([0x52, 0x54, 0x00, 0x12, 0x34, 0x56]);
 
@@ -249,4 +250,312 @@ fn tap_backend_attaches() {
         },
         Err(e) => eprintln!("skipped: cannot create a tap here: {e}"),
     }
+}
+
+/// A device on a Unix socket nobody answers (the control queue needs no back end), activated
+/// with rx, tx and control queues and the control features acked. The listener must outlive it.
+struct CtrlRig<'a> {
+    net: Net,
+    ctrl: TestQueue<'a>,
+    irq: Arc<Interrupt>,
+    _listener: std::os::unix::net::UnixListener,
+    _dir: TempDir,
+}
+
+struct TempDir(std::path::PathBuf);
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn socket_backend(tag: &str) -> (NetConfig, std::os::unix::net::UnixListener, TempDir) {
+    let dir = std::env::temp_dir().join(format!("vmm-net-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("passt.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    (
+        NetConfig {
+            backend: NetBackendConfig::PasstSocket { path },
+            mac: MAC,
+        },
+        listener,
+        TempDir(dir),
+    )
+}
+
+const CTRL_FEATURES: u64 = COMMON_FEATURES
+    | 1 << virtio_bindings::virtio_net::VIRTIO_NET_F_CTRL_VQ
+    | 1 << virtio_bindings::virtio_net::VIRTIO_NET_F_CTRL_MAC_ADDR;
+
+fn ctrl_rig<'a>(m: &'a GuestMemory, tag: &str) -> CtrlRig<'a> {
+    let (config, listener, dir) = socket_backend(tag);
+    let mut net = Net::new(&config).unwrap();
+    assert_eq!(net.queue_max_sizes().len(), 3, "control queue offered");
+    assert_eq!(net.queue_events().len(), 3);
+    assert_ne!(net.avail_features() & CTRL_FEATURES, 0);
+    let rx = TestQueue::new(m, 0, 16);
+    let tx = TestQueue::new(m, 0x4000, 16);
+    let ctrl = TestQueue::new(m, 0x8000, 16);
+    let irq = Arc::new(Interrupt::new().unwrap());
+    net.activate(ActiveQueues {
+        mem: m.clone(),
+        acked_features: CTRL_FEATURES,
+        queues: vec![rx.queue(), tx.queue(), ctrl.queue()],
+        interrupt: irq.clone(),
+    })
+    .unwrap();
+    CtrlRig {
+        net,
+        ctrl,
+        irq,
+        _listener: listener,
+        _dir: dir,
+    }
+}
+
+const CMD: u64 = 0x10_0000;
+const ACK: u64 = 0x11_0000;
+const NOT_ANSWERED: u8 = 0xaa;
+
+impl CtrlRig<'_> {
+    /// Sends `class, cmd, data` the way Linux does (header, data, ack: three descriptors) and
+    /// returns (used length, ack byte).
+    fn command(&mut self, m: &GuestMemory, class: u32, cmd: u32, data: &[u8]) -> (u32, u8) {
+        m.write_slice(&[class as u8, cmd as u8], GuestAddress(CMD))
+            .unwrap();
+        m.write_slice(data, GuestAddress(CMD + 0x100)).unwrap();
+        let mut bufs = vec![(CMD, 2, false)];
+        if !data.is_empty() {
+            bufs.push((CMD + 0x100, data.len() as u32, false));
+        }
+        bufs.push((ACK, 1, true));
+        self.send(m, &bufs)
+    }
+
+    fn send(&mut self, m: &GuestMemory, bufs: &[(u64, u32, bool)]) -> (u32, u8) {
+        m.write_slice(&[NOT_ANSWERED], GuestAddress(ACK)).unwrap();
+        let before = self.ctrl.used_idx();
+        let head = self.ctrl.push(bufs);
+        self.net.process_ctrl();
+        assert_eq!(
+            self.ctrl.used_idx(),
+            before.wrapping_add(1),
+            "chain returned"
+        );
+        let (id, len) = self.ctrl.used(before);
+        assert_eq!(id, u32::from(head));
+        let mut ack = [0u8];
+        m.read_slice(&mut ack, GuestAddress(ACK)).unwrap();
+        (len, ack[0])
+    }
+
+    fn config_mac(&self) -> [u8; 6] {
+        let mut cfg = [0u8; 6];
+        self.net.read_config(0, &mut cfg);
+        cfg
+    }
+}
+
+use virtio_bindings::virtio_net::{
+    VIRTIO_NET_CTRL_ANNOUNCE, VIRTIO_NET_CTRL_ANNOUNCE_ACK, VIRTIO_NET_CTRL_MAC,
+    VIRTIO_NET_CTRL_MAC_ADDR_SET, VIRTIO_NET_CTRL_MAC_TABLE_SET, VIRTIO_NET_CTRL_RX,
+    VIRTIO_NET_CTRL_RX_ALLMULTI, VIRTIO_NET_CTRL_RX_NOBCAST, VIRTIO_NET_CTRL_RX_PROMISC,
+    VIRTIO_NET_CTRL_VLAN, VIRTIO_NET_CTRL_VLAN_ADD,
+};
+const OK: (u32, u8) = (1, 0);
+const ERR: (u32, u8) = (1, 1);
+
+#[test]
+fn mac_addr_set_changes_config_space_and_a_reset_restores_the_configured_one() {
+    let m = mem();
+    let mut r = ctrl_rig(&m, "macset");
+    assert_eq!(r.config_mac(), MAC.0);
+    let new = [0x52, 0x54, 0xaa, 0xbb, 0xcc, 0xdd];
+    assert_eq!(
+        r.command(&m, VIRTIO_NET_CTRL_MAC, VIRTIO_NET_CTRL_MAC_ADDR_SET, &new),
+        OK
+    );
+    assert_eq!(r.config_mac(), new);
+    assert_eq!(r.net.mac(), MacAddr(new));
+    assert_eq!(
+        r.net.state().mac,
+        MacAddr(new),
+        "a snapshot keeps the new one"
+    );
+    assert_ne!(r.irq.status(), 0, "used buffer signalled");
+    // One buffer holding header and address together works as well.
+    let other = [0x02, 0, 0, 0, 0, 7];
+    let mut cmd = vec![
+        VIRTIO_NET_CTRL_MAC as u8,
+        VIRTIO_NET_CTRL_MAC_ADDR_SET as u8,
+    ];
+    cmd.extend_from_slice(&other);
+    m.write_slice(&cmd, GuestAddress(CMD)).unwrap();
+    assert_eq!(r.send(&m, &[(CMD, 8, false), (ACK, 1, true)]), OK);
+    assert_eq!(r.config_mac(), other);
+    r.net.reset();
+    assert_eq!(
+        r.config_mac(),
+        MAC.0,
+        "reset returns to the configured address"
+    );
+}
+
+#[test]
+fn malformed_and_unknown_control_commands_are_refused_without_effect() {
+    let m = mem();
+    let mut r = ctrl_rig(&m, "malformed");
+    let mac = |r: &CtrlRig| r.config_mac();
+    let set = (VIRTIO_NET_CTRL_MAC, VIRTIO_NET_CTRL_MAC_ADDR_SET);
+    // Wrong length, multicast and all-zero addresses.
+    assert_eq!(r.command(&m, set.0, set.1, &[0x52, 0x54, 0, 0, 1]), ERR);
+    assert_eq!(
+        r.command(&m, set.0, set.1, &[0x52, 0x54, 0, 0, 1, 2, 3]),
+        ERR
+    );
+    assert_eq!(r.command(&m, set.0, set.1, &[0x01, 0, 0x5e, 0, 0, 1]), ERR);
+    assert_eq!(r.command(&m, set.0, set.1, &[0; 6]), ERR);
+    // Unknown class, unknown command, a feature we did not offer.
+    assert_eq!(r.command(&m, 9, 0, &[]), ERR);
+    assert_eq!(r.command(&m, VIRTIO_NET_CTRL_MAC, 7, &[0; 6]), ERR);
+    assert_eq!(
+        r.command(&m, VIRTIO_NET_CTRL_VLAN, VIRTIO_NET_CTRL_VLAN_ADD, &[1, 0]),
+        ERR
+    );
+    assert_eq!(
+        r.command(&m, VIRTIO_NET_CTRL_RX, VIRTIO_NET_CTRL_RX_NOBCAST, &[1]),
+        ERR
+    );
+    // A header of one byte.
+    assert_eq!(r.send(&m, &[(CMD, 1, false), (ACK, 1, true)]), ERR);
+    // Longer than any command: refused unread.
+    let long = ctrl::MAX_COMMAND_LEN as u32 + 1;
+    assert_eq!(r.send(&m, &[(CMD, long, false), (ACK, 1, true)]), ERR);
+    // No byte to answer in, the ack before the command, a buffer outside guest memory:
+    // returned unanswered, not carried out.
+    let good = [
+        VIRTIO_NET_CTRL_MAC as u8,
+        VIRTIO_NET_CTRL_MAC_ADDR_SET as u8,
+        0x52,
+        0x54,
+        9,
+        9,
+        9,
+        9,
+    ];
+    m.write_slice(&good, GuestAddress(CMD)).unwrap();
+    assert_eq!(r.send(&m, &[(CMD, 8, false)]), (0, NOT_ANSWERED));
+    assert_eq!(
+        r.send(&m, &[(ACK, 1, true), (CMD, 8, false)]),
+        (0, NOT_ANSWERED)
+    );
+    assert_eq!(
+        r.send(&m, &[(CMD, 8, false), (0x4000_0000, 1, true)]),
+        (0, NOT_ANSWERED)
+    );
+    assert_eq!(
+        r.send(&m, &[(0x1f_fffc, 8, false), (ACK, 1, true)]),
+        (0, NOT_ANSWERED)
+    );
+    assert_eq!(mac(&r), MAC.0, "nothing above changed the address");
+    // A chain whose next index points outside the table: cut short, returned unanswered.
+    let head = r.ctrl.next_head();
+    r.ctrl.push_raw(
+        &[crate::devices::virtio::chain::tests::d(
+            CMD,
+            8,
+            virtio_bindings::bindings::virtio_ring::VRING_DESC_F_NEXT,
+            200,
+        )],
+        head,
+    );
+    r.net.process_ctrl();
+    let (_, len) = r.ctrl.used(r.ctrl.used_idx().wrapping_sub(1));
+    assert_eq!(len, 0);
+    // A driver lying about its avail index does not make us loop or panic.
+    r.ctrl.set_avail_idx(r.ctrl.used_idx().wrapping_add(1000));
+    r.net.process_ctrl();
+    assert_eq!(mac(&r), MAC.0);
+}
+
+#[test]
+fn the_other_classes_get_the_answers_linux_expects() {
+    let m = mem();
+    let mut r = ctrl_rig(&m, "classes");
+    for cmd in [VIRTIO_NET_CTRL_RX_PROMISC, VIRTIO_NET_CTRL_RX_ALLMULTI] {
+        assert_eq!(r.command(&m, VIRTIO_NET_CTRL_RX, cmd, &[1]), OK);
+        assert_eq!(r.command(&m, VIRTIO_NET_CTRL_RX, cmd, &[0]), OK);
+        assert_eq!(r.command(&m, VIRTIO_NET_CTRL_RX, cmd, &[]), ERR);
+        assert_eq!(r.command(&m, VIRTIO_NET_CTRL_RX, cmd, &[1, 1]), ERR);
+    }
+    // Two tables: one unicast entry, no multicast ones.
+    let mut tables = 1u32.to_le_bytes().to_vec();
+    tables.extend_from_slice(&[0x52, 0x54, 0, 0, 0, 1]);
+    tables.extend_from_slice(&0u32.to_le_bytes());
+    let table = (VIRTIO_NET_CTRL_MAC, VIRTIO_NET_CTRL_MAC_TABLE_SET);
+    assert_eq!(r.command(&m, table.0, table.1, &tables), OK);
+    assert_eq!(
+        r.command(&m, table.0, table.1, &tables[..tables.len() - 1]),
+        ERR
+    );
+    let mut huge = 1000u32.to_le_bytes().to_vec();
+    huge.extend_from_slice(&[0; 8]);
+    assert_eq!(r.command(&m, table.0, table.1, &huge), ERR);
+    let ann = (VIRTIO_NET_CTRL_ANNOUNCE, VIRTIO_NET_CTRL_ANNOUNCE_ACK);
+    assert_eq!(r.command(&m, ann.0, ann.1, &[]), OK);
+    assert_eq!(r.command(&m, ann.0, ann.1, &[0]), ERR);
+    assert_eq!(r.config_mac(), MAC.0);
+}
+
+#[test]
+fn a_driver_without_the_control_queue_and_an_old_snapshot_run_on_two_queues() {
+    let m = mem();
+    // A new device, a driver that does not take VIRTIO_NET_F_CTRL_VQ: rx and tx only.
+    let (config, _l, _d) = socket_backend("noctrl");
+    let mut net = Net::new(&config).unwrap();
+    assert_eq!(net.queues_in_use(COMMON_FEATURES), 2);
+    assert_eq!(net.queues_in_use(CTRL_FEATURES), 3);
+    let rx = TestQueue::new(&m, 0, 16);
+    let tx = TestQueue::new(&m, 0x4000, 16);
+    let irq = Arc::new(Interrupt::new().unwrap());
+    let active = |queues| ActiveQueues {
+        mem: m.clone(),
+        acked_features: CTRL_FEATURES,
+        queues,
+        interrupt: irq.clone(),
+    };
+    assert!(
+        net.activate(active(vec![rx.queue(), tx.queue()])).is_err(),
+        "with CTRL_VQ acked the control queue is needed"
+    );
+    net.activate(ActiveQueues {
+        acked_features: COMMON_FEATURES,
+        ..active(vec![rx.queue(), tx.queue()])
+    })
+    .unwrap();
+    assert!(!net.process_ctrl(), "no control queue to serve");
+    // A snapshot from before the control queue: its feature bits have none, nor does the
+    // restored device, which has two queues as then.
+    let old = NetState {
+        mac: MacAddr([0x52, 0x54, 1, 2, 3, 4]),
+        avail_features: COMMON_FEATURES
+            | 1 << virtio_bindings::virtio_net::VIRTIO_NET_F_MAC
+            | 1 << virtio_bindings::virtio_net::VIRTIO_NET_F_STATUS,
+    };
+    let mut net = Net::from_state(&config, &old).unwrap();
+    assert_eq!(net.avail_features(), old.avail_features);
+    assert_eq!(net.queue_max_sizes().len(), 2);
+    assert_eq!(net.queue_events().len(), 2);
+    assert_eq!(net.queues_in_use(CTRL_FEATURES), 2);
+    let mut cfg = [0u8; 6];
+    net.read_config(0, &mut cfg);
+    assert_eq!(cfg, old.mac.0, "the guest keeps the address it had");
+    net.activate(ActiveQueues {
+        acked_features: old.avail_features,
+        ..active(vec![rx.queue(), tx.queue()])
+    })
+    .unwrap();
+    assert_eq!(net.state(), old);
 }
