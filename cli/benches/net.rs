@@ -44,6 +44,9 @@ fn rootfs(dir: &Path) -> Result<PathBuf, String> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let agent = dir.join("agent");
     std::fs::write(&agent, guest_agent_embed::AGENT).map_err(|e| e.to_string())?;
+    // build-rootfs.sh keeps the mode, and /sbin/init starts the agent only when executable.
+    std::fs::set_permissions(&agent, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+        .map_err(|e| e.to_string())?;
     let out = dir.join("rootfs.ext4");
     let st = Command::new(root.join("scripts/build-rootfs.sh"))
         .arg(&out)
@@ -131,14 +134,29 @@ fn main() {
         println!("net benchmark skipped: /dev/kvm is not available");
         return;
     }
-    if let Err(e) = run() {
+    let dir = scratch("bench-net");
+    let home = dir.join("home");
+    if let Err(e) = run(&dir, &home) {
         println!("net benchmark skipped: {e}");
+    }
+    halt_all(&home);
+}
+
+/// Stops every VM (and so its passt) the run left, whether it finished or gave up half-way.
+fn halt_all(home: &Path) {
+    let Ok(list) = ma(home, &["--json", "list"]) else {
+        return;
+    };
+    let v: serde_json::Value = serde_json::from_str(&list).unwrap_or_default();
+    for w in v["workspaces"].as_array().into_iter().flatten() {
+        if let Some(name) = w["name"].as_str() {
+            let _ = ma(home, &["halt", name]);
+        }
     }
 }
 
-fn run() -> Result<(), String> {
-    let dir = scratch("bench-net");
-    let home = dir.join("home");
+fn run(dir: &Path, home: &Path) -> Result<(), String> {
+    let (dir, home) = (dir.to_path_buf(), home.to_path_buf());
     let v: serde_json::Value = serde_json::from_str(&ma(&home, &["--json", "kernel", "list"])?)
         .map_err(|e| e.to_string())?;
     if !v["kernels"]
