@@ -211,7 +211,7 @@ fn published_port(h: &Home, ws: &str, guest_port: u16) -> u16 {
 fn host_get(port: u16) -> String {
     let mut c = TcpStream::connect(("127.0.0.1", port)).unwrap();
     c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-    c.write_all(b"GET /index.html HTTP/1.0\r\n\r\n").unwrap();
+    let _ = c.write_all(b"GET /index.html HTTP/1.0\r\n\r\n");
     let mut s = String::new();
     let _ = c.read_to_string(&mut s);
     s
@@ -277,6 +277,21 @@ fn guests_fetch_from_the_host_and_serve_through_published_ports() {
         &h,
         &["create", "f", "--from-snapshot", "n:base", "--count", "4"],
     );
+    // Host -> fork first, before the fork's guest opens any connection of its own: its new
+    // passt must already forward the published port.
+    for i in 1..=4 {
+        let p = published_port(&h, &format!("f-{i}"), 8080);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let mut got = host_get(p);
+        while !got.contains("served-by-n") && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(200));
+            got = host_get(p);
+        }
+        assert!(
+            got.contains("served-by-n"),
+            "fork f-{i} on {p} before any fetch: {got:?}"
+        );
+    }
     let hashes: Vec<String> = std::thread::scope(|s| {
         let hs: Vec<_> = (1..=4)
             .map(|i| {

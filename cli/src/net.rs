@@ -243,8 +243,13 @@ pub fn after_fork(ws: &Workspace) -> Result<(), Failure> {
         return Ok(());
     }
     let mac = mac_for(ws.name()).to_string();
+    // The fork's passt is new: it forwards a published port's connections only once it has
+    // seen a frame from the guest (before that it resets them), and a guest with a static
+    // address may send nothing until it makes a connection itself. One ping to the gateway, in
+    // the background, is that frame (busybox ping works without AF_PACKET, which `arping` needs).
     let set = format!(
-        "ip link set dev eth0 address {mac} 2>/dev/null || \
+        "(ping -c 1 -W 1 {GATEWAY} >/dev/null 2>&1 &); \
+         ip link set dev eth0 address {mac} 2>/dev/null || \
          /.microagent/busybox ip link set dev eth0 address {mac}"
     );
     // A guest without `ip` keeps working with its source's address; say so, do not fail.
