@@ -16,6 +16,7 @@ pub mod open;
 pub mod pagedigest;
 pub mod pageserver;
 pub mod residue;
+pub mod restore;
 pub mod rootfs;
 pub mod stamp;
 pub mod vmstate;
@@ -24,6 +25,7 @@ pub use capture::{capture, capture_disk, sweep_leftovers, CaptureRequest, Progre
 pub use error::{Refusal, SnapshotError};
 pub use manifest::{CpuidLeaf, Kind, Manifest};
 pub use open::{list, Snapshot, VerifyOptions};
+pub use restore::RestorePlan;
 
 use serde::Serialize;
 

@@ -1,7 +1,7 @@
 //! The VMM's side of snapshots: `Vm` is `Snapshottable`, and a VM can be rebuilt from a
 //! `snapshot::Snapshot`. The directory layout stays the snapshot crate's business.
 
-use snapshot::{CpuidLeaf, SavedVm, Snapshot, SnapshotError, Snapshottable, VerifyOptions};
+use snapshot::{CpuidLeaf, SavedVm, Snapshot, SnapshotError, Snapshottable};
 
 use crate::memory::{GuestMemory, RestoreMode};
 use crate::vm::{Console, RestoreConfig, Vm, VmError, VmState};
@@ -77,26 +77,12 @@ pub struct SnapshotRestore<'a> {
 impl Vm {
     /// Verifies a snapshot and rebuilds its VM.
     pub fn restore_snapshot(r: SnapshotRestore<'_>) -> Result<Vm, RestoreError> {
-        // A diff holds only what changed since its parent: walk the chain down to a full one.
-        let chain = r.snapshot.chain()?;
-        for s in &chain {
-            s.verify(&VerifyOptions {
-                kernel: r.kernel,
-                contents: r.verify_contents,
-                recheck: false,
-            })?;
-        }
-        let state: VmState = r.snapshot.load_state()?;
-        let mut overlays = Vec::new();
-        for s in &chain[1..] {
-            if let Some(bits) = s.dirty_pages()? {
-                overlays.push((s.memory_path(), bits));
-            }
-        }
+        let plan: snapshot::RestorePlan<VmState> =
+            snapshot::restore::plan(r.snapshot, r.kernel, r.verify_contents)?;
         Ok(Vm::restore(RestoreConfig {
-            state,
-            memory_file: chain[0].memory_path(),
-            memory_overlays: overlays,
+            state: plan.state,
+            memory_file: plan.base_memory,
+            memory_overlays: plan.overlays,
             page_server: r.page_server.map(std::path::Path::to_path_buf),
             memory_mode: r.memory_mode,
             console: r.console,
