@@ -192,9 +192,23 @@ pub fn restore_vcpu(fd: &VcpuFd, s: &VcpuState) -> Result<(), PersistError> {
     })?;
     fd.set_cpuid2(&cpuid).map_err(e("KVM_SET_CPUID2"))?;
     if let Some(khz) = s.tsc_khz {
-        // Hosts without TSC scaling refuse a different frequency; the same one is accepted.
-        if fd.get_tsc_khz().ok() != Some(khz) {
-            fd.set_tsc_khz(khz).map_err(e("KVM_SET_TSC_KHZ"))?;
+        // Hosts without TSC scaling refuse a different frequency (EINVAL); the same one is
+        // accepted. A snapshot taken on another host model then runs at this host's TSC rate, as
+        // QEMU does after a migration without scaling: the guest continues exactly, only a clock
+        // it calibrated against the TSC at boot runs fast or slow. Said, not refused, so
+        // snapshots move between hosts of a fleet.
+        let host = fd.get_tsc_khz().ok();
+        if host != Some(khz) {
+            if let Err(err) = fd.set_tsc_khz(khz) {
+                if id == 0 {
+                    let host = host.map_or("an unknown rate".into(), |h| format!("{h} kHz"));
+                    eprintln!(
+                        "microagent: warning: the snapshot's TSC ran at {khz} kHz, this host's runs \
+                         at {host} and KVM cannot scale it ({err}): the guest's TSC now runs at \
+                         this host's rate"
+                    );
+                }
+            }
         }
     }
     fd.set_regs(&s.regs).map_err(e("KVM_SET_REGS"))?;
