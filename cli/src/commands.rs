@@ -489,6 +489,13 @@ fn fork(root: &Path, args: &CreateArgs, src: &str, out: Out) -> Result<(), Failu
             for pid in jailed {
                 process::kill_and_wait(pid);
             }
+            // A waiter killed before it recorded its VMM leaves that VMM to PDEATHSIG, which
+            // may not have fired yet: find it by its command line and wait for it too.
+            for ws in &created {
+                for pid in process::vmm_processes(&ws.dir) {
+                    process::kill_and_wait(pid);
+                }
+            }
             for ws in &created {
                 let _ = process::halt(ws);
                 let _ = std::fs::remove_dir_all(&ws.dir);

@@ -175,6 +175,28 @@ pub fn kill_and_wait(pid: i32) {
     }
 }
 
+/// Every live process launched as `__vmm --workspace DIR` (a waiter and the jailed VMM it forked),
+/// found by its command line: on a failure path a waiter can be killed before it has recorded its
+/// VMM's pid, and that VMM would otherwise outlive the command that removed its workspace.
+pub fn vmm_processes(dir: &Path) -> Vec<i32> {
+    use std::os::unix::ffi::OsStrExt;
+    let mut want = b"__vmm\0--workspace\0".to_vec();
+    want.extend_from_slice(dir.as_os_str().as_bytes());
+    want.push(0);
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| {
+            let pid: i32 = e.file_name().to_str()?.parse().ok()?;
+            let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
+            let ours = cmdline.windows(want.len()).any(|w| w == want.as_slice());
+            (ours && process_alive(pid)).then_some(pid)
+        })
+        .collect()
+}
+
 /// The error for a request the VMM did not answer: when its sandbox killed it (the waiter says
 /// why), a guest failure naming the workspace; else the request's own error.
 #[cfg_attr(not(feature = "test-hooks"), allow(dead_code))]
