@@ -583,33 +583,10 @@ pub fn capture_disk(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::fake::FakeVm;
     use crate::residue::SecretValue;
-    use crate::{CpuidLeaf, GuestMemory};
+    use crate::GuestMemory;
     use vm_memory::{Bytes, GuestAddress};
-
-    /// Guest memory and a state that is a text (CBOR keeps a text's bytes as they are: a
-    /// secret in it is in vmstate.bin verbatim, as a device's buffer would be).
-    struct FakeVm(GuestMemory, String);
-
-    impl Snapshottable for FakeVm {
-        type State = String;
-        type Error = std::io::Error;
-        fn save(&self) -> Result<SavedVm<String>, std::io::Error> {
-            Ok(SavedVm {
-                state: self.1.clone(),
-                vcpus: 1,
-                mem_mib: 1,
-                cpuid: Vec::<CpuidLeaf>::new(),
-            })
-        }
-        fn guest_memory(&self) -> &GuestMemory {
-            &self.0
-        }
-        fn take_dirty(&self) -> Result<Option<Vec<Vec<u64>>>, std::io::Error> {
-            Ok(None)
-        }
-        fn requeue_dirty(&self, _: Vec<Vec<u64>>) {}
-    }
 
     #[test]
     fn strict_refuses_a_capture_holding_a_secret_and_keeps_nothing() {
@@ -622,7 +599,7 @@ mod tests {
         let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
         mem.write_slice(b"hunter2-but-longer", GuestAddress(0x3_0010))
             .unwrap();
-        let vm = FakeVm(mem, "state".into());
+        let vm = FakeVm::new(mem, "state");
         let scanner = Scanner::new(&[SecretValue {
             name: "PASSWORD".into(),
             value: b"hunter2-but-longer\n".to_vec(),
@@ -698,7 +675,7 @@ mod tests {
         mem.write_slice(&SECRET[5..], GuestAddress(1 << 32))
             .unwrap();
         let state = format!("device buffer: {}", String::from_utf8_lossy(SECRET));
-        let vm = FakeVm(mem, state);
+        let vm = FakeVm::new(mem, state);
         let scanner = Scanner::new(&[SecretValue {
             name: "TOKEN".into(),
             value: SECRET.to_vec(),
@@ -749,7 +726,8 @@ mod tests {
 
         // A diff holds only the pages that changed: here the two a new copy straddles, in the
         // second region.
-        vm.0.write_slice(SECRET, GuestAddress((1 << 32) + (2 << 20) - 9))
+        vm.mem
+            .write_slice(SECRET, GuestAddress((1 << 32) + (2 << 20) - 9))
             .unwrap();
         let diff = capture(&vm, &req("diff", Some("full")), &mut |_| {}).unwrap();
         let scan = diff.secret_scan.clone().unwrap();

@@ -8,6 +8,8 @@ pub mod archive;
 pub mod capture;
 pub mod digest;
 pub mod error;
+#[cfg(test)]
+mod fake;
 pub mod faults;
 pub mod hostcpu;
 pub mod manifest;

@@ -55,35 +55,13 @@ pub fn plan<S: DeserializeOwned>(
 mod tests {
     use super::*;
     use crate::capture::{capture, CaptureRequest};
-    use crate::{CpuidLeaf, GuestMemory, SavedVm, Snapshottable};
+    use crate::fake::FakeVm;
+    use crate::GuestMemory;
     use std::os::unix::fs::FileExt;
     use vm_memory::{Bytes, GuestAddress};
 
     const PAGE: usize = 4096;
     const MEM: usize = 1 << 20;
-
-    struct FakeVm(GuestMemory, std::cell::RefCell<String>);
-
-    impl Snapshottable for FakeVm {
-        type State = String;
-        type Error = std::io::Error;
-        fn save(&self) -> Result<SavedVm<String>, std::io::Error> {
-            Ok(SavedVm {
-                state: self.1.borrow().clone(),
-                vcpus: 1,
-                mem_mib: 1,
-                cpuid: Vec::<CpuidLeaf>::new(),
-            })
-        }
-        fn guest_memory(&self) -> &GuestMemory {
-            &self.0
-        }
-        // No dirty log: diffs find their pages by content, as after a restore.
-        fn take_dirty(&self) -> Result<Option<Vec<Vec<u64>>>, std::io::Error> {
-            Ok(None)
-        }
-        fn requeue_dirty(&self, _: Vec<Vec<u64>>) {}
-    }
 
     struct Setup {
         dir: PathBuf,
@@ -100,7 +78,7 @@ mod tests {
             let kernel = dir.join("kernel");
             std::fs::write(&kernel, b"kernel").unwrap();
             let mem = GuestMemory::from_ranges(&[(GuestAddress(0), MEM)]).unwrap();
-            let vm = FakeVm(mem, std::cell::RefCell::new(String::new()));
+            let vm = FakeVm::new(mem, "");
             Setup {
                 snaps: dir.join("snaps"),
                 dir,
@@ -111,10 +89,10 @@ mod tests {
 
         fn capture(&self, tag: &str, parent: Option<&str>, page: usize, byte: u8, state: &str) {
             self.vm
-                .0
+                .mem
                 .write_slice(&[byte; PAGE], GuestAddress((page * PAGE) as u64))
                 .unwrap();
-            *self.vm.1.borrow_mut() = state.to_string();
+            *self.vm.state.borrow_mut() = state.to_string();
             let req = CaptureRequest {
                 dir: &self.snaps,
                 tag,
@@ -175,7 +153,7 @@ mod tests {
         assert_eq!(last.overlays[1].1.first().copied(), Some(1 << 3));
 
         let mut now = vec![0u8; MEM];
-        s.vm.0.read_slice(&mut now, GuestAddress(0)).unwrap();
+        s.vm.mem.read_slice(&mut now, GuestAddress(0)).unwrap();
         assert!(Setup::rebuild(&last) == now, "rebuilt memory differs");
 
         // The middle link restores to its own moment.

@@ -192,8 +192,8 @@ pub fn restore_vcpu(fd: &VcpuFd, s: &VcpuState) -> Result<(), PersistError> {
     })?;
     fd.set_cpuid2(&cpuid).map_err(e("KVM_SET_CPUID2"))?;
     if let Some(khz) = s.tsc_khz {
-        // Hosts without TSC scaling refuse a different frequency (EINVAL); the same one is
-        // accepted. A snapshot taken on another host model then runs at this host's TSC rate, as
+        // Hosts without TSC scaling refuse a slower frequency (EINVAL); the same or a faster
+        // one is accepted (KVM catches the TSC up). A snapshot taken on another host model then runs at this host's TSC rate, as
         // QEMU does after a migration without scaling: the guest continues exactly, only a clock
         // it calibrated against the TSC at boot runs fast or slow. Said, not refused, so
         // snapshots move between hosts of a fleet.

@@ -346,3 +346,49 @@ fn diff_chain_restores_exactly(dirty_log: bool) {
     drop(b);
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+/// A snapshot from a host whose TSC ran at another rate: restored at that rate where KVM can
+/// scale the TSC, else at this host's rate (with a warning). Either way the guest continues
+/// exactly; before, a host without scaling refused it (KVM_SET_TSC_KHZ: EINVAL).
+#[test]
+fn a_snapshot_from_a_host_with_another_tsc_rate_continues_exactly() {
+    if !kvm_or_skip("a_snapshot_from_a_host_with_another_tsc_rate_continues_exactly") {
+        return;
+    }
+    let dir = scratch("tsc-rate");
+    let kernel = testguest(&dir);
+    let (src, src_out) = boot(&kernel, 1, 64, CMDLINE);
+    src_out.wait_counts_above(&[50], T);
+    let addrs = src_out.state_addrs(1);
+    src.pause().unwrap();
+    let snap = take(&src, &dir.join("snapshots"), "s1", &kernel);
+    drop(src);
+    let saved = file_counts(&snap, &addrs);
+
+    let mut state: vmm::vm::VmState = snap.load_state().unwrap();
+    let khz = state.vcpus[0]
+        .tsc_khz
+        .expect("this host reports its TSC rate");
+    // Slower than this host: without TSC scaling KVM accepts a faster rate (it catches the
+    // TSC up) but refuses a slower one, which is what a newer host meets with an older
+    // host's snapshot.
+    for v in &mut state.vcpus {
+        v.tsc_khz = Some(khz - khz / 4);
+    }
+    let out = Output::default();
+    let vm = vmm::Vm::restore(vmm::vm::RestoreConfig {
+        state,
+        memory_file: snap.memory_path(),
+        memory_overlays: Vec::new(),
+        page_server: None,
+        memory_mode: RestoreMode::Eager,
+        console: vmm::vm::Console::Writer(Box::new(out.clone())),
+        paused: false,
+        devices: None,
+    })
+    .expect("a different TSC rate is not a reason to refuse a snapshot");
+    out.wait_counts_above(&saved.iter().map(|c| c + 100).collect::<Vec<_>>(), T);
+    assert!(!out.text().contains("ERROR"), "{}", out.text());
+    drop(vm);
+    std::fs::remove_dir_all(dir).unwrap();
+}
