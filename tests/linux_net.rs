@@ -145,6 +145,90 @@ impl HostServer {
     }
 }
 
+/// A host server that accepts connections and holds them open, silent: a guest process on one
+/// waits until the connection breaks.
+struct HoldServer {
+    port: u16,
+    accepted: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl HoldServer {
+    fn start() -> Self {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let count = accepted.clone();
+        std::thread::spawn(move || {
+            let mut held = Vec::new();
+            for c in l.incoming().flatten() {
+                held.push(c);
+                count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+        });
+        HoldServer { port, accepted }
+    }
+
+    fn wait_accepted(&self, n: usize) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while self.accepted.load(std::sync::atomic::Ordering::SeqCst) < n {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the guest's connection to the hold server never arrived"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+/// The guest keeps a connection to the hold server open (sending nothing) in the background;
+/// when the connection breaks, `nc` exits and its status lands in /tmp/held.rc (written by the
+/// pipeline's last part, which does not wait for `sleep`).
+fn guest_hold(h: &Home, ws: &str, port: u16) {
+    let script = format!(
+        "(sleep 600 | {{ nc 10.0.2.2 {port}; echo $? > /tmp/held.rc; }}) </dev/null >/dev/null 2>&1 &"
+    );
+    h.ok(&["exec", ws, "--", "sh", "-c", &script]);
+}
+
+/// The held connection from before the snapshot was reset in `ws`: its `nc` has ended (within a
+/// few seconds, not TCP's retransmission timeout of many minutes).
+fn assert_hold_reset(h: &Home, ws: &str, restore_stderr: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let o = h.run(&["exec", ws, "--", "cat", "/tmp/held.rc"]);
+        if o.status.success() {
+            return;
+        }
+        if std::time::Instant::now() > deadline {
+            let o = h.run(&["exec", ws, "--", "sh", "-c", "ps; cat /proc/net/tcp"]);
+            panic!(
+                "{ws}: the connection from before the snapshot still hangs (nc has not ended)\n\
+                 restore's stderr: {restore_stderr}\nguest: {}",
+                stdout(&o)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+/// Like `ok_slow`, returning stderr.
+fn ok_slow_stderr(h: &Home, args: &[&str]) -> String {
+    let o = h.run_timeout(args, Duration::from_secs(600));
+    assert!(
+        o.status.success(),
+        "microagent {args:?} failed: {}",
+        stderr(&o)
+    );
+    stderr(&o)
+}
+
+/// eth0's MAC address in the guest.
+fn guest_mac(h: &Home, ws: &str) -> String {
+    h.ok(&["exec", ws, "--", "cat", "/sys/class/net/eth0/address"])
+        .trim()
+        .to_string()
+}
+
 fn pseudo_random(n: usize, seed: u64) -> Vec<u8> {
     let mut x = seed | 1;
     (0..n)
@@ -261,10 +345,18 @@ fn guests_fetch_from_the_host_and_serve_through_published_ports() {
         "no answer on {port}"
     );
 
+    // A connection open when the snapshot is taken: after a restore or fork it is reset (the
+    // guest's process sees it end) instead of hanging.
+    let hold = HoldServer::start();
+    guest_hold(&h, "n", hold.port);
+    hold.wait_accepted(1);
+    let source_mac = guest_mac(&h, "n");
+
     // Rollback: the first fetch after the agent answers works at once (wget -T 2, no retry).
     ok_slow(&h, &["snapshot", "create", "n", "--tag", "base"]);
     h.ok(&["halt", "n"]);
-    ok_slow(&h, &["start", "n", "--from-snapshot", "base"]);
+    let said = ok_slow_stderr(&h, &["start", "n", "--from-snapshot", "base"]);
+    assert_hold_reset(&h, "n", &said);
     assert_eq!(
         guest_fetch(&h, "n", server.port, "f1"),
         sha256_hex(&files[1].1)
@@ -273,7 +365,7 @@ fn guests_fetch_from_the_host_and_serve_through_published_ports() {
 
     // Four forks at once: each fetches its own file; each has its own published host port,
     // served by the httpd that was running when the snapshot was taken.
-    ok_slow(
+    let said = ok_slow_stderr(
         &h,
         &["create", "f", "--from-snapshot", "n:base", "--count", "4"],
     );
@@ -311,10 +403,17 @@ fn guests_fetch_from_the_host_and_serve_through_published_ports() {
     ports.sort();
     ports.dedup();
     assert_eq!(ports.len(), 4, "forks share host ports: {ports:?}");
-    // Not checked: each fork's own MAC address. virtio-net refuses a live change without the
-    // control queue (EBUSY), and bouncing eth0 to change it left a fork's first connection
-    // failing; forks keep their source's MAC for now (each has its own passt, so they do not
-    // collide on the wire).
+    // Each fork has its own MAC (taken through virtio-net's control queue after the fork, the
+    // fetches above ran with it), and its connection from before the snapshot was reset.
+    let mut macs = vec![source_mac.clone()];
+    for i in 1..=4 {
+        let f = format!("f-{i}");
+        assert_hold_reset(&h, &f, &said);
+        macs.push(guest_mac(&h, &f));
+    }
+    macs.sort();
+    macs.dedup();
+    assert_eq!(macs.len(), 5, "forks share a MAC address: {macs:?}");
     for i in 1..=4 {
         h.ok(&["delete", &format!("f-{i}"), "--yes"]);
     }

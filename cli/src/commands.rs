@@ -603,7 +603,10 @@ pub fn start(root: &Path, args: StartArgs, out: Out) -> Result<(), Failure> {
     let pid = process::wait_ready(&ws, &mut child)?;
     match &snap {
         // Restored: thaw, fresh entropy, secrets back (they were scrubbed before the capture).
-        Some(_) => crate::agent::deliver(&ws, true, false)?,
+        Some(_) => {
+            crate::agent::deliver(&ws, true, false)?;
+            crate::net::after_restore(&ws)?;
+        }
         None => crate::agent::deliver_after_boot(&ws)?,
     }
     let human = match (&args.from_snapshot, &hibernated) {

@@ -237,30 +237,65 @@ pub fn mac_for(name: &str) -> vmm::devices::config::MacAddr {
     vmm::devices::config::MacAddr::local_from_seed(h.finish())
 }
 
-/// A fork's guest still has its source's MAC address (read at boot): it takes its own.
+/// After a restore in place: the guest's connections to the outside are stale, and its new
+/// passt must see a frame from it before it forwards a published port.
+pub fn after_restore(ws: &Workspace) -> Result<(), Failure> {
+    if ws.config.net == NetMode::None || !ws.config.agent {
+        return Ok(());
+    }
+    reset_connections(ws);
+    nudge(ws, None);
+    Ok(())
+}
+
+/// After a fork: as [`after_restore`], and the fork's guest still has its source's MAC address
+/// (read at boot): it takes its own.
 pub fn after_fork(ws: &Workspace) -> Result<(), Failure> {
     if ws.config.net == NetMode::None || !ws.config.agent {
         return Ok(());
     }
-    let mac = mac_for(ws.name()).to_string();
-    // The fork's passt is new: it forwards a published port's connections only once it has
-    // seen a frame from the guest (before that it resets them), and a guest with a static
-    // address may send nothing until it makes a connection itself. One ping to the gateway, in
-    // the background, is that frame (busybox ping works without AF_PACKET, which `arping` needs).
-    let set = format!(
-        "(ping -c 1 -W 1 {GATEWAY} >/dev/null 2>&1 &); \
-         ip link set dev eth0 address {mac} 2>/dev/null || \
-         /.microagent/busybox ip link set dev eth0 address {mac}"
-    );
-    // A guest without `ip` keeps working with its source's address; say so, do not fail.
-    if let Err(f) = crate::agent::run_in_guest(ws, &["sh", "-c", &set]) {
+    reset_connections(ws);
+    nudge(ws, Some(&mac_for(ws.name()).to_string()));
+    Ok(())
+}
+
+/// Aborts the guest's TCP connections to peers outside it: the peers and the new passt know
+/// none of them, and a process blocked on one would otherwise wait out TCP's retransmission
+/// timeout. The agent does it (`--reset-connections`); it is run as `/proc/self/exe`, which in
+/// the process the agent forks is the agent's own binary wherever the image put it. An older
+/// agent without the flag, or a kernel without sock_diag destroy, leaves them: said, not fatal.
+fn reset_connections(ws: &Workspace) {
+    if let Err(f) = crate::agent::run_in_guest(ws, &["/proc/self/exe", "--reset-connections"]) {
         eprintln!(
-            "microagent: fork {} keeps its source's MAC address: {}",
+            "microagent: {}: connections from before the snapshot were not reset: {}",
             ws.name(),
             f.message
         );
     }
-    Ok(())
+}
+
+/// The new passt forwards a published port's connections only once it has seen a frame from
+/// the guest (before that it resets them), and a guest with a static address may send nothing
+/// until it makes a connection itself. One ping to the gateway, in the background, is that
+/// frame (busybox ping works without AF_PACKET, which `arping` needs). With `mac`, the guest
+/// also takes that address (virtio-net's control queue lets it change on a running link).
+fn nudge(ws: &Workspace, mac: Option<&str>) {
+    let mut script = format!("(ping -c 1 -W 1 {GATEWAY} >/dev/null 2>&1 &)");
+    if let Some(mac) = mac {
+        script.push_str(&format!(
+            "; ip link set dev eth0 address {mac} 2>/dev/null || \
+             /.microagent/busybox ip link set dev eth0 address {mac}"
+        ));
+    }
+    // A guest without `ip` or `ping` keeps working as it is; say so, do not fail.
+    if let Err(f) = crate::agent::run_in_guest(ws, &["sh", "-c", &script]) {
+        eprintln!(
+            "microagent: {}: after {}: {}",
+            ws.name(),
+            if mac.is_some() { "fork" } else { "restore" },
+            f.message
+        );
+    }
 }
 
 /// The mapping in force while the VM runs.

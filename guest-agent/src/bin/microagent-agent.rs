@@ -16,6 +16,8 @@ const USAGE: &str = "\
 usage: microagent-agent [--vsock-port PORT | --unix PATH] [--secrets-dir DIR] [--quiet]
        microagent-agent --version
        microagent-agent --send-line PORT TEXT   (connect to the host, CID 2, send one line)
+       microagent-agent --reset-connections     (after a restore or fork: abort TCP connections
+                                                 to peers outside the guest, keep the guest's own)
 
 Serves the microagent guest protocol: on vsock port 1024 (any CID) by default, or on a Unix socket.
   --vsock-port PORT   vsock port to listen on (default 1024)
@@ -68,6 +70,16 @@ fn parse_args() -> Result<Option<Args>, String> {
                     .ok_or_else(|| format!("bad port {v:?}"))?;
                 let text = value("--send-line")?;
                 send_line(port, &text.to_string_lossy())?;
+                return Ok(None);
+            }
+            Some("--reset-connections") => {
+                // Run by the host through exec right after a restore or fork (a one-shot, so
+                // the protocol stays version 1 and an older agent just refuses the flag).
+                let r = guest_agent::netreset::reset_external_tcp().map_err(|e| e.to_string())?;
+                println!(
+                    "reset {} connection(s), kept {} inside the guest ({} already gone)",
+                    r.reset, r.kept_local, r.gone
+                );
                 return Ok(None);
             }
             Some("--version") => {
