@@ -4,6 +4,7 @@
 //! It knows nothing of workspaces, the CLI or the on-disk layout of snapshots.
 
 pub mod arch;
+pub mod component_state;
 pub mod devices;
 pub mod memory;
 pub mod persist;

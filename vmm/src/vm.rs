@@ -14,9 +14,10 @@ use crate::arch::boot::{self, BootSource};
 use crate::arch::cpuid::{self, CpuidConfig};
 use crate::arch::layout::{KVM_TSS_ADDRESS, MAX_VCPUS};
 use crate::arch::mptable;
+use crate::component_state::Persist;
 use crate::devices::legacy::serial;
 use crate::devices::manager::DevicesState;
-use crate::devices::{DeviceConfig, DeviceError, DeviceManager};
+use crate::devices::{DeviceArgs, DeviceConfig, DeviceError, DeviceManager};
 use crate::memory::{self, GuestMemory, RestoreMode};
 use crate::persist::{self, VcpuState, VmKvmState};
 use crate::vcpu::{BootVcpuConfig, Vcpu, VcpuError, VcpuHandle, VmEvent};
@@ -228,14 +229,16 @@ impl Parts {
         let console = open_console(console)?;
         let devices = match devices_state {
             None => DeviceManager::new(&fd, memory, console, event_tx.clone(), devices_config)?,
-            Some(s) => DeviceManager::restore_with_config(
-                &fd,
-                memory,
-                console,
-                event_tx.clone(),
-                s,
-                devices_config,
-            )?,
+            Some(s) => {
+                let args = DeviceArgs {
+                    vm: &fd,
+                    memory,
+                    console,
+                    events: event_tx.clone(),
+                    config: devices_config,
+                };
+                DeviceManager::restore(args, s)?
+            }
         };
         Ok(Self {
             kvm,
@@ -388,9 +391,7 @@ impl Vm {
         for (vcpu, saved) in created.iter_mut().zip(&state.vcpus) {
             vcpu.configure_restore(saved)?;
         }
-        // The host ends of the guest's vsock connections did not survive: tell the guest, which
-        // drops its connections and keeps its listeners; clients reconnect.
-        parts.devices.vsock_transport_reset();
+        parts.devices.restored();
         if config.paused {
             parts.devices.pause()?;
         }
@@ -455,7 +456,7 @@ impl Vm {
             mem_mib: self.mem_mib,
             kvm,
             vcpus,
-            devices: self.devices.state(),
+            devices: self.devices.save()?,
         })
     }
 
