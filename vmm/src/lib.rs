@@ -7,7 +7,6 @@ pub mod arch;
 pub mod component_state;
 pub mod devices;
 pub mod memory;
-pub mod persist;
 pub mod snapshots;
 pub mod thread_hook;
 pub mod vcpu;
