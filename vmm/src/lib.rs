@@ -4,9 +4,9 @@
 //! It knows nothing of workspaces, the CLI or the on-disk layout of snapshots.
 
 pub mod arch;
+pub mod component_state;
 pub mod devices;
 pub mod memory;
-pub mod persist;
 pub mod snapshots;
 pub mod thread_hook;
 pub mod vcpu;

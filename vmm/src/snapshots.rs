@@ -3,6 +3,7 @@
 
 use snapshot::{CpuidLeaf, SavedVm, Snapshot, SnapshotError, Snapshottable};
 
+use crate::component_state::Persist;
 use crate::memory::{GuestMemory, RestoreMode};
 use crate::vm::{Console, RestoreConfig, Vm, VmError, VmState};
 
@@ -11,7 +12,7 @@ impl Snapshottable for Vm {
     type Error = VmError;
 
     fn save(&self) -> Result<SavedVm<VmState>, VmError> {
-        let state = self.save_state()?;
+        let state = Persist::save(self)?;
         let cpuid = state
             .vcpus
             .first()
@@ -79,8 +80,7 @@ impl Vm {
     pub fn restore_snapshot(r: SnapshotRestore<'_>) -> Result<Vm, RestoreError> {
         let plan: snapshot::RestorePlan<VmState> =
             snapshot::restore::plan(r.snapshot, r.kernel, r.verify_contents)?;
-        Ok(Vm::restore(RestoreConfig {
-            state: plan.state,
+        let config = RestoreConfig {
             memory_file: plan.base_memory,
             memory_overlays: plan.overlays,
             page_server: r.page_server.map(std::path::Path::to_path_buf),
@@ -88,6 +88,7 @@ impl Vm {
             console: r.console,
             paused: r.paused,
             devices: r.devices,
-        })?)
+        };
+        Ok(Vm::restore(config, &plan.state)?)
     }
 }

@@ -1,5 +1,7 @@
-//! A vCPU: its boot configuration, and the thread that runs it as an explicit state machine
-//! (running, paused, finished) driven by requests over a channel.
+//! A vCPU: its boot configuration, its saved state ([`state`]), and the thread that runs it as
+//! an explicit state machine (running, paused, finished) driven by requests over a channel.
+
+pub mod state;
 
 use std::cell::Cell;
 use std::fmt;
@@ -14,9 +16,11 @@ use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 use crate::arch::cpuid::{self, CpuidConfig};
 use crate::arch::{msr, regs};
+use crate::component_state::Persist;
 use crate::devices::bus::Bus;
 use crate::memory::GuestMemory;
-use crate::persist::{self, PersistError, VcpuState};
+
+pub use state::{VcpuState, VcpuStateError};
 
 /// What a vCPU thread reports to the VM when the guest stops or fails.
 #[derive(Debug)]
@@ -73,8 +77,10 @@ pub enum VcpuError {
     Timeout(u8, Duration),
     #[error("vCPU {0} must be paused to save its state")]
     NotPaused(u8),
+    #[error("vCPU {vcpu}: the saved state is vCPU {saved}'s")]
+    StateId { vcpu: u8, saved: u8 },
     #[error(transparent)]
-    Persist(#[from] PersistError),
+    State(#[from] VcpuStateError),
 }
 
 /// The registers worth showing when a guest dies.
@@ -144,7 +150,7 @@ pub enum VcpuRequest {
 pub enum VcpuResponse {
     Paused,
     Resumed,
-    State(Box<Result<VcpuState, PersistError>>),
+    State(Box<Result<VcpuState, VcpuError>>),
     NotPaused,
 }
 
@@ -187,6 +193,17 @@ pub struct Vcpu {
     msr_indices: Vec<u32>,
 }
 
+/// What a vCPU is created with.
+pub struct VcpuArgs<'a> {
+    pub vm: &'a kvm_ioctls::VmFd,
+    pub id: u8,
+    /// Port I/O and MMIO exits go to these buses.
+    pub pio: Arc<Bus>,
+    pub mmio: Arc<Bus>,
+    /// Where the vCPU reports the guest's end or its own failure.
+    pub events: Sender<VmEvent>,
+}
+
 /// How to set up one vCPU at boot.
 pub struct BootVcpuConfig<'a> {
     pub supported_cpuid: &'a CpuId,
@@ -196,13 +213,14 @@ pub struct BootVcpuConfig<'a> {
 }
 
 impl Vcpu {
-    pub fn new(
-        vm: &kvm_ioctls::VmFd,
-        id: u8,
-        pio: Arc<Bus>,
-        mmio: Arc<Bus>,
-        events: Sender<VmEvent>,
-    ) -> Result<Self, VcpuError> {
+    pub fn new(args: VcpuArgs<'_>) -> Result<Self, VcpuError> {
+        let VcpuArgs {
+            vm,
+            id,
+            pio,
+            mmio,
+            events,
+        } = args;
         let fd = vm
             .create_vcpu(u64::from(id))
             .map_err(|source| VcpuError::Create { vcpu: id, source })?;
@@ -248,14 +266,7 @@ impl Vcpu {
 
     /// Decides which MSRs this vCPU saves (after CPUID is set: it decides which exist).
     pub fn probe_msrs(&mut self, kvm: &kvm_ioctls::Kvm) -> Result<(), VcpuError> {
-        self.msr_indices = persist::saveable_msrs(kvm, &self.fd)?;
-        Ok(())
-    }
-
-    /// Restores saved KVM state into this fresh vCPU; it saves the same MSRs again later.
-    pub fn configure_restore(&mut self, state: &VcpuState) -> Result<(), VcpuError> {
-        persist::restore_vcpu(&self.fd, state)?;
-        self.msr_indices = state.msrs.iter().map(|m| m.index).collect();
+        self.msr_indices = state::saveable_msrs(kvm, &self.fd)?;
         Ok(())
     }
 
@@ -338,11 +349,7 @@ impl Vcpu {
                     }
                     VcpuRequest::SaveState => {
                         let r = if paused {
-                            VcpuResponse::State(Box::new(persist::save_vcpu(
-                                &self.fd,
-                                self.id,
-                                &self.msr_indices,
-                            )))
+                            VcpuResponse::State(Box::new(self.save()))
                         } else {
                             VcpuResponse::NotPaused
                         };
@@ -446,6 +453,32 @@ impl Vcpu {
     }
 }
 
+/// A vCPU's KVM state. It is read on the vCPU's own thread while paused: `VcpuHandle::save_state`
+/// asks the thread for it.
+impl Persist for Vcpu {
+    type State = VcpuState;
+    type ConstructorArgs<'a> = VcpuArgs<'a>;
+    type Error = VcpuError;
+
+    fn save(&self) -> Result<VcpuState, VcpuError> {
+        Ok(state::save(&self.fd, self.id, &self.msr_indices)?)
+    }
+
+    /// Creates the vCPU and restores its KVM state; it saves the same MSRs again later.
+    fn restore(args: VcpuArgs<'_>, saved: &VcpuState) -> Result<Self, VcpuError> {
+        if saved.id != args.id {
+            return Err(VcpuError::StateId {
+                vcpu: args.id,
+                saved: saved.id,
+            });
+        }
+        let mut vcpu = Self::new(args)?;
+        state::restore(&vcpu.fd, saved)?;
+        vcpu.msr_indices = saved.msrs.iter().map(|m| m.index).collect();
+        Ok(vcpu)
+    }
+}
+
 /// The VM's side of a running vCPU thread.
 pub struct VcpuHandle {
     pub id: u8,
@@ -497,7 +530,7 @@ impl VcpuHandle {
     /// The vCPU's KVM state; it must be paused.
     pub fn save_state(&self) -> Result<VcpuState, VcpuError> {
         match self.request(VcpuRequest::SaveState)? {
-            VcpuResponse::State(r) => Ok((*r)?),
+            VcpuResponse::State(r) => *r,
             VcpuResponse::NotPaused => Err(VcpuError::NotPaused(self.id)),
             _ => Err(VcpuError::Gone(self.id)),
         }

@@ -14,12 +14,17 @@ use crate::arch::boot::{self, BootSource};
 use crate::arch::cpuid::{self, CpuidConfig};
 use crate::arch::layout::{KVM_TSS_ADDRESS, MAX_VCPUS};
 use crate::arch::mptable;
+use crate::component_state::Persist;
+use crate::devices::bus::Bus;
 use crate::devices::legacy::serial;
 use crate::devices::manager::DevicesState;
-use crate::devices::{DeviceConfig, DeviceError, DeviceManager};
+use crate::devices::{DeviceArgs, DeviceConfig, DeviceError, DeviceManager};
 use crate::memory::{self, GuestMemory, RestoreMode};
-use crate::persist::{self, VcpuState, VmKvmState};
-use crate::vcpu::{BootVcpuConfig, Vcpu, VcpuError, VcpuHandle, VmEvent};
+use crate::vcpu::{BootVcpuConfig, Vcpu, VcpuArgs, VcpuError, VcpuHandle, VcpuState, VmEvent};
+
+pub mod kvm_state;
+
+pub use kvm_state::{KvmStateError, VmKvmState};
 use serde::{Deserialize, Serialize};
 
 /// Where the guest's COM1 output goes.
@@ -77,6 +82,8 @@ pub enum VmError {
     Vcpu(#[from] VcpuError),
     #[error(transparent)]
     Devices(#[from] DeviceError),
+    #[error(transparent)]
+    KvmState(#[from] KvmStateError),
     #[error("cannot open console file {path}: {source}")]
     Console {
         path: PathBuf,
@@ -170,9 +177,8 @@ pub struct VmState {
     pub devices: DevicesState,
 }
 
-/// What to restore a VM from.
+/// What a VM is restored with besides its `VmState`.
 pub struct RestoreConfig {
-    pub state: VmState,
     /// Guest RAM as written by a capture: the regions back to back.
     pub memory_file: PathBuf,
     /// Diff snapshots to apply over `memory_file`, oldest first: (memory file, page bitmap).
@@ -194,6 +200,9 @@ struct Parts {
     kvm: Kvm,
     fd: VmFd,
     devices: DeviceManager,
+    /// The device buses, as every vCPU shares them.
+    pio: Arc<Bus>,
+    mmio: Arc<Bus>,
     event_tx: Sender<VmEvent>,
     events: Receiver<VmEvent>,
 }
@@ -228,39 +237,50 @@ impl Parts {
         let console = open_console(console)?;
         let devices = match devices_state {
             None => DeviceManager::new(&fd, memory, console, event_tx.clone(), devices_config)?,
-            Some(s) => DeviceManager::restore_with_config(
-                &fd,
-                memory,
-                console,
-                event_tx.clone(),
-                s,
-                devices_config,
-            )?,
+            Some(s) => {
+                let args = DeviceArgs {
+                    vm: &fd,
+                    memory,
+                    console,
+                    events: event_tx.clone(),
+                    config: devices_config,
+                };
+                DeviceManager::restore(args, s)?
+            }
         };
         Ok(Self {
             kvm,
             fd,
+            pio: Arc::new(devices.pio.clone()),
+            mmio: Arc::new(devices.mmio.clone()),
             devices,
             event_tx,
             events,
         })
     }
 
+    fn vcpu_args(&self, id: u8) -> VcpuArgs<'_> {
+        VcpuArgs {
+            vm: &self.fd,
+            id,
+            pio: self.pio.clone(),
+            mmio: self.mmio.clone(),
+            events: self.event_tx.clone(),
+        }
+    }
+
     /// Creates every vCPU before any runs: an IPI to a vCPU not yet created is lost.
     fn create_vcpus(&self, count: u8) -> Result<Vec<Vcpu>, VmError> {
-        let pio = Arc::new(self.devices.pio.clone());
-        let mmio = Arc::new(self.devices.mmio.clone());
         (0..count)
-            .map(|id| {
-                Vcpu::new(
-                    &self.fd,
-                    id,
-                    pio.clone(),
-                    mmio.clone(),
-                    self.event_tx.clone(),
-                )
-                .map_err(VmError::from)
-            })
+            .map(|id| Vcpu::new(self.vcpu_args(id)).map_err(VmError::from))
+            .collect()
+    }
+
+    /// As `create_vcpus`, each from its saved state (`saved[i]` is vCPU i's).
+    fn restore_vcpus(&self, saved: &[VcpuState]) -> Result<Vec<Vcpu>, VmError> {
+        (0..)
+            .zip(saved)
+            .map(|(id, s)| Vcpu::restore(self.vcpu_args(id), s).map_err(VmError::from))
             .collect()
     }
 
@@ -341,65 +361,6 @@ impl Vm {
         Ok(vm)
     }
 
-    /// Rebuilds a VM from saved state and a memory file, then starts it (or leaves it paused).
-    pub fn restore(config: RestoreConfig) -> Result<Self, VmError> {
-        let state = &config.state;
-        let vcpu_count = u8::try_from(state.vcpus.len())
-            .ok()
-            .filter(|n| (1..=MAX_VCPUS).contains(n))
-            .ok_or(VmError::VcpuCount(state.vcpus.len() as u32))?;
-        let (memory, uffd) = match &config.page_server {
-            Some(sock) => {
-                if !config.memory_overlays.is_empty() {
-                    return Err(VmError::LazyDiff);
-                }
-                // Fresh, untouched memory: every first touch is the page server's to fill.
-                let memory = memory::create_unadvised(state.mem_mib)?;
-                let client = snapshot::pageserver::client::Client::connect_guest_memory(
-                    sock,
-                    &memory,
-                    &snapshot::pageserver::client::ClientOptions::labelled("vmm"),
-                )
-                .map_err(|e| VmError::PageServer(e.to_string()))?;
-                client.watchdog().on_gone(|gone| {
-                    // vCPUs blocked on a fault can never be joined, and closing the uffd would
-                    // hand them zero pages: stop the whole process, loudly.
-                    eprintln!("microagent vmm: the page server is gone ({gone}); stopping the VM");
-                    std::process::exit(EXIT_PAGE_SERVER_GONE);
-                });
-                (memory, Some(client))
-            }
-            None => {
-                let memory =
-                    memory::restore(state.mem_mib, &config.memory_file, config.memory_mode)?;
-                memory::apply_overlays(&memory, &config.memory_overlays)?;
-                (memory, None)
-            }
-        };
-        let parts = Parts::new(
-            vcpu_count,
-            &memory,
-            config.console,
-            Some(&state.devices),
-            config.devices.as_ref().unwrap_or(&state.devices.config),
-        )?;
-        persist::restore_vm(&parts.fd, &state.kvm).map_err(VcpuError::from)?;
-        let mut created = parts.create_vcpus(vcpu_count)?;
-        for (vcpu, saved) in created.iter_mut().zip(&state.vcpus) {
-            vcpu.configure_restore(saved)?;
-        }
-        // The host ends of the guest's vsock connections did not survive: tell the guest, which
-        // drops its connections and keeps its listeners; clients reconnect.
-        parts.devices.vsock_transport_reset();
-        if config.paused {
-            parts.devices.pause()?;
-        }
-        let mut vm = parts.start(created, memory, config.paused)?;
-        vm.mem_mib = state.mem_mib;
-        vm.page_server = uffd;
-        Ok(vm)
-    }
-
     /// Starts recording which pages change (vCPU writes through KVM's dirty log, device writes
     /// through vm-memory's bitmap), for diff snapshots relative to the next capture.
     pub fn enable_dirty_tracking(&self) -> Result<(), VmError> {
@@ -441,22 +402,6 @@ impl Vm {
                 }
             }
         }
-    }
-
-    /// The whole VM's state; every vCPU must be paused.
-    pub fn save_state(&self) -> Result<VmState, VmError> {
-        let vcpus = self
-            .vcpus
-            .iter()
-            .map(|v| v.save_state())
-            .collect::<Result<Vec<_>, _>>()?;
-        let kvm = persist::save_vm(&self.fd).map_err(VcpuError::from)?;
-        Ok(VmState {
-            mem_mib: self.mem_mib,
-            kvm,
-            vcpus,
-            devices: self.devices.state(),
-        })
     }
 
     pub fn memory(&self) -> &GuestMemory {
@@ -530,6 +475,84 @@ impl Vm {
             v.finish();
         }
         self.devices.flush_console();
+    }
+}
+
+/// A whole VM: KVM's VM-wide state, every vCPU and every device. Guest memory is not part of
+/// the state: the caller saves it beside, and a restore takes it as a memory file (or a page
+/// server) in its constructor arguments.
+impl Persist for Vm {
+    type State = VmState;
+    type ConstructorArgs<'a> = RestoreConfig;
+    type Error = VmError;
+
+    /// The whole VM's state; every vCPU must be paused.
+    fn save(&self) -> Result<VmState, VmError> {
+        let vcpus = self
+            .vcpus
+            .iter()
+            .map(|v| v.save_state())
+            .collect::<Result<Vec<_>, _>>()?;
+        let kvm = kvm_state::save(&self.fd)?;
+        Ok(VmState {
+            mem_mib: self.mem_mib,
+            kvm,
+            vcpus,
+            devices: self.devices.save()?,
+        })
+    }
+
+    /// Rebuilds a VM from saved state and a memory file, then starts it (or leaves it paused).
+    fn restore(config: RestoreConfig, state: &VmState) -> Result<Self, VmError> {
+        let vcpu_count = u8::try_from(state.vcpus.len())
+            .ok()
+            .filter(|n| (1..=MAX_VCPUS).contains(n))
+            .ok_or(VmError::VcpuCount(state.vcpus.len() as u32))?;
+        let (memory, uffd) = match &config.page_server {
+            Some(sock) => {
+                if !config.memory_overlays.is_empty() {
+                    return Err(VmError::LazyDiff);
+                }
+                // Fresh, untouched memory: every first touch is the page server's to fill.
+                let memory = memory::create_unadvised(state.mem_mib)?;
+                let client = snapshot::pageserver::client::Client::connect_guest_memory(
+                    sock,
+                    &memory,
+                    &snapshot::pageserver::client::ClientOptions::labelled("vmm"),
+                )
+                .map_err(|e| VmError::PageServer(e.to_string()))?;
+                client.watchdog().on_gone(|gone| {
+                    // vCPUs blocked on a fault can never be joined, and closing the uffd would
+                    // hand them zero pages: stop the whole process, loudly.
+                    eprintln!("microagent vmm: the page server is gone ({gone}); stopping the VM");
+                    std::process::exit(EXIT_PAGE_SERVER_GONE);
+                });
+                (memory, Some(client))
+            }
+            None => {
+                let memory =
+                    memory::restore(state.mem_mib, &config.memory_file, config.memory_mode)?;
+                memory::apply_overlays(&memory, &config.memory_overlays)?;
+                (memory, None)
+            }
+        };
+        let parts = Parts::new(
+            vcpu_count,
+            &memory,
+            config.console,
+            Some(&state.devices),
+            config.devices.as_ref().unwrap_or(&state.devices.config),
+        )?;
+        kvm_state::restore(&parts.fd, &state.kvm)?;
+        let created = parts.restore_vcpus(&state.vcpus)?;
+        parts.devices.restored();
+        if config.paused {
+            parts.devices.pause()?;
+        }
+        let mut vm = parts.start(created, memory, config.paused)?;
+        vm.mem_mib = state.mem_mib;
+        vm.page_server = uffd;
+        Ok(vm)
     }
 }
 
@@ -691,11 +714,11 @@ mod restore_tests {
     // inc qword [0x5000]; jmp back
     const COUNT_LOOP: [u8; 10] = [0x48, 0xff, 0x04, 0x25, 0x00, 0x50, 0x00, 0x00, 0xeb, 0xf6];
 
-    fn tmp(name: &str) -> PathBuf {
+    pub(super) fn tmp(name: &str) -> PathBuf {
         std::env::temp_dir().join(format!("vmm-restore-{}-{name}", std::process::id()))
     }
 
-    fn boot_counter(vcpus: u8) -> (Vm, PathBuf) {
+    pub(super) fn boot_counter(vcpus: u8) -> (Vm, PathBuf) {
         let k = tmp(&format!("count-{vcpus}.elf"));
         std::fs::write(&k, tiny_elf(&COUNT_LOOP)).unwrap();
         let vm = Vm::boot(VmConfig {
@@ -726,7 +749,20 @@ mod restore_tests {
         panic!("counter stuck at {}", count(vm));
     }
 
-    fn dump_memory(vm: &Vm, path: &std::path::Path) {
+    /// Restores from the memory file `mem` in `mode`, left paused, console discarded.
+    pub(super) fn paused_config(mem: &std::path::Path, mode: RestoreMode) -> RestoreConfig {
+        RestoreConfig {
+            memory_file: mem.to_path_buf(),
+            memory_overlays: Vec::new(),
+            page_server: None,
+            memory_mode: mode,
+            console: Console::Writer(Box::new(std::io::sink())),
+            paused: true,
+            devices: None,
+        }
+    }
+
+    pub(super) fn dump_memory(vm: &Vm, path: &std::path::Path) {
         let mut f = File::create(path).unwrap();
         for r in vm.memory().iter() {
             let mut buf = vec![0u8; r.len() as usize];
@@ -745,7 +781,7 @@ mod restore_tests {
         wait_above(&vm, 1000);
         vm.pause().unwrap();
         let saved_count = count(&vm);
-        let state = vm.save_state().unwrap();
+        let state = vm.save().unwrap();
         let mem = tmp("mem.bin");
         dump_memory(&vm, &mem);
         let encoded = snapshot::vmstate::encode(&state).unwrap();
@@ -757,19 +793,9 @@ mod restore_tests {
         for mode in [RestoreMode::Eager, RestoreMode::PrivateMap] {
             let state: VmState = snapshot::vmstate::decode(&encoded).unwrap();
             let rip = state.vcpus[0].regs.rip;
-            let restored = Vm::restore(RestoreConfig {
-                state,
-                memory_file: mem.clone(),
-                memory_overlays: Vec::new(),
-                page_server: None,
-                memory_mode: mode,
-                console: Console::Writer(Box::new(std::io::sink())),
-                paused: true,
-                devices: None,
-            })
-            .unwrap();
+            let restored = Vm::restore(paused_config(&mem, mode), &state).unwrap();
             assert_eq!(count(&restored), saved_count, "{mode:?}: memory as saved");
-            let again = restored.save_state().unwrap();
+            let again = restored.save().unwrap();
             assert_eq!(again.vcpus[0].regs.rip, rip, "{mode:?}: same instruction");
             restored.resume().unwrap();
             let c = wait_above(&restored, saved_count);
@@ -791,23 +817,14 @@ mod restore_tests {
         let (vm, k) = boot_counter(2);
         wait_above(&vm, 100);
         vm.pause().unwrap();
-        let first = vm.save_state().unwrap();
+        let first = vm.save().unwrap();
         let mem = tmp("mem-rt.bin");
         dump_memory(&vm, &mem);
         drop(vm);
         let encoded = snapshot::vmstate::encode(&first).unwrap();
-        let restored = Vm::restore(RestoreConfig {
-            state: snapshot::vmstate::decode(&encoded).unwrap(),
-            memory_file: mem.clone(),
-            memory_overlays: Vec::new(),
-            page_server: None,
-            memory_mode: RestoreMode::Eager,
-            console: Console::Writer(Box::new(std::io::sink())),
-            paused: true,
-            devices: None,
-        })
-        .unwrap();
-        let second = restored.save_state().unwrap();
+        let state: VmState = snapshot::vmstate::decode(&encoded).unwrap();
+        let restored = Vm::restore(paused_config(&mem, RestoreMode::Eager), &state).unwrap();
+        let second = restored.save().unwrap();
         for (a, b) in first.vcpus.iter().zip(&second.vcpus) {
             let enc = |v: &VcpuState| {
                 let mut v: VcpuState =
@@ -839,6 +856,33 @@ mod restore_tests {
             snapshot::vmstate::encode(&first.devices).unwrap(),
             snapshot::vmstate::encode(&second.devices).unwrap()
         );
+        std::fs::remove_file(mem).unwrap();
+        std::fs::remove_file(k).unwrap();
+    }
+}
+
+#[cfg(test)]
+mod vcpu_order_tests {
+    use super::restore_tests::{boot_counter, dump_memory, paused_config, tmp};
+    use super::*;
+
+    #[test]
+    fn vcpu_states_out_of_order_are_refused() {
+        if !std::path::Path::new("/dev/kvm").exists() {
+            eprintln!("skipped: /dev/kvm is not available on this host");
+            return;
+        }
+        let (vm, k) = boot_counter(2);
+        vm.pause().unwrap();
+        let mut state = vm.save().unwrap();
+        let mem = tmp("mem-order.bin");
+        dump_memory(&vm, &mem);
+        drop(vm);
+        state.vcpus.swap(0, 1);
+        assert!(matches!(
+            Vm::restore(paused_config(&mem, RestoreMode::Eager), &state),
+            Err(VmError::Vcpu(VcpuError::StateId { vcpu: 0, saved: 1 }))
+        ));
         std::fs::remove_file(mem).unwrap();
         std::fs::remove_file(k).unwrap();
     }

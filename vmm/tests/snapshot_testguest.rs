@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use common::*;
 use snapshot::{capture, CaptureRequest, Snapshot, VerifyOptions};
+use vmm::component_state::Persist;
 use vmm::memory::RestoreMode;
 
 const T: Duration = Duration::from_secs(30);
@@ -334,7 +335,7 @@ fn diff_chain_restores_exactly(dirty_log: bool) {
             "guest memory differs between the diff chain and the full snapshot"
         );
     }
-    let (sa, sb) = (a.save_state().unwrap(), b.save_state().unwrap());
+    let (sa, sb) = (a.save().unwrap(), b.save().unwrap());
     for (va, vb) in sa.vcpus.iter().zip(&sb.vcpus) {
         assert_eq!(va.regs.rip, vb.regs.rip);
         assert_eq!(va.regs.rsp, vb.regs.rsp);
@@ -376,8 +377,7 @@ fn a_snapshot_from_a_host_with_another_tsc_rate_continues_exactly() {
         v.tsc_khz = Some(khz - khz / 4);
     }
     let out = Output::default();
-    let vm = vmm::Vm::restore(vmm::vm::RestoreConfig {
-        state,
+    let config = vmm::vm::RestoreConfig {
         memory_file: snap.memory_path(),
         memory_overlays: Vec::new(),
         page_server: None,
@@ -385,8 +385,9 @@ fn a_snapshot_from_a_host_with_another_tsc_rate_continues_exactly() {
         console: vmm::vm::Console::Writer(Box::new(out.clone())),
         paused: false,
         devices: None,
-    })
-    .expect("a different TSC rate is not a reason to refuse a snapshot");
+    };
+    let vm = vmm::Vm::restore(config, &state)
+        .expect("a different TSC rate is not a reason to refuse a snapshot");
     out.wait_counts_above(&saved.iter().map(|c| c + 100).collect::<Vec<_>>(), T);
     assert!(!out.text().contains("ERROR"), "{}", out.text());
     drop(vm);

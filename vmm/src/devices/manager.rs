@@ -1,5 +1,6 @@
 //! Owns every device of a VM and the buses that route guest accesses to them. One path attaches
-//! devices for boot and for restore, so no device can be forgotten in one of the two.
+//! devices for boot and for restore, so no device can be forgotten in one of the two: the
+//! virtio slots are a list ([`kind::slots`]) whose entries build, save and restore themselves.
 
 use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex};
@@ -9,20 +10,24 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::bus::{Bus, BusError};
 use super::config::DeviceConfig;
-use super::legacy::{i8042, serial, Serial, SerialState, I8042};
-use super::virtio::block::{Block, BlockError, BlockState};
-use super::virtio::event_loop::{EventLoop, EventLoopError, Subscriber};
-use super::virtio::mmio::{self, lock, MmioTransport, MmioTransportState};
-use super::virtio::net::{Net, NetError, NetState};
-use super::virtio::rng::{Rng, RngState};
-use super::virtio::vsock::{Vsock, VsockError, VsockState};
-use super::virtio::{Interrupt, VirtioDevice};
+use super::legacy::{i8042, serial, I8042State, Serial, SerialState, I8042};
+use super::virtio::block::BlockError;
+use super::virtio::event_loop::{EventLoop, EventLoopError};
+use super::virtio::kind::{self, VirtioComponent};
+use super::virtio::mmio::{self, lock, MmioTransport, MmioTransportState, TransportArgs};
+use super::virtio::net::NetError;
+use super::virtio::rng::RngError;
+use super::virtio::vsock::VsockError;
+use super::virtio::Interrupt;
 use crate::arch::layout::{
     IRQ_BASE, IRQ_MAX, SERIAL_IRQ, VIRTIO_MMIO_SLOT_SIZE, VIRTIO_MMIO_START,
 };
+use crate::component_state::Persist;
 use crate::memory::GuestMemory;
 use crate::vcpu::VmEvent;
 use serde::{Deserialize, Serialize};
+
+pub use super::virtio::kind::VirtioDeviceState;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DeviceError {
@@ -44,7 +49,7 @@ pub enum DeviceError {
     #[error("virtio-net: {0}")]
     Net(#[from] NetError),
     #[error("virtio-rng: {0}")]
-    Rng(#[source] std::io::Error),
+    Rng(#[from] RngError),
     #[error("{0} virtio devices configured, at most {max} fit the IRQ lines", max = IRQ_MAX - IRQ_BASE + 1)]
     TooManyDevices(usize),
     #[error("the snapshot's devices do not match the configuration: {0}")]
@@ -56,6 +61,12 @@ pub enum DeviceError {
     },
     #[error(transparent)]
     EventLoop(#[from] EventLoopError),
+}
+
+impl From<std::convert::Infallible> for DeviceError {
+    fn from(never: std::convert::Infallible) -> Self {
+        match never {}
+    }
 }
 
 /// Every device's state, as saved in a snapshot.
@@ -79,52 +90,6 @@ pub struct VirtioSlotState {
     pub device: VirtioDeviceState,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub enum VirtioDeviceState {
-    Block(BlockState),
-    Net(NetState),
-    Vsock(VsockState),
-    Rng(RngState),
-}
-
-/// A live virtio device, by kind (the event loop and the transport share it).
-#[derive(Clone)]
-pub enum VirtioHandle {
-    Block(Arc<Mutex<Block>>),
-    Net(Arc<Mutex<Net>>),
-    Vsock(Arc<Mutex<Vsock>>),
-    Rng(Arc<Mutex<Rng>>),
-}
-
-impl VirtioHandle {
-    fn state(&self) -> VirtioDeviceState {
-        match self {
-            VirtioHandle::Block(d) => VirtioDeviceState::Block(lock(d).state()),
-            VirtioHandle::Net(d) => VirtioDeviceState::Net(lock(d).state()),
-            VirtioHandle::Vsock(d) => VirtioDeviceState::Vsock(lock(d).state()),
-            VirtioHandle::Rng(d) => VirtioDeviceState::Rng(lock(d).state()),
-        }
-    }
-
-    fn as_device(&self) -> Arc<Mutex<dyn VirtioDevice>> {
-        match self {
-            VirtioHandle::Block(d) => d.clone(),
-            VirtioHandle::Net(d) => d.clone(),
-            VirtioHandle::Vsock(d) => d.clone(),
-            VirtioHandle::Rng(d) => d.clone(),
-        }
-    }
-
-    fn as_subscriber(&self) -> Subscriber {
-        match self {
-            VirtioHandle::Block(d) => d.clone(),
-            VirtioHandle::Net(d) => d.clone(),
-            VirtioHandle::Vsock(d) => d.clone(),
-            VirtioHandle::Rng(d) => d.clone(),
-        }
-    }
-}
-
 /// Where a virtio device sits and how to reach it.
 pub struct VirtioSlot {
     /// Guest-physical base of its 4 KiB register window.
@@ -132,7 +97,7 @@ pub struct VirtioSlot {
     /// Its IOAPIC pin (edge-triggered, through an irqfd).
     pub irq: u32,
     pub transport: Arc<Mutex<MmioTransport>>,
-    pub device: VirtioHandle,
+    pub device: Box<dyn VirtioComponent>,
 }
 
 /// The devices of one VM.
@@ -148,6 +113,19 @@ pub struct DeviceManager {
     cmdline_extra: Vec<String>,
 }
 
+/// What the host supplies to build a VM's devices.
+pub struct DeviceArgs<'a> {
+    pub vm: &'a VmFd,
+    pub memory: &'a GuestMemory,
+    pub console: serial::SerialOut,
+    /// Where the i8042 reports a guest reset.
+    pub events: Sender<VmEvent>,
+    /// The devices and their host sides. A restore takes the snapshot's own configuration
+    /// (`DevicesState::config`), or for a fork the same devices with host sides of its own
+    /// (disk copy, vsock socket, network): the device list must match the snapshot's.
+    pub config: &'a DeviceConfig,
+}
+
 impl DeviceManager {
     /// Legacy devices every VM has (COM1 with its IRQ through an irqfd, the i8042 reset line)
     /// and the virtio devices of `config`, each on its own virtio-mmio slot; then starts the
@@ -160,56 +138,16 @@ impl DeviceManager {
         events: Sender<VmEvent>,
         config: &DeviceConfig,
     ) -> Result<Self, DeviceError> {
-        Self::build(vm, memory, console, events, config, None)
-    }
-
-    /// The same devices, their state taken from a snapshot and built from the configuration
-    /// saved with it.
-    pub fn restore(
-        vm: &VmFd,
-        memory: &GuestMemory,
-        console: serial::SerialOut,
-        events: Sender<VmEvent>,
-        state: &DevicesState,
-    ) -> Result<Self, DeviceError> {
-        Self::build(vm, memory, console, events, &state.config, Some(state))
-    }
-
-    /// As `restore`, with a different configuration of the same devices (a fork: its own disk
-    /// copy, vsock socket and network). The device list must match the snapshot's.
-    pub fn restore_with_config(
-        vm: &VmFd,
-        memory: &GuestMemory,
-        console: serial::SerialOut,
-        events: Sender<VmEvent>,
-        state: &DevicesState,
-        config: &DeviceConfig,
-    ) -> Result<Self, DeviceError> {
-        Self::build(vm, memory, console, events, config, Some(state))
-    }
-
-    /// Every device's state. Take it with the vCPUs and the device loop paused (`pause`), so
-    /// that queue indices and guest memory agree.
-    pub fn state(&self) -> DevicesState {
-        let serial = match self.serial.lock() {
-            Ok(s) => s.state(),
-            Err(p) => p.into_inner().state(),
-        };
-        let virtio = self
-            .virtio
-            .iter()
-            .map(|s| VirtioSlotState {
-                base: s.base,
-                irq: s.irq,
-                transport: lock(&s.transport).state(),
-                device: s.device.state(),
-            })
-            .collect();
-        DevicesState {
-            serial,
-            config: self.config.clone(),
-            virtio,
-        }
+        Self::build(
+            DeviceArgs {
+                vm,
+                memory,
+                console,
+                events,
+                config,
+            },
+            None,
+        )
     }
 
     /// Parks the device event loop: no device touches guest memory or a queue until `resume`.
@@ -231,24 +169,14 @@ impl DeviceManager {
         &self.virtio
     }
 
-    /// Sends VIRTIO_VSOCK_EVENT_TRANSPORT_RESET to the guest and drops every vsock connection
-    /// (after a restore: the host ends of the guest's connections are gone). No-op without vsock.
-    pub fn vsock_transport_reset(&self) {
-        for s in &self.virtio {
-            if let VirtioHandle::Vsock(v) = &s.device {
-                lock(v).transport_reset();
-            }
-        }
-    }
-
-    fn build(
-        vm: &VmFd,
-        memory: &GuestMemory,
-        console: serial::SerialOut,
-        events: Sender<VmEvent>,
-        config: &DeviceConfig,
-        state: Option<&DevicesState>,
-    ) -> Result<Self, DeviceError> {
+    fn build(args: DeviceArgs<'_>, state: Option<&DevicesState>) -> Result<Self, DeviceError> {
+        let DeviceArgs {
+            vm,
+            memory,
+            console,
+            events,
+            config,
+        } = args;
         let mut pio = Bus::new();
         let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(DeviceError::EventFd)?;
         vm.register_irqfd(&serial_irq, SERIAL_IRQ)
@@ -257,39 +185,48 @@ impl DeviceManager {
                 source,
             })?;
         let serial = match state {
-            Some(s) => Serial::from_state(&s.serial, serial_irq, console)?,
+            Some(s) => Serial::restore((serial_irq, console), &s.serial)?,
             None => Serial::new(serial_irq, console),
         };
         let serial = Arc::new(Mutex::new(serial));
         pio.insert(serial.clone(), serial::COM1_PORT, serial::COM1_LEN)?;
+        let reset = ChannelTrigger(Mutex::new(events));
+        let i8042 = match state {
+            Some(_) => I8042::restore(reset, &I8042State {})?,
+            None => I8042::new(reset),
+        };
         pio.insert(
-            Arc::new(Mutex::new(I8042::new(ChannelTrigger(Mutex::new(events))))),
+            Arc::new(Mutex::new(i8042)),
             i8042::I8042_PORT,
             i8042::I8042_LEN,
         )?;
+
+        let specs = kind::slots(config);
+        let count = specs.len();
+        if count > (IRQ_MAX - IRQ_BASE + 1) as usize {
+            return Err(DeviceError::TooManyDevices(count));
+        }
         let saved = state.map(|s| s.virtio.as_slice());
-        let handles = create_virtio_devices(config, saved)?;
-        let mut mmio = Bus::new();
-        let mut virtio = Vec::with_capacity(handles.len());
-        let mut cmdline_extra = Vec::new();
-        for (i, device) in handles.into_iter().enumerate() {
-            if let Some(s) = saved.map(|s| &s[i]) {
-                let base = VIRTIO_MMIO_START + i as u64 * VIRTIO_MMIO_SLOT_SIZE;
-                if (s.base, s.irq) != (base, IRQ_BASE + i as u32) {
-                    return Err(DeviceError::StateMismatch(format!(
-                        "virtio slot {i} was at {:#x} IRQ {} in the snapshot",
-                        s.base, s.irq
-                    )));
-                }
+        if let Some(saved) = saved {
+            if saved.len() != count {
+                return Err(DeviceError::StateMismatch(format!(
+                    "the snapshot has {} virtio devices, the configuration {count}",
+                    saved.len()
+                )));
             }
-            let slot = attach_virtio(
-                vm,
-                memory,
-                &mut mmio,
-                i,
-                device,
-                saved.map(|s| &s[i].transport),
-            )?;
+        }
+        // Every device first, then the slots: a host side that is missing fails before any
+        // device is registered with KVM.
+        let devices = specs
+            .into_iter()
+            .enumerate()
+            .map(|(i, spec)| spec.build(i, saved.map(|s| &s[i].device)))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut mmio = Bus::new();
+        let mut virtio = Vec::with_capacity(count);
+        let mut cmdline_extra = Vec::new();
+        for (i, device) in devices.into_iter().enumerate() {
+            let slot = attach_virtio(vm, memory, &mut mmio, i, device, saved.map(|s| &s[i]))?;
             cmdline_extra.push(format!(
                 "virtio_mmio.device=4K@{:#x}:{}",
                 slot.base, slot.irq
@@ -300,7 +237,7 @@ impl DeviceManager {
             None
         } else {
             Some(EventLoop::start(
-                virtio.iter().map(|s| s.device.as_subscriber()).collect(),
+                virtio.iter().map(|s| s.device.subscriber()).collect(),
             )?)
         };
         Ok(Self {
@@ -312,6 +249,15 @@ impl DeviceManager {
             config: config.clone(),
             cmdline_extra,
         })
+    }
+
+    /// Tells every device that the VM it was restored into is complete: a device whose host
+    /// side did not survive the snapshot tells the guest (vsock: TRANSPORT_RESET). Call it once
+    /// the VM's interrupt controllers are restored, or the interrupts it raises are lost.
+    pub fn restored(&self) {
+        for s in &self.virtio {
+            s.device.restored();
+        }
     }
 
     pub fn serial(&self) -> &Arc<Mutex<Serial>> {
@@ -331,90 +277,70 @@ impl DeviceManager {
     }
 }
 
-/// Builds the live devices in slot order (blocks, net, vsock, rng), from saved state when given.
-fn create_virtio_devices(
-    config: &DeviceConfig,
-    saved: Option<&[VirtioSlotState]>,
-) -> Result<Vec<VirtioHandle>, DeviceError> {
-    let count = config.blocks.len()
-        + usize::from(config.net.is_some())
-        + usize::from(config.vsock.is_some())
-        + usize::from(config.rng);
-    if count > (IRQ_MAX - IRQ_BASE + 1) as usize {
-        return Err(DeviceError::TooManyDevices(count));
+/// The devices of a VM: the serial port, the i8042 (nothing to save), and every virtio slot
+/// (transport registers and device), in slot order.
+impl Persist for DeviceManager {
+    type State = DevicesState;
+    type ConstructorArgs<'a> = DeviceArgs<'a>;
+    type Error = DeviceError;
+
+    /// Take it with the vCPUs and the device loop paused (`pause`), so that queue indices and
+    /// guest memory agree.
+    fn save(&self) -> Result<DevicesState, DeviceError> {
+        let serial = lock(&self.serial).save()?;
+        let virtio = self
+            .virtio
+            .iter()
+            .enumerate()
+            .map(|(slot, s)| {
+                Ok(VirtioSlotState {
+                    base: s.base,
+                    irq: s.irq,
+                    transport: lock(&s.transport)
+                        .save()
+                        .map_err(|source| DeviceError::Transport { slot, source })?,
+                    device: s.device.save()?,
+                })
+            })
+            .collect::<Result<_, DeviceError>>()?;
+        Ok(DevicesState {
+            serial,
+            config: self.config.clone(),
+            virtio,
+        })
     }
-    if let Some(saved) = saved {
-        if saved.len() != count {
-            return Err(DeviceError::StateMismatch(format!(
-                "the snapshot has {} virtio devices, the configuration {count}",
-                saved.len()
-            )));
-        }
+
+    /// The same devices, their state taken from `state`. Then call `restored`.
+    fn restore(args: DeviceArgs<'_>, state: &DevicesState) -> Result<Self, DeviceError> {
+        Self::build(args, Some(state))
     }
-    let saved_dev = |i: usize| saved.map(|s| &s[i].device);
-    let mismatch = |i: usize, want: &str| {
-        DeviceError::StateMismatch(format!("virtio slot {i} is not a {want} in the snapshot"))
-    };
-    let mut out = Vec::with_capacity(count);
-    for b in &config.blocks {
-        let i = out.len();
-        let dev = match saved_dev(i) {
-            None => Block::new(&b.path, b.read_only, b.id.as_deref())?,
-            Some(VirtioDeviceState::Block(s)) => {
-                Block::from_state(&b.path, b.read_only, b.id.as_deref(), s)?
-            }
-            Some(_) => return Err(mismatch(i, "block device")),
-        };
-        out.push(VirtioHandle::Block(Arc::new(Mutex::new(dev))));
-    }
-    if let Some(n) = &config.net {
-        let i = out.len();
-        let dev = match saved_dev(i) {
-            None => Net::new(n)?,
-            Some(VirtioDeviceState::Net(s)) => Net::from_state(n, s)?,
-            Some(_) => return Err(mismatch(i, "net device")),
-        };
-        out.push(VirtioHandle::Net(Arc::new(Mutex::new(dev))));
-    }
-    if let Some(v) = &config.vsock {
-        let i = out.len();
-        let dev = match saved_dev(i) {
-            None => Vsock::new(v.guest_cid, &v.uds_path)?,
-            Some(VirtioDeviceState::Vsock(s)) => Vsock::from_state(s, &v.uds_path)?,
-            Some(_) => return Err(mismatch(i, "vsock device")),
-        };
-        out.push(VirtioHandle::Vsock(Arc::new(Mutex::new(dev))));
-    }
-    if config.rng {
-        let i = out.len();
-        let dev = match saved_dev(i) {
-            None => Rng::new(),
-            Some(VirtioDeviceState::Rng(s)) => Rng::from_state(s),
-            Some(_) => return Err(mismatch(i, "rng device")),
-        }
-        .map_err(DeviceError::Rng)?;
-        out.push(VirtioHandle::Rng(Arc::new(Mutex::new(dev))));
-    }
-    Ok(out)
 }
 
 /// Puts `device` on slot `index`: its irqfd, one ioeventfd per queue on QueueNotify (datamatch =
-/// queue index), and its transport on the MMIO bus.
+/// queue index), and its transport on the MMIO bus, with the registers of `saved` if given.
 fn attach_virtio(
     vm: &VmFd,
     memory: &GuestMemory,
     mmio: &mut Bus,
     index: usize,
-    device: VirtioHandle,
-    saved: Option<&MmioTransportState>,
+    device: Box<dyn VirtioComponent>,
+    saved: Option<&VirtioSlotState>,
 ) -> Result<VirtioSlot, DeviceError> {
     let base = VIRTIO_MMIO_START + index as u64 * VIRTIO_MMIO_SLOT_SIZE;
     let irq = IRQ_BASE + index as u32;
+    if let Some(s) = saved {
+        if (s.base, s.irq) != (base, irq) {
+            return Err(DeviceError::StateMismatch(format!(
+                "virtio slot {index} was at {:#x} IRQ {} in the snapshot",
+                s.base, s.irq
+            )));
+        }
+    }
     let kvm = |what| move |source| DeviceError::Kvm { what, source };
     let interrupt = Arc::new(Interrupt::new().map_err(DeviceError::EventFd)?);
     vm.register_irqfd(interrupt.irqfd(), irq)
         .map_err(kvm("a virtio irqfd"))?;
-    let dev = device.as_device();
+    let dev = device.device();
     for (q, evt) in lock(&dev).queue_events().iter().enumerate() {
         vm.register_ioevent(
             evt,
@@ -425,12 +351,17 @@ fn attach_virtio(
     }
     let transport = match saved {
         None => MmioTransport::new(memory.clone(), dev, interrupt),
-        Some(s) => MmioTransport::restore(memory.clone(), dev, interrupt, s).map_err(|source| {
-            DeviceError::Transport {
+        Some(s) => {
+            let args = TransportArgs {
+                mem: memory.clone(),
+                device: dev,
+                interrupt,
+            };
+            MmioTransport::restore(args, &s.transport).map_err(|source| DeviceError::Transport {
                 slot: index,
                 source,
-            }
-        })?,
+            })?
+        }
     };
     let transport = Arc::new(Mutex::new(transport));
     mmio.insert(transport.clone(), base, VIRTIO_MMIO_SLOT_SIZE)?;
@@ -579,7 +510,7 @@ mod tests {
 
         // State is plain data, and restores onto a fresh manager with the same queues.
         dm.pause().unwrap();
-        let state = dm.state();
+        let state = dm.save().unwrap();
         dm.resume();
         assert_eq!(state.virtio.len(), 3);
         assert_eq!(state.virtio[0].transport.queues[0].next_avail, 1);
@@ -589,12 +520,61 @@ mod tests {
         drop(dm);
         let Some((_kvm2, fd2)) = vm() else { return };
         let (tx, _rx) = std::sync::mpsc::channel();
-        let dm2 = DeviceManager::restore(&fd2, &mem, Box::new(std::io::sink()), tx, &back).unwrap();
+        let args = DeviceArgs {
+            vm: &fd2,
+            memory: &mem,
+            console: Box::new(std::io::sink()),
+            events: tx,
+            config: &back.config,
+        };
+        let dm2 = DeviceManager::restore(args, &back).unwrap();
+        dm2.restored();
         assert_eq!(mmio_read(&dm2.mmio, base + 0x70), 15);
-        let s2 = dm2.state();
+        let s2 = dm2.save().unwrap();
         assert_eq!(s2.virtio[0].transport.queues[0].next_avail, 1);
-        dm2.vsock_transport_reset();
         std::fs::remove_file(img).unwrap();
+        let _ = std::fs::remove_file(sock);
+    }
+
+    #[test]
+    fn a_slot_state_of_another_kind_or_slot_count_is_refused() {
+        let Some((_kvm, fd)) = vm() else { return };
+        let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+        let (cfg, img, sock) = config("kind");
+        let (tx, _rx) = std::sync::mpsc::channel();
+        let dm =
+            DeviceManager::new(&fd, &mem, Box::new(std::io::sink()), tx.clone(), &cfg).unwrap();
+        let saved = dm.save().unwrap();
+        drop(dm);
+        let restore = |state: &DevicesState| {
+            let Some((_kvm, fd)) = vm() else {
+                unreachable!()
+            };
+            let args = DeviceArgs {
+                vm: &fd,
+                memory: &mem,
+                console: Box::new(std::io::sink()),
+                events: tx.clone(),
+                config: &state.config,
+            };
+            DeviceManager::restore(args, state).map(|_| ())
+        };
+        restore(&saved).unwrap();
+        let mut swapped = saved.clone();
+        swapped.virtio.swap(0, 2);
+        match restore(&swapped) {
+            Err(DeviceError::StateMismatch(m)) => {
+                assert_eq!(m, "virtio slot 0 is not a block device in the snapshot")
+            }
+            other => panic!("{:?}", other.err()),
+        }
+        let mut fewer = saved.clone();
+        fewer.virtio.pop();
+        assert!(matches!(
+            restore(&fewer),
+            Err(DeviceError::StateMismatch(m)) if m.contains("has 2 virtio devices, the configuration 3")
+        ));
+        let _ = std::fs::remove_file(img);
         let _ = std::fs::remove_file(sock);
     }
 

@@ -9,4 +9,6 @@ pub mod manager;
 pub mod virtio;
 
 pub use config::{BlockConfig, DeviceConfig, MacAddr, NetBackendConfig, NetConfig, VsockConfig};
-pub use manager::{DeviceError, DeviceManager, DevicesState, VirtioDeviceState, VirtioSlotState};
+pub use manager::{
+    DeviceArgs, DeviceError, DeviceManager, DevicesState, VirtioDeviceState, VirtioSlotState,
+};

@@ -1,9 +1,11 @@
 //! The i8042 keyboard controller, present only so that a guest's reset (command 0xFE on port
 //! 0x64) ends the VM cleanly.
 
+use serde::{Deserialize, Serialize};
 use vm_superio::Trigger;
 
 use super::super::bus::BusDevice;
+use crate::component_state::Persist;
 
 /// Ports 0x60 (data) to 0x64 (command/status).
 pub const I8042_PORT: u64 = 0x60;
@@ -18,6 +20,26 @@ impl<T: Trigger> I8042<T> {
         Self {
             inner: vm_superio::I8042Device::new(reset),
         }
+    }
+}
+
+/// The controller keeps nothing a guest could observe across a snapshot (it only passes a reset
+/// command on), so its state is empty and not stored in `DevicesState`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct I8042State {}
+
+/// Constructor argument: the reset line.
+impl<T: Trigger> Persist for I8042<T> {
+    type State = I8042State;
+    type ConstructorArgs<'a> = T;
+    type Error = std::convert::Infallible;
+
+    fn save(&self) -> Result<I8042State, Self::Error> {
+        Ok(I8042State {})
+    }
+
+    fn restore(reset: T, _state: &I8042State) -> Result<Self, Self::Error> {
+        Ok(Self::new(reset))
     }
 }
 
@@ -65,5 +87,14 @@ mod tests {
         let mut s = [0xffu8];
         d.read(4, &mut s);
         assert_eq!(s[0], 0);
+    }
+
+    #[test]
+    fn a_restored_controller_still_resets() {
+        let n = Arc::new(AtomicUsize::new(0));
+        let saved = I8042::new(Count(n.clone())).save().unwrap();
+        let mut d = I8042::restore(Count(n.clone()), &saved).unwrap();
+        d.write(4, &[0xfe]);
+        assert_eq!(n.load(Ordering::SeqCst), 1);
     }
 }

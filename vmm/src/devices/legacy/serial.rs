@@ -8,6 +8,7 @@ use vm_superio::Trigger;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::super::bus::BusDevice;
+use crate::component_state::Persist;
 
 pub const COM1_PORT: u64 = 0x3f8;
 pub const COM1_LEN: u64 = 8;
@@ -89,11 +90,25 @@ impl Serial {
         }
     }
 
-    /// Rebuilds the UART from saved registers; a FIFO longer than the hardware's is refused.
-    pub fn from_state(
+    pub fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.writer_mut().flush()
+    }
+}
+
+/// Constructor arguments: the irqfd of its IRQ line and the console sink.
+impl Persist for Serial {
+    type State = SerialState;
+    type ConstructorArgs<'a> = (EventFd, SerialOut);
+    type Error = SerialStateError;
+
+    fn save(&self) -> Result<SerialState, SerialStateError> {
+        Ok(self.inner.state().into())
+    }
+
+    /// A FIFO longer than the hardware's is refused.
+    fn restore(
+        (irq, out): (EventFd, SerialOut),
         state: &SerialState,
-        irq: EventFd,
-        out: SerialOut,
     ) -> Result<Self, SerialStateError> {
         let inner = vm_superio::Serial::from_state(
             &state.clone().into(),
@@ -103,14 +118,6 @@ impl Serial {
         )
         .map_err(|e| SerialStateError(format!("{e:?}")))?;
         Ok(Self { inner })
-    }
-
-    pub fn state(&self) -> SerialState {
-        self.inner.state().into()
-    }
-
-    pub fn flush(&mut self) -> std::io::Result<()> {
-        self.inner.writer_mut().flush()
     }
 }
 
@@ -178,17 +185,20 @@ mod tests {
         s.write(0, &[0x01]); // divisor low
         s.write(3, &[0x03]); // 8N1, DLAB off
         s.write(7, &[0x5a]); // scratch
-        let saved = s.state();
-        let r = Serial::from_state(&saved, irq.try_clone().unwrap(), Box::new(std::io::sink()))
-            .unwrap();
-        assert_eq!(r.state(), saved);
+        let saved = s.save().unwrap();
+        let r = Serial::restore(
+            (irq.try_clone().unwrap(), Box::new(std::io::sink())),
+            &saved,
+        )
+        .unwrap();
+        assert_eq!(r.save().unwrap(), saved);
         assert_eq!(
             (saved.baud_divisor_low, saved.line_control, saved.scratch),
             (1, 3, 0x5a)
         );
         let mut bad = saved;
         bad.in_buffer = vec![0; 1 << 20];
-        assert!(Serial::from_state(&bad, irq, Box::new(std::io::sink())).is_err());
+        assert!(Serial::restore((irq, Box::new(std::io::sink())), &bad).is_err());
     }
 
     #[test]

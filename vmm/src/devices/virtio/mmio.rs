@@ -21,6 +21,7 @@ use super::{
     ActiveQueues, Interrupt, QueueSnapshot, VirtioDevice, INT_CONFIG, VIRTIO_F_VERSION_1,
     VIRTIO_RING_F_EVENT_IDX,
 };
+use crate::component_state::Persist;
 use crate::devices::bus::BusDevice;
 use crate::memory::GuestMemory;
 
@@ -172,75 +173,6 @@ impl MmioTransport {
 
     pub fn last_error(&self) -> Option<&str> {
         self.last_error.as_deref()
-    }
-
-    /// The registers, with queue indices taken from the live device when it runs.
-    pub fn state(&self) -> MmioTransportState {
-        let dev = lock(&self.device);
-        // A device may run on fewer queues than it has (those its features use): the rest are
-        // as the driver left them.
-        let live = dev.active_queues().unwrap_or(&[]);
-        let queues = self
-            .queues
-            .iter()
-            .enumerate()
-            .map(|(i, q)| QueueSnapshot::of(live.get(i).unwrap_or(q)))
-            .collect();
-        MmioTransportState {
-            device_type: self.device_type,
-            status: self.status,
-            device_features_sel: self.device_features_sel,
-            driver_features_sel: self.driver_features_sel,
-            acked_features: self.acked_features,
-            queue_sel: self.queue_sel,
-            interrupt_status: self.interrupt.status(),
-            config_generation: self.config_generation,
-            queues,
-            bad_queues: self.bad_queues.clone(),
-        }
-    }
-
-    /// Builds the transport from saved registers; a device that was running (DRIVER_OK) is
-    /// activated again on its saved queues, so it continues where it stopped.
-    pub fn restore(
-        mem: GuestMemory,
-        device: Arc<Mutex<dyn VirtioDevice>>,
-        interrupt: Arc<Interrupt>,
-        state: &MmioTransportState,
-    ) -> Result<Self, RestoreError> {
-        let mut t = Self::new(mem, device, interrupt);
-        if state.device_type != t.device_type {
-            return Err(RestoreError::DeviceType {
-                saved: state.device_type,
-                device: t.device_type,
-            });
-        }
-        if state.queues.len() != t.max_sizes.len() {
-            return Err(RestoreError::QueueCount {
-                saved: state.queues.len(),
-                device: t.max_sizes.len(),
-            });
-        }
-        for (i, (s, &max)) in state.queues.iter().zip(&t.max_sizes).enumerate() {
-            if s.max_size != max {
-                return Err(RestoreError::Queue(i));
-            }
-            t.queues[i] = s.to_queue().ok_or(RestoreError::Queue(i))?;
-        }
-        t.status = state.status;
-        t.device_features_sel = state.device_features_sel;
-        t.driver_features_sel = state.driver_features_sel;
-        t.acked_features = state.acked_features;
-        t.queue_sel = state.queue_sel;
-        t.config_generation = state.config_generation;
-        if state.bad_queues.len() == t.queues.len() {
-            t.bad_queues = state.bad_queues.clone();
-        }
-        t.interrupt.set_status(state.interrupt_status);
-        if t.status & S_DRIVER_OK != 0 && t.status & S_NEEDS_RESET == 0 {
-            t.activate().map_err(RestoreError::Activate)?;
-        }
-        Ok(t)
     }
 
     fn selected_queue(&mut self) -> Option<(&mut Queue, &mut bool)> {
@@ -467,6 +399,84 @@ impl MmioTransport {
     }
 }
 
+/// What a transport is built on: guest memory, the device behind the registers and the slot's
+/// interrupt line.
+pub struct TransportArgs {
+    pub mem: GuestMemory,
+    pub device: Arc<Mutex<dyn VirtioDevice>>,
+    pub interrupt: Arc<Interrupt>,
+}
+
+impl Persist for MmioTransport {
+    type State = MmioTransportState;
+    type ConstructorArgs<'a> = TransportArgs;
+    type Error = RestoreError;
+
+    /// The registers, with queue indices taken from the live device when it runs.
+    fn save(&self) -> Result<MmioTransportState, RestoreError> {
+        let dev = lock(&self.device);
+        // A device may run on fewer queues than it has (those its features use): the rest are
+        // as the driver left them.
+        let live = dev.active_queues().unwrap_or(&[]);
+        let queues = self
+            .queues
+            .iter()
+            .enumerate()
+            .map(|(i, q)| QueueSnapshot::of(live.get(i).unwrap_or(q)))
+            .collect();
+        Ok(MmioTransportState {
+            device_type: self.device_type,
+            status: self.status,
+            device_features_sel: self.device_features_sel,
+            driver_features_sel: self.driver_features_sel,
+            acked_features: self.acked_features,
+            queue_sel: self.queue_sel,
+            interrupt_status: self.interrupt.status(),
+            config_generation: self.config_generation,
+            queues,
+            bad_queues: self.bad_queues.clone(),
+        })
+    }
+
+    /// Builds the transport from saved registers; a device that was running (DRIVER_OK) is
+    /// activated again on its saved queues, so it continues where it stopped.
+    fn restore(args: TransportArgs, state: &MmioTransportState) -> Result<Self, RestoreError> {
+        let mut t = Self::new(args.mem, args.device, args.interrupt);
+        if state.device_type != t.device_type {
+            return Err(RestoreError::DeviceType {
+                saved: state.device_type,
+                device: t.device_type,
+            });
+        }
+        if state.queues.len() != t.max_sizes.len() {
+            return Err(RestoreError::QueueCount {
+                saved: state.queues.len(),
+                device: t.max_sizes.len(),
+            });
+        }
+        for (i, (s, &max)) in state.queues.iter().zip(&t.max_sizes).enumerate() {
+            if s.max_size != max {
+                return Err(RestoreError::Queue(i));
+            }
+            t.queues[i] = s.to_queue().ok_or(RestoreError::Queue(i))?;
+        }
+        t.status = state.status;
+        t.device_features_sel = state.device_features_sel;
+        t.driver_features_sel = state.driver_features_sel;
+        t.acked_features = state.acked_features;
+        t.queue_sel = state.queue_sel;
+        t.config_generation = state.config_generation;
+        if state.bad_queues.len() == t.queues.len() {
+            t.bad_queues = state.bad_queues.clone();
+        }
+        t.interrupt.set_status(state.interrupt_status);
+        if t.status & S_DRIVER_OK != 0 && t.status & S_NEEDS_RESET == 0 {
+            t.activate().map_err(RestoreError::Activate)?;
+        }
+        Ok(t)
+    }
+}
+
 impl BusDevice for MmioTransport {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         if offset >= CONFIG {
@@ -512,11 +522,12 @@ pub(crate) fn lock<T: ?Sized>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::devices::virtio::{ActivateError, COMMON_FEATURES};
+    use crate::devices::virtio::{ActivateError, VirtioCommon, COMMON_FEATURES};
     use vmm_sys_util::eventfd::EventFd;
 
     /// A device that records what the transport does to it.
     pub struct Dummy {
+        pub common: VirtioCommon,
         pub evts: Vec<EventFd>,
         pub active: Option<ActiveQueues>,
         pub resets: u32,
@@ -528,6 +539,7 @@ pub(crate) mod tests {
     impl Dummy {
         pub fn new() -> Self {
             Self {
+                common: VirtioCommon::new(COMMON_FEATURES | 1 << 3, 2).unwrap(),
                 evts: super::super::queue_eventfds(2).unwrap(),
                 active: None,
                 resets: 0,
@@ -565,6 +577,12 @@ pub(crate) mod tests {
                 c.copy_from_slice(data)
             }
         }
+        fn common(&self) -> &VirtioCommon {
+            &self.common
+        }
+        fn common_mut(&mut self) -> &mut VirtioCommon {
+            &mut self.common
+        }
         fn queue_events(&self) -> &[EventFd] {
             &self.evts
         }
@@ -583,6 +601,14 @@ pub(crate) mod tests {
 
     fn mem() -> GuestMemory {
         GuestMemory::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap()
+    }
+
+    fn args(device: Arc<Mutex<Dummy>>) -> TransportArgs {
+        TransportArgs {
+            mem: mem(),
+            device,
+            interrupt: Arc::new(Interrupt::new().unwrap()),
+        }
     }
 
     fn transport() -> (MmioTransport, Arc<Mutex<Dummy>>) {
@@ -691,20 +717,14 @@ pub(crate) mod tests {
         assert_eq!(r(&mut t, STATUS), ALL, "{:?}", t.last_error());
         assert_eq!(dev.lock().unwrap().active.as_ref().unwrap().queues.len(), 1);
         // The snapshot view: the live first queue, the second as the driver left it.
-        let state = t.state();
+        let state = t.save().unwrap();
         assert_eq!(state.queues.len(), 2);
         assert!(state.queues[0].ready);
         assert!(!state.queues[1].ready);
         let dev2 = Arc::new(Mutex::new(Dummy::new()));
         dev2.lock().unwrap().optional_second = true;
-        let t2 = MmioTransport::restore(
-            mem(),
-            dev2.clone(),
-            Arc::new(Interrupt::new().unwrap()),
-            &state,
-        )
-        .unwrap();
-        assert_eq!(t2.state(), state);
+        let t2 = MmioTransport::restore(args(dev2.clone()), &state).unwrap();
+        assert_eq!(t2.save().unwrap(), state);
         assert_eq!(
             dev2.lock().unwrap().active.as_ref().unwrap().queues.len(),
             1
@@ -851,14 +871,12 @@ pub(crate) mod tests {
         setup_queue(&mut t, 0, 16, 0x1_0000);
         setup_queue(&mut t, 1, 8, 0x3_0000);
         w(&mut t, STATUS, ALL);
-        let s = t.state();
+        let s = t.save().unwrap();
         let json = serde_json::to_string(&s).unwrap();
         let s2: MmioTransportState = serde_json::from_str(&json).unwrap();
         assert_eq!(s, s2);
         let dev = Arc::new(Mutex::new(Dummy::new()));
-        let t2 =
-            MmioTransport::restore(mem(), dev.clone(), Arc::new(Interrupt::new().unwrap()), &s2)
-                .unwrap();
+        let t2 = MmioTransport::restore(args(dev.clone()), &s2).unwrap();
         assert_eq!(t2.status(), ALL);
         assert_eq!(
             dev.lock().unwrap().active.as_ref().unwrap().queues[1].avail_ring(),
@@ -867,12 +885,6 @@ pub(crate) mod tests {
         // A state for another device type is refused.
         let mut bad = s2.clone();
         bad.device_type = 1;
-        assert!(MmioTransport::restore(
-            mem(),
-            Arc::new(Mutex::new(Dummy::new())),
-            Arc::new(Interrupt::new().unwrap()),
-            &bad
-        )
-        .is_err());
+        assert!(MmioTransport::restore(args(Arc::new(Mutex::new(Dummy::new()))), &bad).is_err());
     }
 }

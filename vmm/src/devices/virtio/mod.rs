@@ -29,7 +29,9 @@
 
 pub mod block;
 pub mod chain;
+pub mod common;
 pub mod event_loop;
+pub mod kind;
 pub mod mmio;
 pub mod net;
 pub mod rng;
@@ -45,6 +47,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::memory::GuestMemory;
 
+pub use common::VirtioCommon;
 pub use mmio::{MmioTransport, MmioTransportState};
 
 /// Feature bits every device offers (the transport refuses a driver that does not take
@@ -148,7 +151,9 @@ impl ActiveQueues {
     }
 }
 
-/// The device side of a virtio device, as the transport sees it.
+/// The device side of a virtio device, as the transport sees it. Features, queue eventfds,
+/// activation and reset default to the device's [`VirtioCommon`]; a device overrides them only
+/// for what it does beyond that.
 pub trait VirtioDevice: Send {
     /// Virtio device type (`TYPE_*`).
     fn device_type(&self) -> u32;
@@ -160,21 +165,50 @@ pub trait VirtioDevice: Send {
     fn queues_in_use(&self, _acked_features: u64) -> usize {
         self.queue_max_sizes().len()
     }
-    /// Every feature bit the device offers, `COMMON_FEATURES` included.
-    fn avail_features(&self) -> u64;
+    /// The device-specific config space (none by default).
+    fn config_space(&self) -> &[u8] {
+        &[]
+    }
     /// Reads the device-specific config space; bytes past its end read as zero.
-    fn read_config(&self, offset: u64, data: &mut [u8]);
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        read_config_bytes(self.config_space(), offset, data)
+    }
     /// Writes the device-specific config space; read-only fields ignore writes.
     fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
+    fn common(&self) -> &VirtioCommon;
+    fn common_mut(&mut self) -> &mut VirtioCommon;
+    /// Every feature bit the device offers, `COMMON_FEATURES` included.
+    fn avail_features(&self) -> u64 {
+        self.common().avail_features
+    }
     /// One eventfd per queue, signalled by the guest's QueueNotify (ioeventfd) and watched by the
     /// device in the event loop.
-    fn queue_events(&self) -> &[EventFd];
+    fn queue_events(&self) -> &[EventFd] {
+        let n = self.queue_max_sizes().len();
+        let evts = &self.common().queue_evts;
+        &evts[..n.min(evts.len())]
+    }
     /// Starts the device on validated queues.
-    fn activate(&mut self, active: ActiveQueues) -> Result<(), ActivateError>;
+    fn activate(&mut self, active: ActiveQueues) -> Result<(), ActivateError> {
+        let expected = self.queues_in_use(active.acked_features);
+        self.common_mut().activate(active, expected)?;
+        self.activated();
+        Ok(())
+    }
+    /// Runs once the device has its queues. Requests queued before DRIVER_OK (or before the
+    /// snapshot a device is restored from) would otherwise wait for the next kick: by default
+    /// the first queue's handler runs at once.
+    fn activated(&mut self) {
+        self.common().kick(0);
+    }
     /// The live queues while active (their indices are what a snapshot must capture).
-    fn active_queues(&self) -> Option<&[Queue]>;
+    fn active_queues(&self) -> Option<&[Queue]> {
+        self.common().active_queues()
+    }
     /// Back to the pre-activation state: queues dropped, no further guest memory access.
-    fn reset(&mut self);
+    fn reset(&mut self) {
+        self.common_mut().reset();
+    }
 }
 
 /// A split virtqueue's registers and indices, as plain data.

@@ -3,15 +3,12 @@
 
 use event_manager::{EventOps, Events, MutEventSubscriber};
 use serde::{Deserialize, Serialize};
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::QueueT;
 use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::eventfd::EventFd;
 
 use super::chain::{self, BufWriter};
-use super::{
-    drain_queue, queue_eventfds, ActivateError, ActiveQueues, VirtioDevice, COMMON_FEATURES,
-    TYPE_RNG,
-};
+use super::{drain_queue, VirtioCommon, VirtioDevice, COMMON_FEATURES, TYPE_RNG};
+use crate::component_state::Persist;
 
 pub const QUEUE_SIZE: u16 = 256;
 /// Bytes handed out per request at most; a driver asking for more gets this much (the used
@@ -22,32 +19,26 @@ pub const MAX_REQUEST: usize = 64 * 1024;
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RngState {}
 
+#[derive(Debug, thiserror::Error)]
+#[error("cannot create an eventfd: {0}")]
+pub struct RngError(#[source] pub std::io::Error);
+
 pub struct Rng {
-    queue_evts: Vec<EventFd>,
-    active: Option<ActiveQueues>,
+    common: VirtioCommon,
     buf: Vec<u8>,
 }
 
 impl Rng {
     pub fn new() -> std::io::Result<Self> {
         Ok(Self {
-            queue_evts: queue_eventfds(1)?,
-            active: None,
+            common: VirtioCommon::new(COMMON_FEATURES, 1)?,
             buf: Vec::new(),
         })
     }
 
-    pub fn from_state(_state: &RngState) -> std::io::Result<Self> {
-        Self::new()
-    }
-
-    pub fn state(&self) -> RngState {
-        RngState {}
-    }
-
     /// Serves every pending request; returns whether the guest was interrupted.
     pub fn process_queue(&mut self) -> bool {
-        let Some(a) = self.active.as_mut() else {
+        let Some(a) = self.common.active.as_mut() else {
             return false;
         };
         let buf = &mut self.buf;
@@ -90,6 +81,21 @@ fn getrandom(buf: &mut [u8]) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Nothing but the queues, which the transport restores.
+impl Persist for Rng {
+    type State = RngState;
+    type ConstructorArgs<'a> = ();
+    type Error = RngError;
+
+    fn save(&self) -> Result<RngState, RngError> {
+        Ok(RngState {})
+    }
+
+    fn restore((): (), _state: &RngState) -> Result<Self, RngError> {
+        Self::new().map_err(RngError)
+    }
+}
+
 impl VirtioDevice for Rng {
     fn device_type(&self) -> u32 {
         TYPE_RNG
@@ -97,39 +103,23 @@ impl VirtioDevice for Rng {
     fn queue_max_sizes(&self) -> &[u16] {
         &[QUEUE_SIZE]
     }
-    fn avail_features(&self) -> u64 {
-        COMMON_FEATURES
+    fn common(&self) -> &VirtioCommon {
+        &self.common
     }
-    fn read_config(&self, _offset: u64, data: &mut [u8]) {
-        data.fill(0);
-    }
-    fn queue_events(&self) -> &[EventFd] {
-        &self.queue_evts
-    }
-    fn activate(&mut self, active: ActiveQueues) -> Result<(), ActivateError> {
-        active.check_count(1)?;
-        self.active = Some(active);
-        // Requests queued before DRIVER_OK would otherwise wait for the next kick.
-        let _ = self.queue_evts[0].write(1);
-        Ok(())
-    }
-    fn active_queues(&self) -> Option<&[Queue]> {
-        self.active.as_ref().map(|a| a.queues.as_slice())
-    }
-    fn reset(&mut self) {
-        self.active = None;
+    fn common_mut(&mut self) -> &mut VirtioCommon {
+        &mut self.common
     }
 }
 
 impl MutEventSubscriber for Rng {
     fn init(&mut self, ops: &mut EventOps) {
-        if let Err(e) = ops.add(Events::new(&self.queue_evts[0], EventSet::IN)) {
+        if let Err(e) = ops.add(Events::new(&self.common.queue_evts[0], EventSet::IN)) {
             eprintln!("virtio-rng: cannot watch its queue: {e:?}");
         }
     }
 
     fn process(&mut self, _events: Events, _ops: &mut EventOps) {
-        let _ = self.queue_evts[0].read();
+        let _ = self.common.queue_evts[0].read();
         self.process_queue();
     }
 }
@@ -138,11 +128,11 @@ impl MutEventSubscriber for Rng {
 mod tests {
     use super::*;
     use crate::devices::virtio::chain::tests::{d, mem};
-    use crate::devices::virtio::Interrupt;
+    use crate::devices::virtio::{ActiveQueues, Interrupt};
     use std::sync::Arc;
     use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
     use virtio_queue::mock::MockSplitQueue;
-    use virtio_queue::QueueT;
+    use virtio_queue::{Queue, QueueT};
     use vm_memory::{Bytes, GuestAddress};
 
     #[test]

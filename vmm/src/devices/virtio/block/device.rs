@@ -14,16 +14,15 @@ use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX,
     VIRTIO_BLK_F_WRITE_ZEROES, VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK,
 };
-use virtio_queue::Queue;
 use vm_memory::{Bytes, GuestMemoryBackend};
 use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::eventfd::EventFd;
 
 use super::request::{self, Limits, Request, RequestType, SECTOR_SHIFT};
+use crate::component_state::Persist;
+use crate::devices::config::BlockConfig;
 use crate::devices::virtio::chain::{self, Buf};
 use crate::devices::virtio::{
-    drain_queue, queue_eventfds, read_config_bytes, ActivateError, ActiveQueues, VirtioDevice,
-    COMMON_FEATURES, TYPE_BLOCK,
+    drain_queue, VirtioCommon, VirtioDevice, COMMON_FEATURES, TYPE_BLOCK,
 };
 use crate::memory::GuestMemory;
 
@@ -76,10 +75,8 @@ pub struct Block {
     read_only: bool,
     id: String,
     capacity: u64,
-    avail_features: u64,
     config: [u8; CONFIG_LEN],
-    queue_evts: Vec<EventFd>,
-    active: Option<ActiveQueues>,
+    common: VirtioCommon,
 }
 
 /// Whether the file system punches holes (probed past the end of the file, which changes
@@ -163,43 +160,11 @@ impl Block {
             read_only,
             id,
             capacity,
-            avail_features,
             config: [0; CONFIG_LEN],
-            queue_evts: queue_eventfds(1).map_err(BlockError::EventFd)?,
-            active: None,
+            common: VirtioCommon::new(avail_features, 1).map_err(BlockError::EventFd)?,
         };
         b.build_config();
         Ok(b)
-    }
-
-    /// Rebuilds the device from a snapshot, checking the image still matches.
-    pub fn from_state(
-        path: &Path,
-        read_only: bool,
-        id: Option<&str>,
-        state: &BlockState,
-    ) -> Result<Self, BlockError> {
-        let mut b = Self::new(path, read_only, id)?;
-        if b.capacity != state.capacity_sectors {
-            return Err(BlockError::CapacityChanged {
-                path: path.to_path_buf(),
-                saved: state.capacity_sectors,
-                now: b.capacity,
-            });
-        }
-        // The driver negotiated against the saved feature set: keep offering exactly that.
-        b.avail_features = state.avail_features;
-        b.build_config();
-        Ok(b)
-    }
-
-    pub fn state(&self) -> BlockState {
-        BlockState {
-            capacity_sectors: self.capacity,
-            read_only: self.read_only,
-            id: self.id.clone(),
-            avail_features: self.avail_features,
-        }
     }
 
     pub fn capacity_sectors(&self) -> u64 {
@@ -216,12 +181,13 @@ impl Block {
         c[0..8].copy_from_slice(&self.capacity.to_le_bytes());
         c[12..16].copy_from_slice(&SEG_MAX.to_le_bytes());
         c[34..36].copy_from_slice(&1u16.to_le_bytes()); // num_queues
-        if self.avail_features & 1 << VIRTIO_BLK_F_DISCARD != 0 {
+        let avail_features = self.common.avail_features;
+        if avail_features & 1 << VIRTIO_BLK_F_DISCARD != 0 {
             c[36..40].copy_from_slice(&MAX_DISCARD_SECTORS.to_le_bytes());
             c[40..44].copy_from_slice(&MAX_DISCARD_SEGMENTS.to_le_bytes());
             c[44..48].copy_from_slice(&1u32.to_le_bytes());
         }
-        if self.avail_features & 1 << VIRTIO_BLK_F_WRITE_ZEROES != 0 {
+        if avail_features & 1 << VIRTIO_BLK_F_WRITE_ZEROES != 0 {
             c[48..52].copy_from_slice(&MAX_DISCARD_SECTORS.to_le_bytes());
             c[52..56].copy_from_slice(&MAX_DISCARD_SEGMENTS.to_le_bytes());
             c[56] = 1; // write_zeroes_may_unmap
@@ -239,7 +205,7 @@ impl Block {
     /// Serves every pending request; returns whether the guest was interrupted.
     pub fn process_queue(&mut self) -> bool {
         let limits = self.limits();
-        let Some(a) = self.active.as_mut() else {
+        let Some(a) = self.common.active.as_mut() else {
             return false;
         };
         let mem = &a.mem;
@@ -392,6 +358,39 @@ fn transfer(
     Ok(())
 }
 
+/// Constructor argument: the disk as configured now (a fork's is its own copy).
+impl Persist for Block {
+    type State = BlockState;
+    type ConstructorArgs<'a> = &'a BlockConfig;
+    type Error = BlockError;
+
+    fn save(&self) -> Result<BlockState, BlockError> {
+        Ok(BlockState {
+            capacity_sectors: self.capacity,
+            read_only: self.read_only,
+            id: self.id.clone(),
+            avail_features: self.common.avail_features,
+        })
+    }
+
+    /// Opens the image and checks it still has the saved capacity.
+    fn restore(config: &BlockConfig, state: &BlockState) -> Result<Self, BlockError> {
+        let path = &config.path;
+        let mut b = Self::new(path, config.read_only, config.id.as_deref())?;
+        if b.capacity != state.capacity_sectors {
+            return Err(BlockError::CapacityChanged {
+                path: path.clone(),
+                saved: state.capacity_sectors,
+                now: b.capacity,
+            });
+        }
+        // The driver negotiated against the saved feature set: keep offering exactly that.
+        b.common.avail_features = state.avail_features;
+        b.build_config();
+        Ok(b)
+    }
+}
+
 impl VirtioDevice for Block {
     fn device_type(&self) -> u32 {
         TYPE_BLOCK
@@ -399,32 +398,20 @@ impl VirtioDevice for Block {
     fn queue_max_sizes(&self) -> &[u16] {
         &[QUEUE_SIZE]
     }
-    fn avail_features(&self) -> u64 {
-        self.avail_features
+    fn config_space(&self) -> &[u8] {
+        &self.config
     }
-    fn read_config(&self, offset: u64, data: &mut [u8]) {
-        read_config_bytes(&self.config, offset, data)
+    fn common(&self) -> &VirtioCommon {
+        &self.common
     }
-    fn queue_events(&self) -> &[EventFd] {
-        &self.queue_evts
-    }
-    fn activate(&mut self, active: ActiveQueues) -> Result<(), ActivateError> {
-        active.check_count(1)?;
-        self.active = Some(active);
-        let _ = self.queue_evts[0].write(1);
-        Ok(())
-    }
-    fn active_queues(&self) -> Option<&[Queue]> {
-        self.active.as_ref().map(|a| a.queues.as_slice())
-    }
-    fn reset(&mut self) {
-        self.active = None;
+    fn common_mut(&mut self) -> &mut VirtioCommon {
+        &mut self.common
     }
 }
 
 impl MutEventSubscriber for Block {
     fn init(&mut self, ops: &mut EventOps) {
-        if let Err(e) = ops.add(Events::new(&self.queue_evts[0], EventSet::IN)) {
+        if let Err(e) = ops.add(Events::new(&self.common.queue_evts[0], EventSet::IN)) {
             eprintln!(
                 "virtio-blk {}: cannot watch its queue: {e:?}",
                 self.path.display()
@@ -433,7 +420,7 @@ impl MutEventSubscriber for Block {
     }
 
     fn process(&mut self, _events: Events, _ops: &mut EventOps) {
-        let _ = self.queue_evts[0].read();
+        let _ = self.common.queue_evts[0].read();
         self.process_queue();
     }
 }

@@ -6,6 +6,8 @@ use virtio_bindings::virtio_blk::*;
 use vm_memory::{Bytes, GuestAddress};
 
 use super::*;
+use crate::component_state::Persist;
+use crate::devices::config::BlockConfig;
 use crate::devices::virtio::chain::tests::mem;
 use crate::devices::virtio::testutil::TestQueue;
 use crate::devices::virtio::{ActiveQueues, Interrupt, VirtioDevice, COMMON_FEATURES};
@@ -280,9 +282,15 @@ fn bad_host_input_is_a_clear_error_at_construction() {
 fn state_round_trip_checks_capacity() {
     let img = TempImage::new("state", 4096);
     let b = Block::new(&img.0, false, Some("x")).unwrap();
-    let s: BlockState = serde_json::from_str(&serde_json::to_string(&b.state()).unwrap()).unwrap();
-    let b2 = Block::from_state(&img.0, false, Some("x"), &s).unwrap();
-    assert_eq!(b2.state(), s);
+    let s: BlockState =
+        serde_json::from_str(&serde_json::to_string(&b.save().unwrap()).unwrap()).unwrap();
+    let config = BlockConfig {
+        path: img.0.clone(),
+        read_only: false,
+        id: Some("x".into()),
+    };
+    let b2 = Block::restore(&config, &s).unwrap();
+    assert_eq!(b2.save().unwrap(), s);
     std::fs::OpenOptions::new()
         .append(true)
         .open(&img.0)
@@ -290,7 +298,7 @@ fn state_round_trip_checks_capacity() {
         .write_all(&[0; 512])
         .unwrap();
     assert!(matches!(
-        Block::from_state(&img.0, false, Some("x"), &s),
+        Block::restore(&config, &s),
         Err(BlockError::CapacityChanged { .. })
     ));
 }

@@ -17,16 +17,14 @@ use virtio_bindings::virtio_net::{
     VIRTIO_NET_F_CTRL_MAC_ADDR, VIRTIO_NET_F_CTRL_VQ, VIRTIO_NET_F_MAC, VIRTIO_NET_F_STATUS,
     VIRTIO_NET_S_LINK_UP,
 };
-use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use virtio_queue::{QueueOwnedT, QueueT};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use self::backend::{Backend, BackendError, Passt, Tap, MAX_FRAME};
 use super::chain::{self, BufReader, BufWriter};
-use super::{
-    drain_queue, queue_eventfds, read_config_bytes, ActivateError, ActiveQueues, VirtioDevice,
-    COMMON_FEATURES, TYPE_NET,
-};
+use super::{drain_queue, VirtioCommon, VirtioDevice, COMMON_FEATURES, TYPE_NET};
+use crate::component_state::Persist;
 use crate::devices::config::{MacAddr, NetBackendConfig, NetConfig};
 
 pub const QUEUE_SIZE: u16 = 256;
@@ -85,11 +83,9 @@ pub struct Net {
     /// The configured address, which a device reset returns to.
     base_mac: MacAddr,
     backend: Backend,
-    avail_features: u64,
     config: [u8; 8],
-    queue_evts: Vec<EventFd>,
+    common: VirtioCommon,
     control_evt: EventFd,
-    active: Option<ActiveQueues>,
     /// A frame read from the back end that no guest buffer has taken yet.
     pending_rx: Option<Vec<u8>>,
     backend_readable: bool,
@@ -123,26 +119,16 @@ impl Net {
             mac,
             base_mac: mac,
             backend,
-            avail_features: COMMON_FEATURES | FEATURES,
             config: cfg,
-            queue_evts: queue_eventfds(QUEUE_SIZES_CTRL.len()).map_err(NetError::EventFd)?,
+            common: VirtioCommon::new(COMMON_FEATURES | FEATURES, QUEUE_SIZES_CTRL.len())
+                .map_err(NetError::EventFd)?,
             control_evt: EventFd::new(EFD_NONBLOCK).map_err(NetError::EventFd)?,
-            active: None,
             pending_rx: None,
             backend_readable: true,
             backend_lost: None,
             frame: Vec::with_capacity(MAX_FRAME),
             stats: NetStats::default(),
         })
-    }
-
-    /// The guest continues with the address it had (`state.mac`); `config.mac` (a fork's own)
-    /// is what a device reset returns to, and what the fork's guest is asked to take.
-    pub fn from_state(config: &NetConfig, state: &NetState) -> Result<Self, NetError> {
-        let mut n = Self::new(config)?;
-        n.set_mac(state.mac);
-        n.avail_features = state.avail_features;
-        Ok(n)
     }
 
     fn set_mac(&mut self, mac: MacAddr) {
@@ -156,12 +142,12 @@ impl Net {
     }
 
     fn has_ctrl_queue(&self) -> bool {
-        self.avail_features & 1 << VIRTIO_NET_F_CTRL_VQ != 0
+        self.common.avail_features & 1 << VIRTIO_NET_F_CTRL_VQ != 0
     }
 
     /// Answers the driver's control commands (a MAC address change, mostly).
     pub fn process_ctrl(&mut self) -> bool {
-        let Some(a) = self.active.as_mut() else {
+        let Some(a) = self.common.active.as_mut() else {
             return false;
         };
         let Some(q) = a.queues.get_mut(CTRLQ) else {
@@ -181,13 +167,6 @@ impl Net {
         drained.notify
     }
 
-    pub fn state(&self) -> NetState {
-        NetState {
-            mac: self.mac,
-            avail_features: self.avail_features,
-        }
-    }
-
     pub fn stats(&self) -> NetStats {
         self.stats
     }
@@ -198,7 +177,7 @@ impl Net {
 
     /// Sends the guest's frames to the back end.
     pub fn process_tx(&mut self) -> bool {
-        let Some(a) = self.active.as_mut() else {
+        let Some(a) = self.common.active.as_mut() else {
             return false;
         };
         let mem = &a.mem;
@@ -235,7 +214,7 @@ impl Net {
 
     /// Moves frames from the back end into the guest's RX buffers while both have some.
     pub fn process_rx(&mut self) -> bool {
-        let Some(a) = self.active.as_mut() else {
+        let Some(a) = self.common.active.as_mut() else {
             return false;
         };
         let mem = &a.mem;
@@ -313,6 +292,29 @@ impl Net {
     }
 }
 
+/// Constructor argument: the network as configured now (a fork's is its own back end and MAC).
+impl Persist for Net {
+    type State = NetState;
+    type ConstructorArgs<'a> = &'a NetConfig;
+    type Error = NetError;
+
+    fn save(&self) -> Result<NetState, NetError> {
+        Ok(NetState {
+            mac: self.mac,
+            avail_features: self.common.avail_features,
+        })
+    }
+
+    /// The guest continues with the address it had (`state.mac`); `config.mac` (a fork's own)
+    /// is what a device reset returns to, and what the fork's guest is asked to take.
+    fn restore(config: &NetConfig, state: &NetState) -> Result<Self, NetError> {
+        let mut n = Self::new(config)?;
+        n.set_mac(state.mac);
+        n.common.avail_features = state.avail_features;
+        Ok(n)
+    }
+}
+
 impl VirtioDevice for Net {
     fn device_type(&self) -> u32 {
         TYPE_NET
@@ -331,26 +333,21 @@ impl VirtioDevice for Net {
             2
         }
     }
-    fn avail_features(&self) -> u64 {
-        self.avail_features
+    fn config_space(&self) -> &[u8] {
+        &self.config
     }
-    fn read_config(&self, offset: u64, data: &mut [u8]) {
-        read_config_bytes(&self.config, offset, data)
+    fn common(&self) -> &VirtioCommon {
+        &self.common
     }
-    fn queue_events(&self) -> &[EventFd] {
-        &self.queue_evts[..self.queue_max_sizes().len()]
+    fn common_mut(&mut self) -> &mut VirtioCommon {
+        &mut self.common
     }
-    fn activate(&mut self, active: ActiveQueues) -> Result<(), ActivateError> {
-        active.check_count(self.queues_in_use(active.acked_features))?;
-        self.active = Some(active);
+    /// Frames the guest queued for TX, and control commands, wait on the loop's next turn.
+    fn activated(&mut self) {
         let _ = self.control_evt.write(1);
-        Ok(())
-    }
-    fn active_queues(&self) -> Option<&[Queue]> {
-        self.active.as_ref().map(|a| a.queues.as_slice())
     }
     fn reset(&mut self) {
-        self.active = None;
+        self.common.reset();
         self.pending_rx = None;
         self.set_mac(self.base_mac);
     }
@@ -391,9 +388,9 @@ impl Net {
 impl MutEventSubscriber for Net {
     fn init(&mut self, ops: &mut EventOps) {
         let evs = [
-            Events::with_data(&self.queue_evts[RXQ], EV_RXQ, EventSet::IN),
-            Events::with_data(&self.queue_evts[TXQ], EV_TXQ, EventSet::IN),
-            Events::with_data(&self.queue_evts[CTRLQ], EV_CTRLQ, EventSet::IN),
+            Events::with_data(&self.common.queue_evts[RXQ], EV_RXQ, EventSet::IN),
+            Events::with_data(&self.common.queue_evts[TXQ], EV_TXQ, EventSet::IN),
+            Events::with_data(&self.common.queue_evts[CTRLQ], EV_CTRLQ, EventSet::IN),
             Events::with_data(&self.control_evt, EV_CONTROL, EventSet::IN),
             Events::with_data_raw(
                 self.backend.fd(),
@@ -412,14 +409,14 @@ impl MutEventSubscriber for Net {
         self.maybe_reconnect(ops);
         match events.data() {
             EV_RXQ => {
-                let _ = self.queue_evts[RXQ].read();
+                let _ = self.common.queue_evts[RXQ].read();
             }
             EV_TXQ => {
-                let _ = self.queue_evts[TXQ].read();
+                let _ = self.common.queue_evts[TXQ].read();
                 self.process_tx();
             }
             EV_CTRLQ => {
-                let _ = self.queue_evts[CTRLQ].read();
+                let _ = self.common.queue_evts[CTRLQ].read();
                 self.process_ctrl();
             }
             EV_CONTROL => {

@@ -380,7 +380,7 @@ fn mac_addr_set_changes_config_space_and_a_reset_restores_the_configured_one() {
     assert_eq!(r.config_mac(), new);
     assert_eq!(r.net.mac(), MacAddr(new));
     assert_eq!(
-        r.net.state().mac,
+        r.net.save().unwrap().mac,
         MacAddr(new),
         "a snapshot keeps the new one"
     );
@@ -544,7 +544,7 @@ fn a_driver_without_the_control_queue_and_an_old_snapshot_run_on_two_queues() {
             | 1 << virtio_bindings::virtio_net::VIRTIO_NET_F_MAC
             | 1 << virtio_bindings::virtio_net::VIRTIO_NET_F_STATUS,
     };
-    let mut net = Net::from_state(&config, &old).unwrap();
+    let mut net = Net::restore(&config, &old).unwrap();
     assert_eq!(net.avail_features(), old.avail_features);
     assert_eq!(net.queue_max_sizes().len(), 2);
     assert_eq!(net.queue_events().len(), 2);
@@ -557,5 +557,5 @@ fn a_driver_without_the_control_queue_and_an_old_snapshot_run_on_two_queues() {
         ..active(vec![rx.queue(), tx.queue()])
     })
     .unwrap();
-    assert_eq!(net.state(), old);
+    assert_eq!(net.save().unwrap(), old);
 }

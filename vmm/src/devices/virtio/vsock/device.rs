@@ -17,10 +17,11 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::connection::{Connection, State};
 use super::packet::{self, Header, HOST_CID, OP_REQUEST, OP_RST, TYPE_STREAM};
+use crate::component_state::Persist;
+use crate::devices::config::VsockConfig;
 use crate::devices::virtio::chain;
 use crate::devices::virtio::{
-    drain_queue, queue_eventfds, read_config_bytes, ActivateError, ActiveQueues, VirtioDevice,
-    COMMON_FEATURES, TYPE_VSOCK,
+    drain_queue, VirtioCommon, VirtioDevice, COMMON_FEATURES, TYPE_VSOCK,
 };
 use crate::memory::GuestMemory;
 
@@ -88,9 +89,8 @@ struct Muxer {
 
 pub struct Vsock {
     muxer: Muxer,
-    queue_evts: Vec<EventFd>,
+    common: VirtioCommon,
     control_evt: EventFd,
-    active: Option<ActiveQueues>,
     transport_reset_requested: bool,
     kill_requested: bool,
     event_pending: bool,
@@ -475,41 +475,13 @@ impl Vsock {
                 next_local_port: FIRST_LOCAL_PORT,
                 max_connections: MAX_CONNECTIONS,
             },
-            queue_evts: queue_eventfds(3).map_err(VsockError::EventFd)?,
+            common: VirtioCommon::new(COMMON_FEATURES, 3).map_err(VsockError::EventFd)?,
             control_evt: EventFd::new(EFD_NONBLOCK).map_err(VsockError::EventFd)?,
-            active: None,
             transport_reset_requested: false,
             kill_requested: false,
             event_pending: false,
             config: guest_cid.to_le_bytes(),
         })
-    }
-
-    /// Rebuilds the device for a restored guest (same CID; `uds_path` may be a fork's new one).
-    pub fn from_state(state: &VsockState, uds_path: &Path) -> Result<Self, VsockError> {
-        let mut dev = Self::new(state.guest_cid, uds_path)?;
-        // Packets of connections from before the snapshot may still sit in the guest's rings,
-        // and the guest answers them with RST: new host ports must not reuse those numbers.
-        let mut r = [0u8; 4];
-        // SAFETY: getrandom writes at most the buffer's length.
-        let n = unsafe { libc::getrandom(r.as_mut_ptr().cast(), r.len(), 0) };
-        let offset = if n == 4 {
-            u32::from_ne_bytes(r) % (1 << 29)
-        } else {
-            1 << 28
-        };
-        dev.muxer_set_next_port(FIRST_LOCAL_PORT + offset);
-        Ok(dev)
-    }
-
-    fn muxer_set_next_port(&mut self, port: u32) {
-        self.muxer.next_local_port = port;
-    }
-
-    pub fn state(&self) -> VsockState {
-        VsockState {
-            guest_cid: self.muxer.guest_cid,
-        }
     }
 
     pub fn guest_cid(&self) -> u64 {
@@ -540,7 +512,7 @@ impl Vsock {
     }
 
     fn process_tx(&mut self, ops: &mut EventOps) -> bool {
-        let Some(a) = self.active.as_mut() else {
+        let Some(a) = self.common.active.as_mut() else {
             return false;
         };
         let mem = &a.mem;
@@ -572,7 +544,7 @@ impl Vsock {
     }
 
     fn process_rx(&mut self, ops: &mut EventOps) {
-        let Some(a) = self.active.as_mut() else {
+        let Some(a) = self.common.active.as_mut() else {
             return;
         };
         if self.muxer.fill_rx(&mut a.queues[RXQ], &a.mem, ops)
@@ -586,7 +558,7 @@ impl Vsock {
         if !self.event_pending {
             return;
         }
-        let Some(a) = self.active.as_mut() else {
+        let Some(a) = self.common.active.as_mut() else {
             return;
         };
         let mem = &a.mem;
@@ -628,6 +600,36 @@ impl Vsock {
     }
 }
 
+/// Constructor argument: the vsock as configured now. The guest keeps the CID it was saved with
+/// (`config.guest_cid` is for a new device); `config.uds_path` may be a fork's new one.
+impl Persist for Vsock {
+    type State = VsockState;
+    type ConstructorArgs<'a> = &'a VsockConfig;
+    type Error = VsockError;
+
+    fn save(&self) -> Result<VsockState, VsockError> {
+        Ok(VsockState {
+            guest_cid: self.muxer.guest_cid,
+        })
+    }
+
+    fn restore(config: &VsockConfig, state: &VsockState) -> Result<Self, VsockError> {
+        let mut dev = Self::new(state.guest_cid, &config.uds_path)?;
+        // Packets of connections from before the snapshot may still sit in the guest's rings,
+        // and the guest answers them with RST: new host ports must not reuse those numbers.
+        let mut r = [0u8; 4];
+        // SAFETY: getrandom writes at most the buffer's length.
+        let n = unsafe { libc::getrandom(r.as_mut_ptr().cast(), r.len(), 0) };
+        let offset = if n == 4 {
+            u32::from_ne_bytes(r) % (1 << 29)
+        } else {
+            1 << 28
+        };
+        dev.muxer.next_local_port = FIRST_LOCAL_PORT + offset;
+        Ok(dev)
+    }
+}
+
 impl VirtioDevice for Vsock {
     fn device_type(&self) -> u32 {
         TYPE_VSOCK
@@ -635,26 +637,21 @@ impl VirtioDevice for Vsock {
     fn queue_max_sizes(&self) -> &[u16] {
         &[QUEUE_SIZE; 3]
     }
-    fn avail_features(&self) -> u64 {
-        COMMON_FEATURES
+    fn config_space(&self) -> &[u8] {
+        &self.config
     }
-    fn read_config(&self, offset: u64, data: &mut [u8]) {
-        read_config_bytes(&self.config, offset, data)
+    fn common(&self) -> &VirtioCommon {
+        &self.common
     }
-    fn queue_events(&self) -> &[EventFd] {
-        &self.queue_evts
+    fn common_mut(&mut self) -> &mut VirtioCommon {
+        &mut self.common
     }
-    fn activate(&mut self, active: ActiveQueues) -> Result<(), ActivateError> {
-        active.check_count(3)?;
-        self.active = Some(active);
+    /// Everything pending (host data, a transport reset) waits on the loop's next turn.
+    fn activated(&mut self) {
         let _ = self.control_evt.write(1);
-        Ok(())
-    }
-    fn active_queues(&self) -> Option<&[Queue]> {
-        self.active.as_ref().map(|a| a.queues.as_slice())
     }
     fn reset(&mut self) {
-        self.active = None;
+        self.common.reset();
         self.event_pending = false;
         self.kill_requested = true;
         let _ = self.control_evt.write(1);
@@ -668,7 +665,7 @@ impl MutEventSubscriber for Vsock {
                 eprintln!("virtio-vsock: cannot watch {what}: {e:?}");
             }
         };
-        for (i, evt) in self.queue_evts.iter().enumerate() {
+        for (i, evt) in self.common.queue_evts.iter().enumerate() {
             add(
                 Events::with_data(evt, EV_QUEUE_BASE + i as u32, EventSet::IN),
                 "a queue",
@@ -687,7 +684,7 @@ impl MutEventSubscriber for Vsock {
     fn process(&mut self, events: Events, ops: &mut EventOps) {
         match events.data() {
             d if d < EV_CONTROL => {
-                let _ = self.queue_evts[d as usize].read();
+                let _ = self.common.queue_evts[d as usize].read();
                 if d as usize == TXQ {
                     self.process_tx(ops);
                 } else if d as usize == EVQ {

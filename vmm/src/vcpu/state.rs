@@ -1,13 +1,12 @@
-//! Saving and restoring KVM state: per vCPU and per VM. The state structs are plain serde data;
-//! the order of the set calls on restore follows what KVM requires (see DESIGN.md pitfalls).
+//! What KVM holds for one vCPU, saved and restored: registers, LAPIC, MSRs, CPUID, events, TSC
+//! rate. The order of the set calls on restore follows what KVM requires.
 
 use kvm_bindings::{
-    kvm_clock_data, kvm_cpuid_entry2, kvm_debugregs, kvm_irqchip, kvm_lapic_state, kvm_mp_state,
-    kvm_msr_entry, kvm_pit_state2, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave,
-    CpuId, Msrs, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE,
-    KVM_MAX_CPUID_ENTRIES, KVM_MAX_MSR_ENTRIES,
+    kvm_cpuid_entry2, kvm_debugregs, kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_regs,
+    kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave, CpuId, Msrs, KVM_MAX_CPUID_ENTRIES,
+    KVM_MAX_MSR_ENTRIES,
 };
-use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+use kvm_ioctls::{Kvm, VcpuFd};
 use serde::{Deserialize, Serialize};
 
 use crate::arch::msr;
@@ -15,18 +14,15 @@ use crate::arch::msr;
 const MSR_IA32_TSC_DEADLINE: u32 = 0x6e0;
 
 #[derive(Debug, thiserror::Error)]
-pub enum PersistError {
+pub enum VcpuStateError {
     #[error("vCPU {vcpu}: {op} failed: {source}")]
     Vcpu {
         vcpu: u8,
         op: &'static str,
         source: kvm_ioctls::Error,
     },
-    #[error("VM: {op} failed: {source}")]
-    Vm {
-        op: &'static str,
-        source: kvm_ioctls::Error,
-    },
+    #[error("VM: KVM_GET_MSR_INDEX_LIST failed: {0}")]
+    MsrIndexList(#[source] kvm_ioctls::Error),
     #[error("vCPU {vcpu}: KVM read only {got} of {want} MSRs; MSR {index:#x} cannot be saved on this host")]
     MsrRead {
         vcpu: u8,
@@ -74,13 +70,10 @@ impl std::fmt::Debug for VcpuState {
 
 /// The MSRs worth saving on this host: KVM's saveable list, minus those this KVM will not read
 /// back, with the TSC deadline after the TSC (a deadline set before the TSC is lost).
-pub fn saveable_msrs(kvm: &Kvm, vcpu: &VcpuFd) -> Result<Vec<u32>, PersistError> {
+pub fn saveable_msrs(kvm: &Kvm, vcpu: &VcpuFd) -> Result<Vec<u32>, VcpuStateError> {
     let list = kvm
         .get_msr_index_list()
-        .map_err(|source| PersistError::Vm {
-            op: "KVM_GET_MSR_INDEX_LIST",
-            source,
-        })?;
+        .map_err(VcpuStateError::MsrIndexList)?;
     let mut out: Vec<u32> = Vec::with_capacity(list.as_slice().len());
     for &index in list.as_slice() {
         let entry = [kvm_msr_entry {
@@ -100,9 +93,9 @@ pub fn saveable_msrs(kvm: &Kvm, vcpu: &VcpuFd) -> Result<Vec<u32>, PersistError>
 }
 
 /// Saves a (paused) vCPU. MP state first: reading other state may change it.
-pub fn save_vcpu(fd: &VcpuFd, id: u8, msr_indices: &[u32]) -> Result<VcpuState, PersistError> {
+pub fn save(fd: &VcpuFd, id: u8, msr_indices: &[u32]) -> Result<VcpuState, VcpuStateError> {
     let e = |op| {
-        move |source| PersistError::Vcpu {
+        move |source| VcpuStateError::Vcpu {
             vcpu: id,
             op,
             source,
@@ -139,7 +132,7 @@ pub fn save_vcpu(fd: &VcpuFd, id: u8, msr_indices: &[u32]) -> Result<VcpuState, 
     })
 }
 
-fn read_msrs(fd: &VcpuFd, id: u8, indices: &[u32]) -> Result<Vec<kvm_msr_entry>, PersistError> {
+fn read_msrs(fd: &VcpuFd, id: u8, indices: &[u32]) -> Result<Vec<kvm_msr_entry>, VcpuStateError> {
     let mut out = Vec::with_capacity(indices.len());
     for chunk in indices.chunks(KVM_MAX_MSR_ENTRIES) {
         let entries: Vec<kvm_msr_entry> = chunk
@@ -149,20 +142,20 @@ fn read_msrs(fd: &VcpuFd, id: u8, indices: &[u32]) -> Result<Vec<kvm_msr_entry>,
                 ..Default::default()
             })
             .collect();
-        let mut msrs = Msrs::from_entries(&entries).map_err(|_| PersistError::TooMany {
+        let mut msrs = Msrs::from_entries(&entries).map_err(|_| VcpuStateError::TooMany {
             vcpu: id,
             what: "MSR",
             len: entries.len(),
         })?;
         let got = fd
             .get_msrs(&mut msrs)
-            .map_err(|source| PersistError::Vcpu {
+            .map_err(|source| VcpuStateError::Vcpu {
                 vcpu: id,
                 op: "KVM_GET_MSRS",
                 source,
             })?;
         if got < chunk.len() {
-            return Err(PersistError::MsrRead {
+            return Err(VcpuStateError::MsrRead {
                 vcpu: id,
                 got,
                 want: chunk.len(),
@@ -176,16 +169,16 @@ fn read_msrs(fd: &VcpuFd, id: u8, indices: &[u32]) -> Result<Vec<kvm_msr_entry>,
 
 /// Restores a vCPU created fresh (not yet run). CPUID first; REGS before VCPU_EVENTS; SREGS
 /// (APIC base) before LAPIC; LAPIC before MSRs; MP state last.
-pub fn restore_vcpu(fd: &VcpuFd, s: &VcpuState) -> Result<(), PersistError> {
+pub fn restore(fd: &VcpuFd, s: &VcpuState) -> Result<(), VcpuStateError> {
     let id = s.id;
     let e = |op| {
-        move |source| PersistError::Vcpu {
+        move |source| VcpuStateError::Vcpu {
             vcpu: id,
             op,
             source,
         }
     };
-    let cpuid = CpuId::from_entries(&s.cpuid).map_err(|_| PersistError::TooMany {
+    let cpuid = CpuId::from_entries(&s.cpuid).map_err(|_| VcpuStateError::TooMany {
         vcpu: id,
         what: "CPUID",
         len: s.cpuid.len(),
@@ -220,62 +213,10 @@ pub fn restore_vcpu(fd: &VcpuFd, s: &VcpuState) -> Result<(), PersistError> {
         .map_err(e("KVM_SET_DEBUGREGS"))?;
     fd.set_lapic(&s.lapic).map_err(e("KVM_SET_LAPIC"))?;
     for chunk in s.msrs.chunks(KVM_MAX_MSR_ENTRIES) {
-        msr::set_msrs(fd, chunk).map_err(|source| PersistError::MsrWrite { vcpu: id, source })?;
+        msr::set_msrs(fd, chunk).map_err(|source| VcpuStateError::MsrWrite { vcpu: id, source })?;
     }
     fd.set_vcpu_events(&s.vcpu_events)
         .map_err(e("KVM_SET_VCPU_EVENTS"))?;
     fd.set_mp_state(s.mp_state).map_err(e("KVM_SET_MP_STATE"))?;
-    Ok(())
-}
-
-/// The VM-wide interrupt controllers, timer and clock.
-#[derive(Clone, Serialize, Deserialize)]
-pub struct VmKvmState {
-    pub pic_master: kvm_irqchip,
-    pub pic_slave: kvm_irqchip,
-    pub ioapic: kvm_irqchip,
-    pub pit: kvm_pit_state2,
-    pub clock: kvm_clock_data,
-}
-
-impl std::fmt::Debug for VmKvmState {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("VmKvmState")
-            .field("clock", &self.clock.clock)
-            .finish_non_exhaustive()
-    }
-}
-
-pub fn save_vm(fd: &VmFd) -> Result<VmKvmState, PersistError> {
-    let e = |op| move |source| PersistError::Vm { op, source };
-    let chip = |id| -> Result<kvm_irqchip, PersistError> {
-        let mut c = kvm_irqchip {
-            chip_id: id,
-            ..Default::default()
-        };
-        fd.get_irqchip(&mut c).map_err(e("KVM_GET_IRQCHIP"))?;
-        Ok(c)
-    };
-    let mut clock = fd.get_clock().map_err(e("KVM_GET_CLOCK"))?;
-    // Only the clock value is restored; flags describing this host's TSC do not carry over.
-    clock.flags = 0;
-    Ok(VmKvmState {
-        pic_master: chip(KVM_IRQCHIP_PIC_MASTER)?,
-        pic_slave: chip(KVM_IRQCHIP_PIC_SLAVE)?,
-        ioapic: chip(KVM_IRQCHIP_IOAPIC)?,
-        pit: fd.get_pit2().map_err(e("KVM_GET_PIT2"))?,
-        clock,
-    })
-}
-
-/// Restores VM state into a VM whose irqchip and PIT were just created.
-pub fn restore_vm(fd: &VmFd, s: &VmKvmState) -> Result<(), PersistError> {
-    let e = |op| move |source| PersistError::Vm { op, source };
-    fd.set_irqchip(&s.pic_master)
-        .map_err(e("KVM_SET_IRQCHIP"))?;
-    fd.set_irqchip(&s.pic_slave).map_err(e("KVM_SET_IRQCHIP"))?;
-    fd.set_irqchip(&s.ioapic).map_err(e("KVM_SET_IRQCHIP"))?;
-    fd.set_pit2(&s.pit).map_err(e("KVM_SET_PIT2"))?;
-    fd.set_clock(&s.clock).map_err(e("KVM_SET_CLOCK"))?;
     Ok(())
 }
