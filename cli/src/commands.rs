@@ -453,16 +453,23 @@ fn fork(root: &Path, args: &CreateArgs, src: &str, out: Out) -> Result<(), Failu
             pids.push(process::wait_ready(ws, child).map_err(|f| named(ws, f))?);
             out.progress_items("forks set up", pids.len() as u64, total);
         }
-        let mut ready = BatchReport::new(out, src, args.count.is_some(), total);
+        let report = std::sync::Mutex::new(BatchReport::new(out, src, args.count.is_some(), total));
+        let ready = |ws: &Workspace, pid: u32| {
+            report
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .ready(ws, pid)
+        };
         // A fork without a guest agent is ready once it runs; one with an agent once it has
         // taken its own identity and entropy and got the secrets back, which needs it running.
         if restore.is_some() {
-            for (ws, pid) in created.iter().zip(&pids) {
-                process::set_running(ws, true).map_err(|f| named(ws, f))?;
+            let forks: Vec<(&Workspace, u32)> = created.iter().zip(pids.iter().copied()).collect();
+            resume_batch(&forks, |ws, pid| {
                 if !ws.config.agent {
-                    ready.ready(ws, *pid);
+                    ready(ws, pid)
                 }
-            }
+            })
+            .map_err(|(ws, f)| named(ws, f))?;
         }
         for (ws, pid) in created.iter().zip(&pids) {
             match restore {
@@ -473,7 +480,7 @@ fn fork(root: &Path, args: &CreateArgs, src: &str, out: Out) -> Result<(), Failu
                 None => crate::agent::deliver_after_boot(ws),
             }
             .map_err(|f| named(ws, f))?;
-            ready.ready(ws, *pid);
+            ready(ws, *pid);
         }
         Ok(pids)
     })();
@@ -521,6 +528,49 @@ fn fork(root: &Path, args: &CreateArgs, src: &str, out: Out) -> Result<(), Failu
             }
             Err(f)
         }
+    }
+}
+
+/// Resumes every fork of a set-up batch, several requests in flight: once some guests run,
+/// each request's round trip (this process, the VMM's API thread, its vCPU threads) waits
+/// behind them for the CPU, so one at a time would take time growing with the square of the
+/// batch. `on_running` sees each fork once it runs. The first failure stops the rest.
+fn resume_batch<'a>(
+    forks: &[(&'a Workspace, u32)],
+    on_running: impl Fn(&Workspace, u32) + Sync,
+) -> Result<(), (&'a Workspace, Failure)> {
+    const IN_FLIGHT: usize = 32;
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let failed = std::sync::Mutex::new(None);
+    let work = || loop {
+        if failed.lock().unwrap_or_else(|e| e.into_inner()).is_some() {
+            break;
+        }
+        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let Some(&(ws, pid)) = forks.get(i) else {
+            break;
+        };
+        match process::set_running(ws, true) {
+            Ok(()) => on_running(ws, pid),
+            Err(f) => {
+                failed
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .get_or_insert((ws, f));
+                break;
+            }
+        }
+    };
+    std::thread::scope(|s| {
+        // Helpers that cannot be had leave the work to the others and to this thread.
+        for _ in 1..IN_FLIGHT.min(forks.len()) {
+            let _ = std::thread::Builder::new().spawn_scoped(s, work);
+        }
+        work();
+    });
+    match failed.into_inner().unwrap_or_else(|e| e.into_inner()) {
+        Some(e) => Err(e),
+        None => Ok(()),
     }
 }
 
