@@ -318,6 +318,14 @@ fn last_counts(text: &str, vcpus: usize) -> Vec<u64> {
     last
 }
 
+/// Creates and starts a 64 MiB test guest with `vcpus` vCPUs and its own command line.
+fn boot_testguest(h: &Home, name: &str, vcpus: u8, cmdline: &str) {
+    let vcpus = vcpus.to_string();
+    let args = ["create", name, "--kernel", "builtin:testguest", "--vcpus"];
+    h.ok(&[&args[..], &[&vcpus, "--mem", "64", "--cmdline", cmdline]].concat());
+    h.ok(&["start", name]);
+}
+
 /// The first count `name`'s console shows for `cpu`.
 fn first_count(h: &Home, name: &str, cpu: u32) -> u64 {
     counts(&h.console(name))
@@ -335,19 +343,7 @@ fn an_idle_guest_halts_between_rounds_and_forks_exactly() {
     const IDLE_MS: u64 = 50;
     let h = Home::new("idle");
     let cmdline = format!("mode=counter mem=2 tick_ms=0 idle={IDLE_MS} layout=1");
-    h.ok(&[
-        "create",
-        "w",
-        "--kernel",
-        "builtin:testguest",
-        "--vcpus",
-        "2",
-        "--mem",
-        "64",
-        "--cmdline",
-        &cmdline,
-    ]);
-    h.ok(&["start", "w"]);
+    boot_testguest(&h, "w", 2, &cmdline);
     h.wait_counts("w", &[3, 3]);
     let text = h.console("w");
     assert!(
@@ -407,17 +403,7 @@ fn a_busy_fork_batch_reports_each_fork_running_then_the_summary() {
     use std::io::BufRead;
     const N: usize = 24;
     let h = Home::new("batch");
-    h.ok(&[
-        "create",
-        "w",
-        "--kernel",
-        "builtin:testguest",
-        "--mem",
-        "32",
-        "--cmdline",
-        "mode=counter mem=1 tick_ms=5 layout=1",
-    ]);
-    h.ok(&["start", "w"]);
+    boot_testguest(&h, "w", 1, "mode=counter mem=1 tick_ms=5 layout=1");
     h.wait_counts("w", &[10]);
     h.ok(&["snapshot", "create", "w", "--tag", "base"]);
     let addr = state_addrs(&h.console("w"), 1)[0];
