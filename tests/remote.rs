@@ -45,11 +45,13 @@ impl Host {
         stdout(&o)
     }
 
+    /// The command's JSON answer: its last line (a fork batch prints a line per fork first).
     fn json(&self, args: &[&str]) -> serde_json::Value {
         let mut a = vec!["--json"];
         a.extend_from_slice(args);
         let s = self.ok(&a);
-        serde_json::from_str(&s).unwrap_or_else(|e| panic!("not JSON ({e}): {s}"))
+        let last = s.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("");
+        serde_json::from_str(last).unwrap_or_else(|e| panic!("not JSON ({e}): {s}"))
     }
 
     fn add_remote(&self, s3: &S3, name: &str, prefix: &str) {

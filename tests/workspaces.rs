@@ -306,3 +306,203 @@ fn a_killed_vmm_is_noticed_and_the_workspace_restarts() {
     assert_ne!(h.pid("w"), Some(pid));
     h.ok(&["delete", "w", "--yes"]);
 }
+
+/// The last count each of the first `vcpus` vCPUs printed (0 before any).
+fn last_counts(text: &str, vcpus: usize) -> Vec<u64> {
+    let mut last = vec![0; vcpus];
+    for (cpu, n) in counts(text) {
+        if let Some(slot) = last.get_mut(cpu as usize) {
+            *slot = n;
+        }
+    }
+    last
+}
+
+/// Creates and starts a 64 MiB test guest with `vcpus` vCPUs and its own command line.
+fn boot_testguest(h: &Home, name: &str, vcpus: u8, cmdline: &str) {
+    let vcpus = vcpus.to_string();
+    let args = ["create", name, "--kernel", "builtin:testguest", "--vcpus"];
+    h.ok(&[&args[..], &[&vcpus, "--mem", "64", "--cmdline", cmdline]].concat());
+    h.ok(&["start", name]);
+}
+
+/// The first count `name`'s console shows for `cpu`.
+fn first_count(h: &Home, name: &str, cpu: u32) -> u64 {
+    counts(&h.console(name))
+        .into_iter()
+        .find(|(c, _)| *c == cpu)
+        .map(|c| c.1)
+        .unwrap_or_else(|| panic!("{name}: no count for cpu{cpu}"))
+}
+
+#[test]
+fn an_idle_guest_halts_between_rounds_and_forks_exactly() {
+    if !kvm_or_skip("an_idle_guest_halts_between_rounds_and_forks_exactly") {
+        return;
+    }
+    const IDLE_MS: u64 = 50;
+    let h = Home::new("idle");
+    let cmdline = format!("mode=counter mem=2 tick_ms=0 idle={IDLE_MS} layout=1");
+    boot_testguest(&h, "w", 2, &cmdline);
+    h.wait_counts("w", &[3, 3]);
+    let text = h.console("w");
+    assert!(
+        text.contains(&format!("testguest: idle ms={IDLE_MS} timer=tsc-deadline")),
+        "{text}"
+    );
+    // Halting until its timer, a vCPU starts a round at most every IDLE_MS of guest time (the
+    // guest's TSC is calibrated against the PIT); spinning, it would do thousands a second.
+    let before = last_counts(&h.console("w"), 2);
+    let t0 = std::time::Instant::now();
+    std::thread::sleep(Duration::from_millis(1000));
+    let after = last_counts(&h.console("w"), 2);
+    let most = t0.elapsed().as_millis() as u64 / IDLE_MS + 2;
+    for cpu in 0..2 {
+        let rounds = after[cpu] - before[cpu];
+        assert!(
+            rounds > 0 && rounds <= most,
+            "cpu{cpu}: {rounds} rounds in {:?} (at most {most} when idling)",
+            t0.elapsed()
+        );
+    }
+
+    // Captured (most likely while both vCPUs are halted, a deadline armed), forked: each fork
+    // wakes on its restored timer and continues from exactly the captured counts; every round
+    // re-verifies the pattern memory (a mismatch is an ERROR line, which wait_counts rejects).
+    h.ok(&["snapshot", "create", "w", "--tag", "base"]);
+    let addrs = state_addrs(&h.console("w"), 2);
+    let snap = h.ws("w").join("snapshots/base");
+    let saved: Vec<u64> = addrs.iter().map(|a| memory_u64(&snap, *a)).collect();
+    h.ok(&["halt", "w"]);
+    h.ok(&["create", "f", "--from-snapshot", "w:base", "--count", "2"]);
+    for f in ["f-1", "f-2"] {
+        h.wait_counts(f, &[saved[0] + 3, saved[1] + 3]);
+        for (cpu, &want) in saved.iter().enumerate() {
+            let first = first_count(&h, f, cpu as u32);
+            // The snapshot holds `count` after its increment; the round's line follows it
+            // unless the capture fell between the two.
+            assert!(
+                first == want || first == want + 1,
+                "{f} cpu{cpu}: first count {first}, snapshot {want}"
+            );
+        }
+        assert!(!h.console(f).contains("ERROR"), "{f}: {}", h.console(f));
+    }
+    for n in ["f-1", "f-2", "w"] {
+        h.ok(&["delete", n, "--yes"]);
+    }
+}
+
+/// A batch of busy forks (vCPUs that never halt, more of them than cores) returns with every
+/// fork ready; with --json each fork is one line, printed once it runs, and the summary last.
+#[test]
+fn a_busy_fork_batch_reports_each_fork_running_then_the_summary() {
+    if !kvm_or_skip("a_busy_fork_batch_reports_each_fork_running_then_the_summary") {
+        return;
+    }
+    use std::io::BufRead;
+    const N: usize = 24;
+    let h = Home::new("batch");
+    boot_testguest(&h, "w", 1, "mode=counter mem=1 tick_ms=5 layout=1");
+    h.wait_counts("w", &[10]);
+    h.ok(&["snapshot", "create", "w", "--tag", "base"]);
+    let addr = state_addrs(&h.console("w"), 1)[0];
+    let saved = memory_u64(&h.ws("w").join("snapshots/base"), addr);
+    h.ok(&["halt", "w"]);
+
+    let n = N.to_string();
+    let mut child = std::process::Command::new(bin())
+        .env("MICROAGENT_HOME", &h.dir)
+        .args([
+            "--json",
+            "create",
+            "f",
+            "--from-snapshot",
+            "w:base",
+            "--count",
+            &n,
+        ])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id() as i32;
+    let watchdog = std::thread::spawn(move || {
+        let deadline = std::time::Instant::now() + Duration::from_secs(600);
+        while alive(pid) && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        if alive(pid) {
+            // SAFETY: killing the command this test started.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+    });
+    let mut lines = Vec::new();
+    let mut reported: Vec<(String, u64)> = Vec::new();
+    for line in std::io::BufReader::new(child.stdout.take().unwrap()).lines() {
+        let line = line.unwrap();
+        let v: serde_json::Value =
+            serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        if let Some(r) = v.get("ready") {
+            let name = r["name"].as_str().unwrap().to_string();
+            assert_eq!(r["done"], reported.len() as u64 + 1, "{line}");
+            assert_eq!(r["total"], N as u64, "{line}");
+            assert_eq!(r["from"], "w:base", "{line}");
+            // Reported means running: its VMM says so now, while the batch goes on.
+            let st: serde_json::Value =
+                serde_json::from_str(&h.ok(&["--json", "status", &name])).unwrap();
+            assert_eq!(st["state"], "running", "{name} reported ready: {st}");
+            assert!(
+                !reported.iter().any(|(n, _)| *n == name),
+                "{name} reported twice"
+            );
+            reported.push((name, r["pid"].as_u64().unwrap()));
+        }
+        lines.push(v);
+    }
+    let status = child.wait().unwrap();
+    watchdog.join().unwrap();
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    assert!(status.success(), "{status}: {err}");
+    assert_eq!(lines.len(), N + 1, "{lines:?}");
+    assert_eq!(reported.len(), N, "{lines:?}");
+    let summary = lines.last().unwrap();
+    let forked = summary["forked"].as_array().unwrap();
+    assert_eq!(forked.len(), N, "{summary}");
+    let mut want: Vec<(String, u64)> = forked
+        .iter()
+        .map(|f| {
+            (
+                f["name"].as_str().unwrap().to_string(),
+                f["pid"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    want.sort();
+    reported.sort();
+    assert_eq!(reported, want);
+    // Every fork runs on from the captured count.
+    for i in 1..=N {
+        let f = format!("f-{i}");
+        h.wait_counts(&f, &[saved + 1]);
+        let first = first_count(&h, &f, 0);
+        assert!(
+            first >= saved && first < saved + 1000,
+            "{f} started at {first}, snapshot at {saved}"
+        );
+    }
+    let list: serde_json::Value = serde_json::from_str(&h.ok(&["--json", "list"])).unwrap();
+    let running = list["workspaces"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|w| w["state"] == "running")
+        .count();
+    assert_eq!(running, N, "{list}");
+    for i in 1..=N {
+        h.ok(&["delete", &format!("f-{i}"), "--yes"]);
+    }
+    h.ok(&["delete", "w", "--yes"]);
+}

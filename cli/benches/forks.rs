@@ -2,9 +2,16 @@
 //! all of its memory once and then keeps touching 5% of it is snapshotted; then for each mode
 //! (eager, mmap, uffd, uffd with the recorded working set prefetched) N forks are created and
 //! timed until every one reports a count, and their PSS is read. Prints one table.
+//!
+//! Then fan-out to many forks of a 256 MiB test guest (`MICROAGENT_BENCH_FANOUT`, default 1000;
+//! empty to skip), idle (it halts until its timer between rounds, one round a second) and busy
+//! (its vCPU never halts): time to the first fork reported ready, until the command returns
+//! with all of them running, until every one has printed a count, and PSS per fork. Every fork
+//! is deleted afterwards. `MICROAGENT_BENCH_FORKS=` (empty) skips the per-mode table.
 
+use std::io::BufRead;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 fn ma(home: &Path, args: &[&str]) -> String {
@@ -65,29 +72,43 @@ fn main() {
         .split(',')
         .filter_map(|v| v.trim().parse().ok())
         .collect();
+    let fanout: Vec<usize> = std::env::var("MICROAGENT_BENCH_FANOUT")
+        .unwrap_or_else(|_| "1000".into())
+        .split(',')
+        .filter_map(|v| v.trim().parse().ok())
+        .collect();
     let home = std::env::temp_dir().join(format!("ma-forks-bench-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&home);
     std::fs::create_dir_all(&home).unwrap();
-    let region = mem.saturating_sub(24).max(1);
-    let cmdline = format!("mode=counter mem={region} hot_pct=5 tick_ms=20");
+    if !counts.is_empty() {
+        per_mode(&home, mem, &counts);
+    }
+    if !fanout.is_empty() {
+        fan_out(&home, &fanout);
+    }
+    let _ = std::fs::remove_dir_all(&home);
+}
+
+/// Boots `name` with `cmdline`, waits until its BSP has counted to 3 (round 0 filled the whole
+/// region), captures snapshot `s` and halts it.
+fn source(home: &Path, name: &str, mem: u64, cmdline: &str) {
     let mem_s = mem.to_string();
     ma(
-        &home,
+        home,
         &[
             "create",
-            "w",
+            name,
             "--kernel",
             "builtin:testguest",
             "--mem",
             &mem_s,
             "--cmdline",
-            &cmdline,
+            cmdline,
         ],
     );
-    ma(&home, &["start", "w"]);
-    // Count 3 means round 0 filled the whole region and rounds since touch only 5%.
+    ma(home, &["start", name]);
     let t = Instant::now();
-    while !std::fs::read_to_string(ws(&home, "w").join("console.log"))
+    while !std::fs::read_to_string(ws(home, name).join("console.log"))
         .unwrap_or_default()
         .lines()
         .any(|l| {
@@ -102,8 +123,19 @@ fn main() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-    ma(&home, &["snapshot", "create", "w", "--tag", "s"]);
-    ma(&home, &["halt", "w"]);
+    ma(home, &["snapshot", "create", name, "--tag", "s"]);
+    ma(home, &["halt", name]);
+}
+
+fn per_mode(home: &Path, mem: u64, counts: &[usize]) {
+    let region = mem.saturating_sub(24).max(1);
+    // Count 3 means round 0 filled the whole region and rounds since touch only 5%.
+    source(
+        home,
+        "w",
+        mem,
+        &format!("mode=counter mem={region} hot_pct=5 tick_ms=20"),
+    );
 
     println!("fork fan-out: {mem} MiB test guest (filled once, then touching 5%), 1 vCPU each");
     println!("| mode            | forks | create returns s | all counting s | per fork to count s | PSS per fork MiB |");
@@ -115,7 +147,7 @@ fn main() {
         ("uffd+prefetch", "uffd"),
     ];
     for (label, mode) in modes {
-        for &n in &counts {
+        for &n in counts {
             if mode == "eager" && (n as u64) * mem * 2 > available_mib() {
                 println!(
                     "| {label:<15} | {n:>5} | skipped: {n} x {mem} MiB does not fit in host RAM |"
@@ -126,7 +158,7 @@ fn main() {
             let n_s = n.to_string();
             let t0 = Instant::now();
             ma(
-                &home,
+                home,
                 &[
                     "create",
                     &prefix,
@@ -140,7 +172,7 @@ fn main() {
             );
             let created = t0.elapsed();
             let names: Vec<String> = (1..=n).map(|i| format!("{prefix}-{i}")).collect();
-            while !names.iter().all(|f| counting(&home, f)) {
+            while !names.iter().all(|f| counting(home, f)) {
                 assert!(
                     t0.elapsed() < Duration::from_secs(900),
                     "{label} x{n}: forks never counted"
@@ -150,7 +182,7 @@ fn main() {
             let all = t0.elapsed();
             // Let each fork run a few rounds over its 5% before reading its memory.
             std::thread::sleep(Duration::from_millis(500));
-            let pss: f64 = names.iter().map(|f| pss_mib(&home, f)).sum::<f64>() / n as f64;
+            let pss: f64 = names.iter().map(|f| pss_mib(home, f)).sum::<f64>() / n as f64;
             println!(
                 "| {label:<15} | {n:>5} | {:>16.2} | {:>14.2} | {:>19.3} | {:>16.1} |",
                 created.as_secs_f64(),
@@ -159,11 +191,133 @@ fn main() {
                 pss
             );
             for f in &names {
-                ma(&home, &["delete", f, "--yes"]);
+                ma(home, &["delete", f, "--yes"]);
             }
         }
     }
     println!("(uffd+prefetch: the working set the first uffd forks recorded is prefetched)");
-    ma(&home, &["delete", "w", "--yes"]);
-    let _ = std::fs::remove_dir_all(&home);
+    ma(home, &["delete", "w", "--yes"]);
+}
+
+/// Deletes every workspace in `names`, a few at a time. Their VMMs are killed first: a clean
+/// shutdown of each, one after another, waits behind every busy guest still running.
+fn delete_all(home: &Path, names: &[String]) {
+    for f in names {
+        let pid = std::fs::read_to_string(ws(home, f).join("vmm.pid")).unwrap_or_default();
+        if let Ok(pid) = pid.trim().parse::<i32>() {
+            // SAFETY: a plain signal to a VMM this benchmark started.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+    }
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    std::thread::scope(|s| {
+        for _ in 0..4 {
+            s.spawn(|| loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let Some(f) = names.get(i) else { break };
+                ma(home, &["delete", f, "--yes"]);
+            });
+        }
+    });
+}
+
+/// What one fan-out run measured.
+struct FanOut {
+    first_ready: Duration,
+    returned: Duration,
+    counting: Duration,
+    pss_mib: f64,
+    host_mib: f64,
+}
+
+/// `create PREFIX --from-snapshot SRC:s --count N --json`, reading its per-fork lines as they
+/// come; then waits until every fork has printed a count, reads PSS, deletes them all.
+fn fan_out_once(home: &Path, src: &str, prefix: &str, n: usize) -> FanOut {
+    let n_s = n.to_string();
+    let from = format!("{src}:s");
+    let avail_before = available_mib();
+    let t0 = Instant::now();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_microagent"))
+        .env("MICROAGENT_HOME", home)
+        .args([
+            "--json",
+            "create",
+            prefix,
+            "--from-snapshot",
+            &from,
+            "--count",
+            &n_s,
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("run microagent");
+    let mut first_ready = None;
+    for line in std::io::BufReader::new(child.stdout.take().unwrap()).lines() {
+        if first_ready.is_none() && line.is_ok_and(|l| l.starts_with("{\"ready\"")) {
+            first_ready = Some(t0.elapsed());
+        }
+    }
+    let status = child.wait().expect("wait for microagent");
+    let returned = t0.elapsed();
+    let names: Vec<String> = (1..=n).map(|i| format!("{prefix}-{i}")).collect();
+    if !status.success() {
+        delete_all(home, &names);
+        panic!("{prefix} x{n}: create failed ({status})");
+    }
+    let mut pending: Vec<&String> = names.iter().collect();
+    while !pending.is_empty() {
+        pending.retain(|f| !counting(home, f));
+        assert!(
+            t0.elapsed() < Duration::from_secs(1800),
+            "{prefix} x{n}: {} forks never counted",
+            pending.len()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let counting_at = t0.elapsed();
+    // A few rounds each before reading memory.
+    std::thread::sleep(Duration::from_secs(3));
+    let pss = names.iter().map(|f| pss_mib(home, f)).sum::<f64>() / n as f64;
+    let host = avail_before.saturating_sub(available_mib()) as f64 / n as f64;
+    delete_all(home, &names);
+    FanOut {
+        first_ready: first_ready.unwrap_or(returned),
+        returned,
+        counting: counting_at,
+        pss_mib: pss,
+        host_mib: host,
+    }
+}
+
+fn fan_out(home: &Path, counts: &[usize]) {
+    const MEM: u64 = 256;
+    // One round a second over 1% of a 1 MiB region; between rounds the vCPU halts (idle) or
+    // spins (busy). Every round prints, so "counting" is the first round after the fork.
+    let guests = [
+        ("idle", "mode=counter mem=1 hot_pct=1 tick_ms=0 idle=1000"),
+        ("busy", "mode=counter mem=1 hot_pct=1 tick_ms=1000"),
+    ];
+    println!();
+    println!("fork fan-out: {MEM} MiB test guest, 1 vCPU, memory mmap (MAP_PRIVATE)");
+    println!("| guest | forks | first ready s | create returns (all running) s | all counted s | PSS per fork MiB | host MiB per fork |");
+    println!("|-------|------:|--------------:|-------------------------------:|--------------:|-----------------:|------------------:|");
+    for (label, cmdline) in guests {
+        let src = format!("src{label}");
+        source(home, &src, MEM, cmdline);
+        for &n in counts {
+            let r = fan_out_once(home, &src, &format!("{label}f"), n);
+            println!(
+                "| {label:<5} | {n:>5} | {:>13.2} | {:>30.2} | {:>13.2} | {:>16.2} | {:>17.2} |",
+                r.first_ready.as_secs_f64(),
+                r.returned.as_secs_f64(),
+                r.counting.as_secs_f64(),
+                r.pss_mib,
+                r.host_mib
+            );
+        }
+        ma(home, &["delete", &src, "--yes"]);
+    }
+    println!("(idle: halts until its TSC-deadline timer between rounds; busy: never halts; the forks' vCPUs run only once every fork of the batch is set up)");
 }

@@ -48,7 +48,9 @@ pub struct CreateArgs {
     #[arg(long, value_name = "NAME:TAG")]
     from_snapshot: Option<String>,
     /// With --from-snapshot: how many forks (named NAME-1..NAME-N). All or nothing: if any
-    /// fork fails to start, the error names it and every fork of the batch is removed.
+    /// fork fails to start, the error names it and every fork of the batch is removed. Every
+    /// fork is set up before any guest runs; each is reported once it runs (with --json, one
+    /// line `{"ready": {...}}` per fork, then the summary).
     #[arg(long, requires = "from_snapshot")]
     count: Option<u32>,
     /// With --from-snapshot: how guest memory comes back.
@@ -434,9 +436,14 @@ fn fork(root: &Path, args: &CreateArgs, src: &str, out: Out) -> Result<(), Failu
         let named = |ws: &Workspace, f: Failure| {
             Failure::new(f.code, format!("fork {} failed: {}", ws.name(), f.message))
         };
+        // Restored forks are set up with their vCPUs paused: readiness must not wait on guest
+        // CPU, and the running guests of a large batch would starve the set-up of the rest.
         for ws in &created {
             crate::testhooks::fail_point(&format!("fork-spawn-{}", ws.name()))
-                .and_then(|()| process::spawn(ws, restore, args.memory))
+                .and_then(|()| match restore {
+                    Some(snap) => process::spawn_paused(ws, snap, args.memory),
+                    None => process::spawn(ws, None, args.memory),
+                })
                 .map(|c| children.push(c))
                 .map_err(|f| named(ws, f))?;
         }
@@ -444,17 +451,36 @@ fn fork(root: &Path, args: &CreateArgs, src: &str, out: Out) -> Result<(), Failu
         let total = created.len() as u64;
         for (ws, child) in created.iter().zip(children.iter_mut()) {
             pids.push(process::wait_ready(ws, child).map_err(|f| named(ws, f))?);
-            out.progress_items("forks ready", pids.len() as u64, total);
+            out.progress_items("forks set up", pids.len() as u64, total);
         }
-        // Each fork takes its own identity and entropy, and gets the secrets back.
-        for ws in &created {
+        let report = std::sync::Mutex::new(BatchReport::new(out, src, args.count.is_some(), total));
+        let ready = |ws: &Workspace, pid: u32| {
+            report
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .ready(ws, pid)
+        };
+        // A fork without a guest agent is ready once it runs; one with an agent once it has
+        // taken its own identity and entropy and got the secrets back, which needs it running.
+        if restore.is_some() {
+            let forks: Vec<(&Workspace, u32)> = created.iter().zip(pids.iter().copied()).collect();
+            resume_batch(&forks, |ws, pid| {
+                if !ws.config.agent {
+                    ready(ws, pid)
+                }
+            })
+            .map_err(|(ws, f)| named(ws, f))?;
+        }
+        for (ws, pid) in created.iter().zip(&pids) {
             match restore {
+                Some(_) if !ws.config.agent => continue,
                 Some(_) => {
                     crate::agent::deliver(ws, true, true).and_then(|()| crate::net::after_fork(ws))
                 }
                 None => crate::agent::deliver_after_boot(ws),
             }
             .map_err(|f| named(ws, f))?;
+            ready(ws, *pid);
         }
         Ok(pids)
     })();
@@ -502,6 +528,87 @@ fn fork(root: &Path, args: &CreateArgs, src: &str, out: Out) -> Result<(), Failu
             }
             Err(f)
         }
+    }
+}
+
+/// Resumes every fork of a set-up batch, several requests in flight: once some guests run,
+/// each request's round trip (this process, the VMM's API thread, its vCPU threads) waits
+/// behind them for the CPU, so one at a time would take time growing with the square of the
+/// batch. `on_running` sees each fork once it runs. The first failure stops the rest.
+fn resume_batch<'a>(
+    forks: &[(&'a Workspace, u32)],
+    on_running: impl Fn(&Workspace, u32) + Sync,
+) -> Result<(), (&'a Workspace, Failure)> {
+    const IN_FLIGHT: usize = 32;
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let failed = std::sync::Mutex::new(None);
+    let work = || loop {
+        if failed.lock().unwrap_or_else(|e| e.into_inner()).is_some() {
+            break;
+        }
+        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let Some(&(ws, pid)) = forks.get(i) else {
+            break;
+        };
+        match process::set_running(ws, true) {
+            Ok(()) => on_running(ws, pid),
+            Err(f) => {
+                failed
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .get_or_insert((ws, f));
+                break;
+            }
+        }
+    };
+    std::thread::scope(|s| {
+        // Helpers that cannot be had leave the work to the others and to this thread.
+        for _ in 1..IN_FLIGHT.min(forks.len()) {
+            let _ = std::thread::Builder::new().spawn_scoped(s, work);
+        }
+        work();
+    });
+    match failed.into_inner().unwrap_or_else(|e| e.into_inner()) {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+/// Reports the forks of a batch as each becomes ready: a progress line on a terminal, and with
+/// `--json` one JSON line per fork (`--count` batches only: a single fork answers with the
+/// summary alone, as before) ahead of the summary document.
+struct BatchReport<'a> {
+    out: Out,
+    from: &'a str,
+    lines: bool,
+    done: u64,
+    total: u64,
+}
+
+impl<'a> BatchReport<'a> {
+    fn new(out: Out, from: &'a str, lines: bool, total: u64) -> Self {
+        BatchReport {
+            out,
+            from,
+            lines,
+            done: 0,
+            total,
+        }
+    }
+
+    fn ready(&mut self, ws: &Workspace, pid: u32) {
+        self.done += 1;
+        if self.lines {
+            self.out.item(json!({"ready": {
+                "name": ws.name(),
+                "pid": pid,
+                "from": self.from,
+                "done": self.done,
+                "total": self.total,
+            }}));
+        }
+        self.out
+            .progress_items("forks running", self.done, self.total);
     }
 }
 
@@ -655,29 +762,7 @@ pub fn pause(root: &Path, name: &str, pause: bool, out: Out) -> Result<(), Failu
 
 /// Sends pause or resume to the VMM (`running` true resumes) and reports the new state.
 fn set_paused(ws: &Workspace, running: bool, out: Out) -> Result<(), Failure> {
-    use crate::api::{self, Request, Response};
-    let req = if running {
-        Request::Resume
-    } else {
-        Request::Pause
-    };
-    match api::request(
-        &ws.path(workspace::API_SOCK),
-        &req,
-        std::time::Duration::from_secs(30),
-    ) {
-        Ok(Response::Ok) => {}
-        Ok(Response::Error { code, message }) => {
-            return Err(Failure::new(crate::output::code_from_name(&code), message))
-        }
-        Ok(other) => {
-            return Err(Failure::new(
-                Code::Error,
-                format!("unexpected answer from the VMM: {other:?}"),
-            ))
-        }
-        Err(e) => return Err(Failure::new(Code::Error, e.to_string())),
-    }
+    process::set_running(ws, running)?;
     let (verb, state) = if running {
         ("resumed", State::Running)
     } else {

@@ -19,6 +19,14 @@ impl Out {
         }
     }
 
+    /// With `--json`, one JSON line now: a part of a longer job as it completes, ahead of the
+    /// final document (which stays the last line). People see progress instead.
+    pub fn item(&self, value: serde_json::Value) {
+        if self.json {
+            println!("{value}");
+        }
+    }
+
     pub fn error(&self, f: &Failure) {
         if self.json {
             eprintln!(

@@ -26,12 +26,32 @@ pub fn spawn(ws: &Workspace, restore: Option<&Path>, memory: MemoryArg) -> Resul
     spawn_with(ws, restore, memory, flags)
 }
 
+/// Launches the VMM for `ws` restoring `snapshot` with its vCPUs paused: it answers on its API
+/// socket once the VM is set up, and the guest runs from [`set_running`] on.
+pub fn spawn_paused(ws: &Workspace, snapshot: &Path, memory: MemoryArg) -> Result<Child, Failure> {
+    let flags = RunFlags {
+        jail: ws.config.sandbox.jail,
+        seccomp: ws.config.sandbox.seccomp,
+    };
+    launch(ws, Some(snapshot), memory, flags, true)
+}
+
 /// As [`spawn`], with this run's sandbox settings.
 pub fn spawn_with(
     ws: &Workspace,
     restore: Option<&Path>,
     memory: MemoryArg,
     flags: RunFlags,
+) -> Result<Child, Failure> {
+    launch(ws, restore, memory, flags, false)
+}
+
+fn launch(
+    ws: &Workspace,
+    restore: Option<&Path>,
+    memory: MemoryArg,
+    flags: RunFlags,
+    paused: bool,
 ) -> Result<Child, Failure> {
     let exe = std::env::current_exe()
         .map_err(|e| Failure::new(Code::Error, format!("cannot find my own binary: {e}")))?;
@@ -66,6 +86,9 @@ pub fn spawn_with(
                 MemoryArg::Mmap => "mmap",
                 MemoryArg::Uffd => "uffd",
             });
+        if paused {
+            cmd.arg("--paused");
+        }
     }
     if !flags.jail {
         cmd.arg("--no-jail");
@@ -130,6 +153,26 @@ fn last_log_line(ws: &Workspace) -> Option<String> {
         .rev()
         .find(|l| !l.trim().is_empty())
         .map(str::to_string)
+}
+
+/// Resumes (`running`) or pauses the VMM's vCPUs through its API socket.
+pub fn set_running(ws: &Workspace, running: bool) -> Result<(), Failure> {
+    let req = if running {
+        Request::Resume
+    } else {
+        Request::Pause
+    };
+    match api::request(&ws.path(workspace::API_SOCK), &req, Duration::from_secs(30)) {
+        Ok(Response::Ok) => Ok(()),
+        Ok(Response::Error { code, message }) => {
+            Err(Failure::new(crate::output::code_from_name(&code), message))
+        }
+        Ok(other) => Err(Failure::new(
+            Code::Error,
+            format!("unexpected answer from the VMM: {other:?}"),
+        )),
+        Err(e) => Err(Failure::new(Code::Error, e.to_string())),
+    }
 }
 
 /// Stops the VMM: a clean shutdown request, then SIGKILL if it does not go.

@@ -30,6 +30,10 @@ pub struct VmmArgs {
     /// How guest memory comes back on restore.
     #[arg(long, value_enum, default_value_t = MemoryArg::Mmap)]
     memory: MemoryArg,
+    /// With --restore: leave the vCPUs paused until a resume request (a fork batch sets up
+    /// every fork before any guest runs).
+    #[arg(long, requires = "restore")]
+    paused: bool,
     /// Run without the jail (namespaces, unprivileged uid, capabilities, cgroup).
     #[arg(long)]
     no_jail: bool,
@@ -166,7 +170,7 @@ pub fn run(args: VmmArgs) -> Result<(), Failure> {
                 verify_contents: false,
                 memory_mode: args.memory.into(),
                 console,
-                paused: false,
+                paused: args.paused,
                 // This workspace's own disk copy and vsock socket, whoever took the snapshot.
                 devices: Some(device_config(&ws)),
                 page_server: page_server.as_deref(),
@@ -197,8 +201,8 @@ pub fn run(args: VmmArgs) -> Result<(), Failure> {
     let daemon = Arc::new(Daemon {
         vm,
         ws,
-        paused: AtomicBool::new(false),
-        paused_since: Mutex::new(None),
+        paused: AtomicBool::new(args.paused),
+        paused_since: Mutex::new(args.paused.then(Instant::now)),
         shutdown: AtomicBool::new(false),
         started: Instant::now(),
         restored_from: args.restore.as_ref().map(|p| p.display().to_string()),

@@ -190,6 +190,20 @@ isr_common:
     call exception_handler
     ud2
 
+/* The idle timer (TSC deadline), taken only inside the kcall's sti; hlt: acknowledge it. */
+.global isr_timer
+isr_timer:
+    pushq %rax
+    movl $0xFEE000B0, %eax      /* LAPIC EOI */
+    movl $0, (%rax)
+    popq %rax
+    iretq
+
+/* A spurious interrupt needs no EOI. */
+.global isr_spurious
+isr_spurious:
+    iretq
+
 /* kcall from CPL3: rdi = op, rsi, rdx = args, result in rax. Caller-saved registers
    are clobbered (the user-side wrapper declares that). */
 kcall_entry:
@@ -333,6 +347,8 @@ BSP_USTACK_TOP:
 );
 
 extern "C" {
+    pub fn isr_timer();
+    pub fn isr_spurious();
     pub static mut GDT: [u64; 6 + 2 * MAX_CPUS];
     pub static mut IDT: [u64; 512];
     pub static IDTR: [u8; 10];

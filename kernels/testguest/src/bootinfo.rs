@@ -138,6 +138,9 @@ pub struct Config {
     /// Counter mode: after the first round only the first `hot_pct` percent of the region is
     /// verified and rewritten (an idle guest that keeps touching a small working set).
     pub hot_pct: u64,
+    /// Counter mode: a round starts every `idle_ms` milliseconds and the vCPU halts until then
+    /// (a mostly idle sandbox); 0 spins from round to round.
+    pub idle_ms: u64,
     pub layout: bool,
     pub gbpages: bool,
     /// `crash=pf|ud|panic`: fail on purpose after the ready line (tests the error paths).
@@ -167,6 +170,7 @@ impl Config {
         count: 0,
         tick_ms: 10,
         hot_pct: 100,
+        idle_ms: 0,
         layout: false,
         gbpages: true,
         crash: 0,
@@ -203,6 +207,7 @@ impl Config {
                 b"count" => c.count = number(key, val),
                 b"tick_ms" => c.tick_ms = number(key, val),
                 b"hot_pct" => c.hot_pct = number(key, val).clamp(1, 100),
+                b"idle" => c.idle_ms = number(key, val),
                 b"layout" => c.layout = number(key, val) != 0,
                 b"gbpages" => c.gbpages = number(key, val) != 0,
                 b"blk_sectors" => c.blk_sectors = number(key, val),

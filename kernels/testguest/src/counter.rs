@@ -238,8 +238,13 @@ pub fn run(cpu: usize) -> ! {
         s.phase.store(0, Ordering::Release);
     }
     let hot_words = (words * r.cfg.hot_pct / 100).max(1);
+    let idle = idle_ticks();
+    if idle != 0 {
+        cpu::kcall(cpu::KC_TIMER_INIT, 0, 0);
+    }
     let mut last = rdtsc();
     loop {
+        let round_start = rdtsc();
         let n = s.count.load(Ordering::Relaxed);
         // Round 0 covers the whole region; later rounds only its hot part (which alone then
         // holds the current pattern: the rest keeps pattern 1).
@@ -255,6 +260,9 @@ pub fn run(cpu: usize) -> ! {
             last = now;
             println!("cpu{} count={}", cpu, n + 1);
         }
+        if idle != 0 {
+            idle_until(round_start.wrapping_add(idle));
+        }
         if cpu == 0 {
             if limit != 0 && n + 1 >= limit {
                 finish();
@@ -265,6 +273,24 @@ pub fn run(cpu: usize) -> ! {
                 pause();
             }
         }
+    }
+}
+
+/// TSC ticks from one idle round's start to the next: 0 when not idle, or when there is no
+/// calibrated TSC or no TSC-deadline timer to wake the vCPU (then the rounds spin as before).
+pub fn idle_ticks() -> u64 {
+    let r = shared();
+    if r.cfg.idle_ms == 0 || !cpu::has_tsc_deadline() {
+        return 0;
+    }
+    r.tsc_per_ms.saturating_mul(r.cfg.idle_ms)
+}
+
+/// Halts (at CPL0, interrupts on) until the TSC reaches `deadline`. A wake-up before it (a
+/// spurious one, or a restore that lets the vCPU run on) halts again.
+fn idle_until(deadline: u64) {
+    while (deadline.wrapping_sub(rdtsc()) as i64) > 0 {
+        cpu::kcall(cpu::KC_IDLE, deadline, 0);
     }
 }
 

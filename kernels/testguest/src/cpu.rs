@@ -16,6 +16,11 @@ pub const SEL_TSS0: u64 = 0x30;
 
 pub const LAPIC_BASE: u64 = 0xFEE0_0000;
 
+/// The LAPIC timer's vector (TSC-deadline mode, idle rounds) and the spurious vector.
+pub const TIMER_VECTOR: usize = 0x40;
+pub const SPURIOUS_VECTOR: usize = 0xFF;
+const MSR_TSC_DEADLINE: u32 = 0x6E0;
+
 /// kcall operations (CPL3 -> CPL0, see `kcall`).
 pub const KC_SET_CR3: u64 = 1;
 pub const KC_SEND_IPI: u64 = 2;
@@ -24,6 +29,8 @@ pub const KC_RESET: u64 = 4;
 pub const KC_CRASH: u64 = 7;
 pub const KC_SERIAL_WRITE: u64 = 5;
 pub const KC_CALIBRATE_TSC: u64 = 6;
+pub const KC_TIMER_INIT: u64 = 8;
+pub const KC_IDLE: u64 = 9;
 /// rax value that marks a `ud2` as a kcall ("kcall" in ASCII).
 pub const KCALL_MAGIC: i32 = 0x6b63_6c6c;
 
@@ -137,11 +144,13 @@ fn set_gate(vec: usize, handler: u64, dpl: u64) {
     }
 }
 
-/// CPL0: fill the IDT (exceptions 0-31) and load it.
+/// CPL0: fill the IDT (exceptions 0-31, the timer and spurious vectors) and load it.
 pub fn setup_idt() {
     for v in 0..32 {
         set_gate(v, unsafe { boot::ISR_TABLE[v] }, 0);
     }
+    set_gate(TIMER_VECTOR, boot::isr_timer as *const () as u64, 0);
+    set_gate(SPURIOUS_VECTOR, boot::isr_spurious as *const () as u64, 0);
     unsafe { asm!("lidt [{0}]", in(reg) &raw const boot::IDTR, options(nostack, preserves_flags)) }
 }
 
@@ -211,7 +220,31 @@ extern "C" fn kcall_dispatch(op: u64, a: u64, b: u64) -> u64 {
             0
         }
         KC_CALIBRATE_TSC => crate::counter::calibrate_tsc().unwrap_or(0),
+        KC_TIMER_INIT => {
+            // LAPIC software-enabled, its timer in TSC-deadline mode, unmasked.
+            lapic_write(0xF0, 0x100 | SPURIOUS_VECTOR as u32);
+            lapic_write(0x320, 0b10 << 17 | TIMER_VECTOR as u32);
+            0
+        }
+        KC_IDLE => {
+            wrmsr(MSR_TSC_DEADLINE, a);
+            // The interrupt shadow of `sti` covers `hlt`: a deadline already past wakes it too.
+            unsafe { asm!("sti", "hlt", "cli", options(nostack)) }
+            0
+        }
         _ => u64::MAX,
+    }
+}
+
+/// Does the LAPIC offer the TSC-deadline timer (CPUID.1:ECX[24])?
+pub fn has_tsc_deadline() -> bool {
+    cpuid(1)[2] & (1 << 24) != 0
+}
+
+fn wrmsr(msr: u32, v: u64) {
+    unsafe {
+        asm!("wrmsr", in("ecx") msr, in("eax") v as u32, in("edx") (v >> 32) as u32,
+            options(nomem, nostack, preserves_flags))
     }
 }
 

@@ -166,6 +166,10 @@ extern "C" fn bsp_main() -> ! {
             counter::print_layout(i);
         }
     }
+    if run.cfg.idle_ms != 0 {
+        let timer = if counter::idle_ticks() != 0 { "tsc-deadline" } else { "none" };
+        println!("testguest: idle ms={} timer={}", run.cfg.idle_ms, timer);
+    }
     println!("testguest: ready vcpus={} mode={} mem={}", cpus.n, run.cfg.mode(), run.cfg.mem_mib);
     match run.cfg.crash {
         bootinfo::CRASH_PF => unsafe {
