@@ -7,6 +7,9 @@ use clap::{Args, Subcommand};
 use serde_json::json;
 use snapshot::{Manifest, VerifyOptions};
 
+// The API's snapshot listing names each one's dependents too.
+pub(crate) use snapshot::prune::dependents;
+
 use crate::api::{self, Request, Response};
 use crate::commands::open_snapshot;
 use crate::exit::{Code, Failure};
@@ -355,21 +358,6 @@ fn list(root: &Path, name: &str, search: Option<&str>, out: Out) -> Result<(), F
     Ok(())
 }
 
-/// Snapshots whose parent chain reaches `tag`, nearest first.
-pub(crate) fn dependents(all: &[snapshot::Snapshot], tag: &str) -> Vec<String> {
-    let mut out: Vec<String> = Vec::new();
-    let mut frontier = vec![tag.to_string()];
-    while let Some(t) = frontier.pop() {
-        for s in all {
-            if s.manifest.parent.as_deref() == Some(t.as_str()) && !out.contains(&s.manifest.tag) {
-                out.push(s.manifest.tag.clone());
-                frontier.push(s.manifest.tag.clone());
-            }
-        }
-    }
-    out
-}
-
 fn delete(root: &Path, name: &str, tag: &str, cascade: bool, out: Out) -> Result<(), Failure> {
     let ws = Workspace::open(root, name)?;
     let _lock = ws.lock()?;
@@ -482,25 +470,6 @@ fn edit(root: &Path, a: EditArgs, out: Out) -> Result<(), Failure> {
     Ok(())
 }
 
-/// The snapshots `prune` deletes: older than `older_than` (if given) and not among the newest
-/// `keep` (if given). `snaps` is oldest first.
-pub fn prune_selection(
-    snaps: &[snapshot::Snapshot],
-    now: u64,
-    older_than: Option<Duration>,
-    keep: Option<usize>,
-) -> Vec<usize> {
-    let n = snaps.len();
-    let protected_from = keep.map(|k| n.saturating_sub(k)).unwrap_or(n);
-    (0..n)
-        .filter(|&i| i < protected_from || keep.is_none())
-        .filter(|&i| match older_than {
-            Some(d) => snaps[i].manifest.created_unix.saturating_add(d.as_secs()) <= now,
-            None => keep.is_some(),
-        })
-        .collect()
-}
-
 fn prune(root: &Path, a: PruneArgs, out: Out) -> Result<(), Failure> {
     if a.older_than.is_none() && a.keep.is_none() {
         return Err(Failure::new(
@@ -521,35 +490,15 @@ fn prune(root: &Path, a: PruneArgs, out: Out) -> Result<(), Failure> {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0);
-    let mut chosen = prune_selection(&snaps, now, older_than, a.keep);
-    // A parent stays while a diff that is kept depends on it.
-    loop {
-        let kept: Vec<&str> = (0..snaps.len())
-            .filter(|i| !chosen.contains(i))
-            .map(|i| snaps[i].manifest.tag.as_str())
-            .collect();
-        let before = chosen.len();
-        chosen.retain(|&i| {
-            let tag = snaps[i].manifest.tag.as_str();
-            !dependents(&snaps, tag)
-                .iter()
-                .any(|d| kept.contains(&d.as_str()))
-        });
-        if chosen.len() == before {
-            break;
-        }
-    }
-    // Children before parents.
-    chosen.sort_by_key(|&i| std::cmp::Reverse(snaps[i].manifest.created_ns));
-    let tags: Vec<String> = chosen
-        .iter()
-        .map(|&i| snaps[i].manifest.tag.clone())
-        .collect();
+    let policy = snapshot::prune::Policy {
+        older_than,
+        keep: a.keep,
+    };
+    let chosen = snapshot::prune::select(&snaps, now, &policy);
+    let tags: Vec<String> = chosen.iter().map(|s| s.manifest.tag.clone()).collect();
     let verb = if a.dry_run { "would delete" } else { "deleted" };
     if !a.dry_run {
-        for &i in &chosen {
-            snaps[i].clone().delete().map_err(crate::snapshot_failure)?;
-        }
+        snapshot::prune::delete(&chosen).map_err(crate::snapshot_failure)?;
     }
     let human = if tags.is_empty() {
         "nothing to prune".to_string()

@@ -17,6 +17,7 @@ pub mod memfile;
 pub mod open;
 pub mod pagedigest;
 pub mod pageserver;
+pub mod prune;
 pub mod residue;
 pub mod restore;
 pub mod rootfs;

@@ -54,82 +54,9 @@ pub fn plan<S: DeserializeOwned>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::capture::{capture, CaptureRequest};
-    use crate::fake::FakeVm;
-    use crate::GuestMemory;
+    use crate::fake::{Setup, MEM, PAGE};
     use std::os::unix::fs::FileExt;
     use vm_memory::{Bytes, GuestAddress};
-
-    const PAGE: usize = 4096;
-    const MEM: usize = 1 << 20;
-
-    struct Setup {
-        dir: PathBuf,
-        kernel: PathBuf,
-        snaps: PathBuf,
-        vm: FakeVm,
-    }
-
-    impl Setup {
-        fn new(name: &str) -> Setup {
-            let dir = std::env::temp_dir().join(format!("engine-{name}-{}", std::process::id()));
-            let _ = std::fs::remove_dir_all(&dir);
-            std::fs::create_dir_all(&dir).unwrap();
-            let kernel = dir.join("kernel");
-            std::fs::write(&kernel, b"kernel").unwrap();
-            let mem = GuestMemory::from_ranges(&[(GuestAddress(0), MEM)]).unwrap();
-            let vm = FakeVm::new(mem, "");
-            Setup {
-                snaps: dir.join("snaps"),
-                dir,
-                kernel,
-                vm,
-            }
-        }
-
-        fn capture(&self, tag: &str, parent: Option<&str>, page: usize, byte: u8, state: &str) {
-            self.vm
-                .mem
-                .write_slice(&[byte; PAGE], GuestAddress((page * PAGE) as u64))
-                .unwrap();
-            *self.vm.state.borrow_mut() = state.to_string();
-            let req = CaptureRequest {
-                dir: &self.snaps,
-                tag,
-                kernel: &self.kernel,
-                cmdline: "",
-                rootfs: None,
-                image: None,
-                workspace: None,
-                note: None,
-                parent,
-                secrets: None,
-            };
-            capture(&self.vm, &req, &mut |_| {}).unwrap();
-        }
-
-        /// Guest memory as the plan rebuilds it: the base file, each overlay's pages over it.
-        fn rebuild(plan: &RestorePlan<String>) -> Vec<u8> {
-            let mut mem = std::fs::read(&plan.base_memory).unwrap();
-            mem.resize(MEM, 0);
-            for (path, bits) in &plan.overlays {
-                let f = std::fs::File::open(path).unwrap();
-                for p in 0..MEM / PAGE {
-                    if bits.get(p / 64).is_some_and(|w| w & (1 << (p % 64)) != 0) {
-                        f.read_exact_at(&mut mem[p * PAGE..(p + 1) * PAGE], (p * PAGE) as u64)
-                            .unwrap();
-                    }
-                }
-            }
-            mem
-        }
-    }
-
-    impl Drop for Setup {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.dir);
-        }
-    }
 
     #[test]
     fn a_diff_chain_of_three_restores_to_the_last_capture() {
