@@ -244,18 +244,34 @@ pub fn after_restore(ws: &Workspace) -> Result<(), Failure> {
         return Ok(());
     }
     reset_connections(ws);
-    nudge(ws, None);
+    nudge(ws);
     Ok(())
 }
 
-/// After a fork: as [`after_restore`], and the fork's guest still has its source's MAC address
-/// (read at boot): it takes its own.
+/// After a fork: as [`after_restore`], but first the fork's guest, which still has its
+/// source's MAC address (read at boot), takes its own. First, because passt sends to the
+/// address it saw in the guest's first frames: a frame sent before the change (the resets'
+/// RSTs, the nudge) would have it send to the old address, which the guest then ignores.
 pub fn after_fork(ws: &Workspace) -> Result<(), Failure> {
     if ws.config.net == NetMode::None || !ws.config.agent {
         return Ok(());
     }
+    let mac = mac_for(ws.name()).to_string();
+    // virtio-net's control queue lets the address change on a running link.
+    let set = format!(
+        "ip link set dev eth0 address {mac} 2>/dev/null || \
+         /.microagent/busybox ip link set dev eth0 address {mac}"
+    );
+    // A guest without `ip` keeps working with its source's address; say so, do not fail.
+    if let Err(f) = crate::agent::run_in_guest(ws, &["sh", "-c", &set]) {
+        eprintln!(
+            "microagent: fork {} keeps its source's MAC address: {}",
+            ws.name(),
+            f.message
+        );
+    }
     reset_connections(ws);
-    nudge(ws, Some(&mac_for(ws.name()).to_string()));
+    nudge(ws);
     Ok(())
 }
 
@@ -277,24 +293,11 @@ fn reset_connections(ws: &Workspace) {
 /// The new passt forwards a published port's connections only once it has seen a frame from
 /// the guest (before that it resets them), and a guest with a static address may send nothing
 /// until it makes a connection itself. One ping to the gateway, in the background, is that
-/// frame (busybox ping works without AF_PACKET, which `arping` needs). With `mac`, the guest
-/// also takes that address (virtio-net's control queue lets it change on a running link).
-fn nudge(ws: &Workspace, mac: Option<&str>) {
-    let mut script = format!("(ping -c 1 -W 1 {GATEWAY} >/dev/null 2>&1 &)");
-    if let Some(mac) = mac {
-        script.push_str(&format!(
-            "; ip link set dev eth0 address {mac} 2>/dev/null || \
-             /.microagent/busybox ip link set dev eth0 address {mac}"
-        ));
-    }
-    // A guest without `ip` or `ping` keeps working as it is; say so, do not fail.
-    if let Err(f) = crate::agent::run_in_guest(ws, &["sh", "-c", &script]) {
-        eprintln!(
-            "microagent: {}: after {}: {}",
-            ws.name(),
-            if mac.is_some() { "fork" } else { "restore" },
-            f.message
-        );
+/// frame (busybox ping works without AF_PACKET, which `arping` needs).
+fn nudge(ws: &Workspace) {
+    let ping = format!("(ping -c 1 -W 1 {GATEWAY} >/dev/null 2>&1 &)");
+    if let Err(f) = crate::agent::run_in_guest(ws, &["sh", "-c", &ping]) {
+        eprintln!("microagent: {}: {}", ws.name(), f.message);
     }
 }
 
