@@ -257,13 +257,10 @@ pub fn after_fork(ws: &Workspace) -> Result<(), Failure> {
         return Ok(());
     }
     let mac = mac_for(ws.name()).to_string();
-    // virtio-net's control queue lets the address change on a running link.
-    let set = format!(
-        "ip link set dev eth0 address {mac} 2>/dev/null || \
-         /.microagent/busybox ip link set dev eth0 address {mac}"
-    );
-    // A guest without `ip` keeps working with its source's address; say so, do not fail.
-    if let Err(f) = crate::agent::run_in_guest(ws, &["sh", "-c", &set]) {
+    // The agent does it (`--set-mac`, run as `/proc/self/exe`: see [`reset_connections`]);
+    // virtio-net's control queue lets the address change on a running link. An older agent
+    // leaves the source's address: said, not fatal (each fork has its own passt).
+    if let Err(f) = crate::agent::run_in_guest(ws, &["/proc/self/exe", "--set-mac", "eth0", &mac]) {
         eprintln!(
             "microagent: fork {} keeps its source's MAC address: {}",
             ws.name(),

@@ -40,6 +40,7 @@
 //!   command output, and `prepare-snapshot` drops and compacts the page cache.
 
 pub mod client;
+pub mod hwaddr;
 pub mod netreset;
 pub mod protocol;
 pub mod server;

@@ -18,6 +18,7 @@ usage: microagent-agent [--vsock-port PORT | --unix PATH] [--secrets-dir DIR] [-
        microagent-agent --send-line PORT TEXT   (connect to the host, CID 2, send one line)
        microagent-agent --reset-connections     (after a restore or fork: abort TCP connections
                                                  to peers outside the guest, keep the guest's own)
+       microagent-agent --set-mac IFNAME MAC    (a fork takes its own MAC address)
 
 Serves the microagent guest protocol: on vsock port 1024 (any CID) by default, or on a Unix socket.
   --vsock-port PORT   vsock port to listen on (default 1024)
@@ -80,6 +81,15 @@ fn parse_args() -> Result<Option<Args>, String> {
                     "reset {} connection(s), kept {} inside the guest ({} already gone)",
                     r.reset, r.kept_local, r.gone
                 );
+                return Ok(None);
+            }
+            Some("--set-mac") => {
+                let ifname = value("--set-mac")?;
+                let mac = value("--set-mac")?;
+                let ifname = ifname.to_str().ok_or("bad interface name")?.to_string();
+                let mac = guest_agent::hwaddr::parse_mac(&mac.to_string_lossy())?;
+                guest_agent::hwaddr::set_mac(&ifname, mac)
+                    .map_err(|e| format!("setting the MAC address of {ifname}: {e}"))?;
                 return Ok(None);
             }
             Some("--version") => {
