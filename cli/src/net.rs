@@ -538,7 +538,7 @@ pub fn supervise(a: NetdArgs) -> Result<(), Failure> {
     unsafe {
         libc::signal(libc::SIGTERM, on_term as *const () as libc::sighandler_t);
     }
-    workspace::write_atomic(
+    snapshot::atomic_file::write(
         &dir.join(SUPERVISOR_PID),
         format!("{}\n", std::process::id()).as_bytes(),
     )
@@ -567,7 +567,7 @@ pub fn supervise(a: NetdArgs) -> Result<(), Failure> {
             published: published.clone(),
         };
         if let Ok(b) = serde_json::to_vec(&rt) {
-            let _ = workspace::write_atomic(&dir.join(RUNTIME), &b);
+            let _ = snapshot::atomic_file::write(&dir.join(RUNTIME), &b);
         }
         // Watch both: passt dying means a restart, the VM going means we go too.
         let vm_gone = loop {

@@ -189,7 +189,7 @@ pub fn run(args: VmmArgs) -> Result<(), Failure> {
             format!("cannot listen on {}: {e}", sock.display()),
         )
     })?;
-    workspace::write_atomic(
+    snapshot::atomic_file::write(
         &ws.path(workspace::PID),
         format!("{}\n", crate::sandbox::host_pid()).as_bytes(),
     )
