@@ -266,8 +266,8 @@ pub fn after_fork(ws: &Workspace) -> Result<(), Failure> {
 /// agent without the flag, or a kernel without sock_diag destroy, leaves them: said, not fatal.
 fn reset_connections(ws: &Workspace) {
     if let Err(f) = crate::agent::run_in_guest(ws, &["/proc/self/exe", "--reset-connections"]) {
-        eprintln!(
-            "microagent: {}: connections from before the snapshot were not reset: {}",
+        tracing::warn!(
+            "{}: connections from before the snapshot were not reset: {}",
             ws.name(),
             f.message
         );
@@ -289,8 +289,8 @@ fn nudge(ws: &Workspace, mac: Option<&str>) {
     }
     // A guest without `ip` or `ping` keeps working as it is; say so, do not fail.
     if let Err(f) = crate::agent::run_in_guest(ws, &["sh", "-c", &script]) {
-        eprintln!(
-            "microagent: {}: after {}: {}",
+        tracing::warn!(
+            "{}: after {}: {}",
             ws.name(),
             if mac.is_some() { "fork" } else { "restore" },
             f.message
@@ -457,12 +457,7 @@ pub fn ensure(ws: &Workspace) -> Result<(), Failure> {
         if let Ok(Some(st)) = child.try_wait() {
             let why = std::fs::read_to_string(ws.path(LOG))
                 .ok()
-                .and_then(|t| {
-                    t.lines()
-                        .rev()
-                        .find(|l| !l.trim().is_empty())
-                        .map(str::to_string)
-                })
+                .and_then(|t| crate::logging::last_problem(&t))
                 .unwrap_or_else(|| format!("exited with {st}"));
             return Err(Failure::new(
                 Code::Error,
@@ -583,7 +578,7 @@ pub fn supervise(a: NetdArgs) -> Result<(), Failure> {
                 _ => {}
             }
             if let Ok(Some(st)) = passt.try_wait() {
-                eprintln!("microagent netd: passt exited ({st}); restarting it");
+                tracing::warn!("passt exited ({st}); restarting it");
                 break false;
             }
             std::thread::sleep(Duration::from_millis(50));
@@ -605,7 +600,7 @@ pub fn supervise(a: NetdArgs) -> Result<(), Failure> {
     let _ = std::fs::remove_file(&sock);
     let _ = std::fs::remove_dir(socket_dir_of(dir));
     if let Err(f) = &result {
-        eprintln!("microagent netd: {}", f.message);
+        tracing::error!("{}", f.message);
     }
     result
 }

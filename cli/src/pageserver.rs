@@ -54,6 +54,7 @@ pub fn run(args: PageServerArgs) -> Result<(), Failure> {
         use std::os::unix::fs::PermissionsExt;
         let _ = std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o666));
     }
+    tracing::info!("serving {} on {}", snap.dir.display(), sock.display());
     let mut idle_since = Some(Instant::now());
     loop {
         std::thread::sleep(Duration::from_millis(500));
@@ -65,6 +66,7 @@ pub fn run(args: PageServerArgs) -> Result<(), Failure> {
             _ => {}
         }
     }
+    tracing::info!("no VMM for {IDLE:?}: stopping");
     server.shutdown();
     let _ = std::fs::remove_file(&sock);
     Ok(())

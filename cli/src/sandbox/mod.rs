@@ -289,7 +289,7 @@ fn waiter(child: libc::pid_t, rd: OwnedFd, spec: &Spec, cgroup: cgroup::Outcome)
             } else {
                 format!("killed by signal {sig}")
             };
-            println!("microagent vmm: {why}");
+            tracing::error!("{why}");
             if let Some(dir) = &spec.record_dir {
                 let _ =
                     snapshot::atomic_file::write(&dir.join(FAILED), format!("{why}\n").as_bytes());

@@ -363,6 +363,7 @@ fn accept_loop(sh: &Arc<Shared>, listener: Seqpacket) {
 }
 
 fn refuse(sh: &Shared, conn: &Seqpacket, code: RefuseCode, reason: &str) {
+    tracing::warn!(?code, "refused a connection: {reason}");
     sh.refused.fetch_add(1, Ordering::Relaxed);
     let _ = conn.send(
         &Message::Refuse {
@@ -375,6 +376,7 @@ fn refuse(sh: &Shared, conn: &Seqpacket, code: RefuseCode, reason: &str) {
 }
 
 fn note_end(sh: &Shared, s: &str) {
+    tracing::info!("{s}");
     let mut e = lock(&sh.ended);
     if e.len() >= 32 {
         e.remove(0);
@@ -499,6 +501,14 @@ fn session(sh: &Arc<Shared>, conn: Seqpacket) {
         lock(&sh.sessions).remove(&id);
         return;
     }
+    tracing::debug!(
+        client = id,
+        label = %hello.label,
+        pid = ?conn.peer_pid(),
+        recording,
+        prefetch_pages = prefetch.as_ref().map_or(0, |p| p.set.pages.len()),
+        "session accepted"
+    );
 
     let rec = recording.then(|| {
         let s = sh.clone();
@@ -575,6 +585,9 @@ fn write_working_set(sh: &Shared, ws: WorkingSet) {
                 *lock(&sh.prefetch_set) = Some(Arc::new(PrefetchPlan::new(ws)));
             }
         }
-        Err(e) => lock(&sh.ws_info).write_error = Some(e.to_string()),
+        Err(e) => {
+            tracing::warn!("cannot write the working set: {e}");
+            lock(&sh.ws_info).write_error = Some(e.to_string());
+        }
     }
 }
