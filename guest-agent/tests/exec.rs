@@ -121,9 +121,11 @@ fn timeout_kills_the_process_group() {
 fn signal_and_cancel_reach_a_running_process() {
     let agent = TestAgent::start();
     let client = agent.client();
-    // The trap is set before "ready": a SIGINT sent to `sh -c 'echo ready; exec sleep 30'`
-    // between its echo and its exec is deferred by dash and lost across the exec (seen on a
-    // loaded host: sleep ran its 30 s).
+    // The trap is set before "ready", so the SIGINT cannot come before the shell handles it.
+    // Runs that timed out here (killed with 9 instead of exiting 130) had the test binary started
+    // with SIGINT ignored, as a background job of a non-interactive shell is: a shell cannot trap
+    // a signal that was ignored when it started. The agent now resets that for the commands it
+    // runs (tests/inherited_signals.rs).
     let call = client
         .exec_start(ExecRequest {
             // A signal that never arrives ends in a timeout (a SIGKILL), not a hung test.
