@@ -5,8 +5,6 @@
 mod common;
 
 use common::{cmd, TestAgent};
-use guest_agent::client::ExecEvent;
-use guest_agent::protocol::messages::ExecRequest;
 
 /// The `SigIgn` mask of `/proc/self/status` as printed by `grep`.
 fn ignored_mask(status: &[u8]) -> u64 {
@@ -47,23 +45,5 @@ fn commands_start_with_sigint_and_sigquit_at_their_defaults() {
     );
 
     // So a shell's trap works and a Signal reaches it.
-    let call = client
-        .exec_start(ExecRequest {
-            timeout_ms: Some(20_000),
-            ..cmd(&[
-                "sh",
-                "-c",
-                "trap 'exit 130' INT; echo ready; while :; do sleep 1; done",
-            ])
-        })
-        .unwrap();
-    assert_eq!(
-        call.next_event().unwrap(),
-        ExecEvent::Stdout(b"ready\n".to_vec())
-    );
-    call.signal(libc::SIGINT).unwrap();
-    match call.next_event().unwrap() {
-        ExecEvent::Exited(status) => assert_eq!(status.code, Some(130), "{status:?}"),
-        other => panic!("unexpected {other:?}"),
-    }
+    common::sigint_reaches_a_trapping_shell(&client);
 }

@@ -14,6 +14,7 @@ use super::handler::{
     AfterRemove, AtomicCounters, End, MemoryFile, PrefetchPlan, Recording, Session, SessionConfig,
     SessionShared,
 };
+use super::lock;
 use super::protocol::{Accept, Counters, Message, RefuseCode, MAX_FRAME};
 use super::sys::{self, EventFd, Seqpacket, PAGE};
 use super::workingset::{self, Recorder, WorkingSet};
@@ -288,10 +289,6 @@ impl Drop for PageServer {
             self.stop();
         }
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Listens on `path`, replacing a stale socket left by a dead server but never a live one.
