@@ -506,3 +506,60 @@ fn a_busy_fork_batch_reports_each_fork_running_then_the_summary() {
     }
     h.ok(&["delete", "w", "--yes"]);
 }
+
+/// `MICROAGENT_LOG` reaches the VMM (started by `start`, which inherits it): its debug lines
+/// land in vmm.log only when asked for, and what is logged by default is INFO and above.
+#[test]
+fn log_level_from_the_environment_reaches_vmm_log() {
+    if !kvm_or_skip("log_level_from_the_environment_reaches_vmm_log") {
+        return;
+    }
+    let h = Home::new("loglevel");
+    create(&h, "w");
+    let log_path = h.ws("w").join("vmm.log");
+    // One run: start (with `level` in the environment), an API request, halt. Returns what the
+    // run added to vmm.log.
+    let run = |level: &str| {
+        let before = std::fs::read_to_string(&log_path).unwrap_or_default().len();
+        let env = [("MICROAGENT_LOG".to_string(), level.to_string())];
+        let o = microagent_env(
+            Some(&h.dir),
+            &["start", "w"],
+            &env,
+            Duration::from_secs(600),
+        );
+        assert!(o.status.success(), "{}", stderr(&o));
+        h.wait_counts("w", &[5, 5]);
+        assert!(h.ok(&["status", "w"]).contains("running"));
+        h.ok(&["halt", "w"]);
+        let log = std::fs::read_to_string(&log_path).unwrap();
+        log.get(before..).unwrap_or_default().to_string()
+    };
+
+    // An empty variable is the default: info.
+    let default = run("");
+    assert!(
+        default.contains(" INFO microagent::vmm_process: VM booted"),
+        "{default}"
+    );
+    assert!(!default.contains(" DEBUG "), "{default}");
+
+    let debug = run("debug");
+    assert!(
+        debug.contains(" INFO microagent::vmm_process: VM booted"),
+        "{debug}"
+    );
+    assert!(
+        debug.contains(" DEBUG microagent::vmm_process: VMM starting workspace=w"),
+        "{debug}"
+    );
+    assert!(debug.contains("API request request=Status"), "{debug}");
+
+    // Lowered: not even the info lines.
+    let quiet = run("warn");
+    assert!(
+        !quiet.contains(" INFO ") && !quiet.contains(" DEBUG "),
+        "{quiet}"
+    );
+    h.ok(&["delete", "w", "--yes"]);
+}

@@ -153,21 +153,10 @@ pub fn secret_set(root: &Path, a: SecretSetArgs, out: Out) -> Result<(), Failure
     use std::os::unix::fs::PermissionsExt;
     let _ = std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700));
     let path = dir.join(&a.key);
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        let tmp = dir.join(format!(".{}.tmp", a.key));
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)
-            .map_err(|e| Failure::new(Code::Error, format!("{}: {e}", tmp.display())))?;
-        f.write_all(&bytes)
-            .and_then(|_| f.sync_all())
-            .and_then(|_| std::fs::rename(&tmp, &path))
-            .map_err(|e| Failure::new(Code::Error, format!("{}: {e}", path.display())))?;
-    }
+    snapshot::atomic_file::Options::default()
+        .mode(0o600)
+        .write(&path, &bytes)
+        .map_err(|e| Failure::new(Code::Error, format!("{}: {e}", path.display())))?;
     // A running guest gets it at once; others on their next start, restore or fork.
     let delivered =
         ws.config.agent && ws.state() == State::Running && deliver(&ws, false, false).is_ok();

@@ -10,6 +10,7 @@ mod exit;
 mod home;
 mod image;
 mod kernel_cmd;
+mod logging;
 mod net;
 mod output;
 mod pageserver;
@@ -139,6 +140,10 @@ pub fn snapshot_failure(e: snapshot::SnapshotError) -> Failure {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    logging::init(match cli.command {
+        Command::Vmm(_) | Command::PageServer(_) | Command::Netd(_) => logging::Role::Daemon,
+        _ => logging::Role::Cli,
+    });
     let out = Out { json: cli.json };
     if let Command::Exec(a) = cli.command {
         return match home::state_root().and_then(|root| agent::exec(&root, a)) {

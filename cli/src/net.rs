@@ -261,8 +261,8 @@ pub fn after_fork(ws: &Workspace) -> Result<(), Failure> {
     // virtio-net's control queue lets the address change on a running link. An older agent
     // leaves the source's address: said, not fatal (each fork has its own passt).
     if let Err(f) = crate::agent::run_in_guest(ws, &["/proc/self/exe", "--set-mac", "eth0", &mac]) {
-        eprintln!(
-            "microagent: fork {} keeps its source's MAC address: {}",
+        tracing::warn!(
+            "fork {} keeps its source's MAC address: {}",
             ws.name(),
             f.message
         );
@@ -279,8 +279,8 @@ pub fn after_fork(ws: &Workspace) -> Result<(), Failure> {
 /// agent without the flag, or a kernel without sock_diag destroy, leaves them: said, not fatal.
 fn reset_connections(ws: &Workspace) {
     if let Err(f) = crate::agent::run_in_guest(ws, &["/proc/self/exe", "--reset-connections"]) {
-        eprintln!(
-            "microagent: {}: connections from before the snapshot were not reset: {}",
+        tracing::warn!(
+            "{}: connections from before the snapshot were not reset: {}",
             ws.name(),
             f.message
         );
@@ -294,7 +294,7 @@ fn reset_connections(ws: &Workspace) {
 fn nudge(ws: &Workspace) {
     let ping = format!("(ping -c 1 -W 1 {GATEWAY} >/dev/null 2>&1 &)");
     if let Err(f) = crate::agent::run_in_guest(ws, &["sh", "-c", &ping]) {
-        eprintln!("microagent: {}: {}", ws.name(), f.message);
+        tracing::warn!("{}: after restore or fork: {}", ws.name(), f.message);
     }
 }
 
@@ -457,12 +457,7 @@ pub fn ensure(ws: &Workspace) -> Result<(), Failure> {
         if let Ok(Some(st)) = child.try_wait() {
             let why = std::fs::read_to_string(ws.path(LOG))
                 .ok()
-                .and_then(|t| {
-                    t.lines()
-                        .rev()
-                        .find(|l| !l.trim().is_empty())
-                        .map(str::to_string)
-                })
+                .and_then(|t| crate::logging::last_problem(&t))
                 .unwrap_or_else(|| format!("exited with {st}"));
             return Err(Failure::new(
                 Code::Error,
@@ -538,7 +533,7 @@ pub fn supervise(a: NetdArgs) -> Result<(), Failure> {
     unsafe {
         libc::signal(libc::SIGTERM, on_term as *const () as libc::sighandler_t);
     }
-    workspace::write_atomic(
+    snapshot::atomic_file::write(
         &dir.join(SUPERVISOR_PID),
         format!("{}\n", std::process::id()).as_bytes(),
     )
@@ -567,7 +562,7 @@ pub fn supervise(a: NetdArgs) -> Result<(), Failure> {
             published: published.clone(),
         };
         if let Ok(b) = serde_json::to_vec(&rt) {
-            let _ = workspace::write_atomic(&dir.join(RUNTIME), &b);
+            let _ = snapshot::atomic_file::write(&dir.join(RUNTIME), &b);
         }
         // Watch both: passt dying means a restart, the VM going means we go too.
         let vm_gone = loop {
@@ -583,7 +578,7 @@ pub fn supervise(a: NetdArgs) -> Result<(), Failure> {
                 _ => {}
             }
             if let Ok(Some(st)) = passt.try_wait() {
-                eprintln!("microagent netd: passt exited ({st}); restarting it");
+                tracing::warn!("passt exited ({st}); restarting it");
                 break false;
             }
             std::thread::sleep(Duration::from_millis(50));
@@ -605,7 +600,7 @@ pub fn supervise(a: NetdArgs) -> Result<(), Failure> {
     let _ = std::fs::remove_file(&sock);
     let _ = std::fs::remove_dir(socket_dir_of(dir));
     if let Err(f) = &result {
-        eprintln!("microagent netd: {}", f.message);
+        tracing::error!("{}", f.message);
     }
     result
 }

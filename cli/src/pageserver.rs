@@ -7,6 +7,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use clap::Args;
+use snapshot::file_lock::FileLock;
 use snapshot::pageserver::server::{PageServer, ServerConfig};
 use snapshot::Snapshot;
 
@@ -53,6 +54,7 @@ pub fn run(args: PageServerArgs) -> Result<(), Failure> {
         use std::os::unix::fs::PermissionsExt;
         let _ = std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o666));
     }
+    tracing::info!("serving {} on {}", snap.dir.display(), sock.display());
     let mut idle_since = Some(Instant::now());
     loop {
         std::thread::sleep(Duration::from_millis(500));
@@ -64,6 +66,7 @@ pub fn run(args: PageServerArgs) -> Result<(), Failure> {
             _ => {}
         }
     }
+    tracing::info!("no VMM for {IDLE:?}: stopping");
     server.shutdown();
     let _ = std::fs::remove_file(&sock);
     Ok(())
@@ -126,23 +129,10 @@ pub fn ensure(snapshot_dir: &Path, flags: crate::sandbox::RunFlags) -> Result<Pa
     ))
 }
 
-fn lock(snapshot_dir: &Path) -> Result<std::fs::File, Failure> {
-    use std::os::fd::AsRawFd;
-    let p = snapshot_dir.join("pageserver.lock");
-    let f = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&p)
-        .map_err(|e| Failure::new(Code::Error, format!("cannot open {}: {e}", p.display())))?;
-    // SAFETY: flock on a descriptor we own; blocks until the other starter is done.
-    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } != 0 {
-        return Err(Failure::new(
-            Code::Error,
-            format!("cannot lock {}", p.display()),
-        ));
-    }
-    Ok(f)
+/// Blocks until another starter of this snapshot's server is done.
+fn lock(snapshot_dir: &Path) -> Result<FileLock, Failure> {
+    FileLock::acquire(&snapshot_dir.join("pageserver.lock"))
+        .map_err(|e| Failure::new(Code::Error, e.to_string()))
 }
 
 /// Whether a server listens on `sock` (a SOCK_SEQPACKET Unix socket).

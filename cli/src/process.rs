@@ -149,10 +149,7 @@ pub fn wait_ready(ws: &Workspace, child: &mut Child) -> Result<u32, Failure> {
 
 fn last_log_line(ws: &Workspace) -> Option<String> {
     let text = std::fs::read_to_string(ws.path(workspace::VMM_LOG)).ok()?;
-    text.lines()
-        .rev()
-        .find(|l| !l.trim().is_empty())
-        .map(str::to_string)
+    crate::logging::last_problem(&text)
 }
 
 /// Resumes (`running`) or pauses the VMM's vCPUs through its API socket.

@@ -208,8 +208,8 @@ fn warn_residue(m: &Manifest, out: Out) {
         return;
     };
     if scan.has_residue() && !out.json {
-        eprintln!(
-            "microagent: warning: snapshot {} holds secrets delivered to the workspace: {}. \
+        tracing::warn!(
+            "snapshot {} holds secrets delivered to the workspace: {}. \
              `snapshot export` refuses it unless --allow-secrets; --secrets strict refuses such \
              a capture",
             m.tag,
@@ -218,10 +218,7 @@ fn warn_residue(m: &Manifest, out: Out) {
     }
     for s in &scan.skipped {
         if !out.json {
-            eprintln!(
-                "microagent: warning: secret {} was not scanned for: {}",
-                s.name, s.reason
-            );
+            tracing::warn!("secret {} was not scanned for: {}", s.name, s.reason);
         }
     }
 }

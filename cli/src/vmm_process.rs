@@ -131,6 +131,14 @@ pub fn run(args: VmmArgs) -> Result<(), Failure> {
         jail: !args.no_jail,
         seccomp: !args.no_seccomp,
     };
+    tracing::debug!(
+        workspace = %name,
+        restore = ?args.restore,
+        memory = ?args.memory,
+        jail = flags.jail,
+        seccomp = flags.seccomp,
+        "VMM starting"
+    );
     crate::sandbox::enter(crate::vmm_jail::spec(
         &ws,
         args.restore.as_deref(),
@@ -181,6 +189,10 @@ pub fn run(args: VmmArgs) -> Result<(), Failure> {
             })?
         }
     };
+    match &args.restore {
+        None => tracing::info!("VM booted"),
+        Some(dir) => tracing::info!(memory = ?args.memory, "VM restored from {}", dir.display()),
+    }
     let sock = ws.path(workspace::API_SOCK);
     let _ = std::fs::remove_file(&sock);
     let listener = UnixListener::bind(&sock).map_err(|e| {
@@ -189,7 +201,7 @@ pub fn run(args: VmmArgs) -> Result<(), Failure> {
             format!("cannot listen on {}: {e}", sock.display()),
         )
     })?;
-    workspace::write_atomic(
+    snapshot::atomic_file::write(
         &ws.path(workspace::PID),
         format!("{}\n", crate::sandbox::host_pid()).as_bytes(),
     )
@@ -245,8 +257,9 @@ pub fn run(args: VmmArgs) -> Result<(), Failure> {
     for f in [workspace::API_SOCK, workspace::PID, workspace::VSOCK_SOCK] {
         let _ = std::fs::remove_file(daemon.ws.path(f));
     }
-    if let Err(f) = &result {
-        eprintln!("microagent vmm: {}", f.message);
+    match &result {
+        Ok(()) => tracing::info!(expired, "VM stopped"),
+        Err(f) => tracing::error!("{}", f.message),
     }
     // Exit without unwinding the API thread; the VM's threads stop with the process. An
     // expired workspace goes, files and all, even with no CLI around: the waiter (outside the
@@ -283,6 +296,7 @@ fn handle(d: &Daemon, conn: UnixStream) {
             return;
         }
     };
+    tracing::debug!(request = ?req, "API request");
     let _busy = d.busy.lock().unwrap_or_else(|e| e.into_inner());
     let resp = match req {
         Request::Status => status(d),

@@ -1,12 +1,10 @@
 //! A workspace on disk: its config, private files, lock and the state of its VMM process.
 
-use std::fs::{File, OpenOptions};
-use std::io::Write;
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+use snapshot::file_lock::FileLock;
 
 use crate::api;
 use crate::exit::{Code, Failure};
@@ -208,26 +206,19 @@ impl Workspace {
 }
 
 /// An exclusive flock on a workspace; released when dropped (or when the process dies).
-pub struct Lock(#[allow(dead_code)] File);
+pub struct Lock(#[allow(dead_code)] FileLock);
 
 impl Lock {
+    /// Takes the lock at `path` without waiting: a holder means another command is at work.
     pub fn take(path: &Path, name: &str) -> Result<Self, Failure> {
-        let f = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(path)
-            .map_err(|e| {
-                Failure::new(Code::Error, format!("cannot open {}: {e}", path.display()))
-            })?;
-        // SAFETY: flock on an open descriptor we own.
-        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-            return Err(Failure::new(
+        match FileLock::try_acquire(path) {
+            Ok(Some(l)) => Ok(Lock(l)),
+            Ok(None) => Err(Failure::new(
                 Code::Conflict,
                 format!("workspace {name} is busy: another microagent command is changing it"),
-            ));
+            )),
+            Err(e) => Err(Failure::new(Code::Error, e.to_string())),
         }
-        Ok(Lock(f))
     }
 }
 
@@ -247,26 +238,9 @@ pub fn process_alive(pid: i32) -> bool {
     }
 }
 
-/// Writes `bytes` to `path` atomically: temporary file, fsync, rename, fsync the directory.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let tmp = dir.join(format!(
-        ".{}.tmp-{}",
-        path.file_name()
-            .map(|n| n.to_string_lossy())
-            .unwrap_or_default(),
-        std::process::id()
-    ));
-    let mut f = File::create(&tmp)?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)?;
-    File::open(dir)?.sync_all()
-}
-
 pub fn save_config(dir: &Path, config: &Config) -> Result<(), Failure> {
     let mut bytes = serde_json::to_vec_pretty(config).unwrap_or_default();
     bytes.push(b'\n');
-    write_atomic(&dir.join(CONFIG), &bytes)
+    snapshot::atomic_file::write(&dir.join(CONFIG), &bytes)
         .map_err(|e| Failure::new(Code::Error, format!("cannot write config: {e}")))
 }

@@ -57,6 +57,12 @@ pub(crate) fn zeroize(buf: &mut Vec<u8>) {
     zeroize::Zeroize::zeroize(buf);
 }
 
+/// Locks a mutex, ignoring poisoning: a panicking request thread must not take the connection (or
+/// the client) down.
+pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 /// A buffer zeroed when dropped, however its owner's code path ends.
 pub(crate) struct Wiped(pub(crate) Vec<u8>);
 

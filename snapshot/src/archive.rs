@@ -17,44 +17,26 @@ const MAX_MANIFEST: u64 = 4 << 20;
 
 /// Writes `snap` to `out` (created anew; written under a temporary name, renamed when complete).
 pub fn export(snap: &Snapshot, out: &Path) -> Result<u64, SnapshotError> {
-    let dir = out
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let tmp = dir.join(format!(
-        ".{}.tmp-{}",
-        out.file_name()
-            .map(|n| n.to_string_lossy())
-            .unwrap_or_default(),
-        std::process::id()
-    ));
-    let result = (|| {
-        let file = File::create(&tmp).map_err(io("cannot create", &tmp))?;
-        let enc = zstd::Encoder::new(BufWriter::new(file), ZSTD_LEVEL)
-            .map_err(io("cannot compress", &tmp))?;
-        let mut tar = tar::Builder::new(enc);
-        let mut names = vec![MANIFEST.to_string()];
-        names.extend(snap.manifest.files.iter().map(|f| f.name.clone()));
-        for name in &names {
-            let p = snap.path(name);
-            let mut f = File::open(&p).map_err(io("cannot read", &p))?;
-            tar.append_file(name, &mut f)
-                .map_err(io("cannot archive", &p))?;
-        }
-        let enc = tar.into_inner().map_err(io("cannot write", &tmp))?;
-        let mut w = enc.finish().map_err(io("cannot write", &tmp))?;
-        w.flush().map_err(io("cannot write", &tmp))?;
-        let f = w
-            .into_inner()
-            .map_err(|e| io("cannot write", &tmp)(e.into_error()))?;
-        f.sync_all().map_err(io("cannot fsync", &tmp))?;
-        std::fs::rename(&tmp, out).map_err(io("cannot rename into place", out))?;
-        Ok(std::fs::metadata(out).map(|m| m.len()).unwrap_or(0))
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
+    let mut file = crate::atomic_file::Options::default()
+        .create(out)
+        .map_err(io("cannot create", out))?;
+    let enc = zstd::Encoder::new(BufWriter::new(file.file()), ZSTD_LEVEL)
+        .map_err(io("cannot compress", out))?;
+    let mut tar = tar::Builder::new(enc);
+    let mut names = vec![MANIFEST.to_string()];
+    names.extend(snap.manifest.files.iter().map(|f| f.name.clone()));
+    for name in &names {
+        let p = snap.path(name);
+        let mut f = File::open(&p).map_err(io("cannot read", &p))?;
+        tar.append_file(name, &mut f)
+            .map_err(io("cannot archive", &p))?;
     }
-    result
+    let enc = tar.into_inner().map_err(io("cannot write", out))?;
+    let mut w = enc.finish().map_err(io("cannot write", out))?;
+    w.flush().map_err(io("cannot write", out))?;
+    drop(w);
+    file.commit().map_err(io("cannot rename into place", out))?;
+    Ok(std::fs::metadata(out).map(|m| m.len()).unwrap_or(0))
 }
 
 fn refused(why: String) -> SnapshotError {

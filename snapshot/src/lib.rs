@@ -5,12 +5,14 @@
 //! never learns the layout of a snapshot directory.
 
 pub mod archive;
+pub mod atomic_file;
 pub mod capture;
 pub mod digest;
 pub mod error;
 #[cfg(test)]
 mod fake;
 pub mod faults;
+pub mod file_lock;
 pub mod hostcpu;
 pub mod manifest;
 pub mod memfile;

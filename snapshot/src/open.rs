@@ -232,13 +232,7 @@ impl Snapshot {
 
     fn write_manifest(&self, m: &Manifest) -> Result<(), SnapshotError> {
         let path = self.path(crate::manifest::MANIFEST);
-        let tmp = self.path(".manifest.json.tmp");
-        std::fs::write(&tmp, m.to_json()).map_err(io("cannot write", &tmp))?;
-        std::fs::File::open(&tmp)
-            .and_then(|f| f.sync_all())
-            .map_err(io("cannot fsync", &tmp))?;
-        std::fs::rename(&tmp, &path).map_err(io("cannot replace", &path))?;
-        crate::capture::fsync_dir(&self.dir)
+        crate::atomic_file::write(&path, &m.to_json()).map_err(io("cannot replace", &path))
     }
 
     /// Renames the snapshot and/or changes its note. The manifest is rewritten atomically
@@ -267,13 +261,7 @@ impl Snapshot {
         if let Some(n) = note {
             m.note = n;
         }
-        let path = self.path(crate::manifest::MANIFEST);
-        let tmp = self.path(".manifest.json.tmp");
-        std::fs::write(&tmp, m.to_json()).map_err(io("cannot write", &tmp))?;
-        std::fs::File::open(&tmp)
-            .and_then(|f| f.sync_all())
-            .map_err(io("cannot fsync", &tmp))?;
-        std::fs::rename(&tmp, &path).map_err(io("cannot replace", &path))?;
+        self.write_manifest(&m)?;
         let dir = match target {
             Some(t) => {
                 std::fs::rename(&self.dir, &t).map_err(io("cannot rename", &self.dir))?;

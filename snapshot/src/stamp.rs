@@ -107,24 +107,15 @@ impl Stamps {
     /// Writes the stamps if any changed (temporary file and rename, 0600). A failure is
     /// returned for the caller to ignore or report: stamps are a cache, never required.
     pub fn save(&self, dir: &Path) -> std::io::Result<()> {
-        use std::io::Write;
-        use std::os::unix::fs::OpenOptionsExt;
         if !self.changed {
             return Ok(());
         }
-        let tmp = dir.join(format!(".{STAMPS}.{}", std::process::id()));
         let bytes = serde_json::to_vec(self).map_err(std::io::Error::other)?;
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
+        // Not durable: a stamp lost in a crash costs one re-hash.
+        crate::atomic_file::Options::default()
             .mode(0o600)
-            .open(&tmp)?;
-        f.write_all(&bytes)?;
-        drop(f);
-        std::fs::rename(&tmp, dir.join(STAMPS)).inspect_err(|_| {
-            let _ = std::fs::remove_file(&tmp);
-        })
+            .durable(false)
+            .write(&dir.join(STAMPS), &bytes)
     }
 }
 

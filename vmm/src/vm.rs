@@ -524,7 +524,7 @@ impl Persist for Vm {
                 client.watchdog().on_gone(|gone| {
                     // vCPUs blocked on a fault can never be joined, and closing the uffd would
                     // hand them zero pages: stop the whole process, loudly.
-                    eprintln!("microagent vmm: the page server is gone ({gone}); stopping the VM");
+                    tracing::error!("the page server is gone ({gone}); stopping the VM");
                     std::process::exit(EXIT_PAGE_SERVER_GONE);
                 });
                 (memory, Some(client))

@@ -5,12 +5,11 @@
 //! directories of dead processes are swept when the cache is next opened. Reference updates,
 //! commits and removals hold `images/.lock`.
 
-use std::fs::File;
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use serde::{Deserialize, Serialize};
+use snapshot::file_lock::{FileLock, LockError};
 
 use super::digest::Digest;
 use super::reference::SourceSpec;
@@ -78,16 +77,6 @@ pub struct Cache {
     dir: PathBuf,
 }
 
-/// An exclusive hold on the cache's lock file, released on drop.
-struct Lock(File);
-
-impl Drop for Lock {
-    fn drop(&mut self) {
-        // SAFETY: flock on a descriptor this struct owns.
-        unsafe { libc::flock(self.0.as_raw_fd(), libc::LOCK_UN) };
-    }
-}
-
 impl Cache {
     /// Opens (creating) `<root>/images` and sweeps what dead builds left.
     pub fn open(root: &Path) -> Result<Cache, ImageError> {
@@ -102,23 +91,19 @@ impl Cache {
         &self.dir
     }
 
-    fn lock(&self) -> Result<Lock, ImageError> {
-        let p = self.dir.join(LOCK);
-        let f = File::options()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&p)
-            .map_err(ImageError::io("cannot open", &p))?;
-        // SAFETY: flock on an open descriptor.
-        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } != 0 {
-            return Err(ImageError::Io {
+    fn lock(&self) -> Result<FileLock, ImageError> {
+        FileLock::acquire(&self.dir.join(LOCK)).map_err(|e| match e {
+            LockError::Open { path, source } => ImageError::Io {
+                what: "cannot open",
+                path,
+                source,
+            },
+            LockError::Lock { path, source } => ImageError::Io {
                 what: "cannot lock",
-                path: p,
-                source: std::io::Error::last_os_error(),
-            });
-        }
-        Ok(Lock(f))
+                path,
+                source,
+            },
+        })
     }
 
     /// Removes build directories whose process is gone, and half-removed entries.
@@ -210,13 +195,11 @@ impl Cache {
     }
 
     fn write_meta(dir: &Path, meta: &Meta) -> Result<(), ImageError> {
-        let tmp = dir.join(format!(".{META}.tmp"));
         let p = dir.join(META);
         let mut bytes =
             serde_json::to_vec_pretty(meta).map_err(|e| ImageError::Malformed(e.to_string()))?;
         bytes.push(b'\n');
-        std::fs::write(&tmp, bytes).map_err(ImageError::io("cannot write", &tmp))?;
-        std::fs::rename(&tmp, &p).map_err(ImageError::io("cannot write", &p))
+        snapshot::atomic_file::write(&p, &bytes).map_err(ImageError::io("cannot write", &p))
     }
 
     /// Gives `name` to the entry for `d` (taking it from any other entry).

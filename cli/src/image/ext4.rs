@@ -102,11 +102,10 @@ fn embedded_agent(dir: &Path) -> Result<PathBuf, ImageError> {
     if fs::read(&p).is_ok_and(|b| b == guest_agent_embed::AGENT) {
         return Ok(p);
     }
-    let tmp = dir.join(format!(".agent-{}.{}", &sha[..16], std::process::id()));
-    fs::write(&tmp, guest_agent_embed::AGENT).map_err(ImageError::io("cannot write", &tmp))?;
-    fs::set_permissions(&tmp, fs::Permissions::from_mode(0o755))
-        .map_err(ImageError::io("cannot chmod", &tmp))?;
-    fs::rename(&tmp, &p).map_err(ImageError::io("cannot write", &p))?;
+    snapshot::atomic_file::Options::default()
+        .mode(0o755)
+        .write(&p, guest_agent_embed::AGENT)
+        .map_err(ImageError::io("cannot write", &p))?;
     Ok(p)
 }
 

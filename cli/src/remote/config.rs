@@ -100,7 +100,7 @@ pub fn save(root: &Path, remotes: &[Remote]) -> Result<(), Failure> {
     })
     .unwrap_or_default();
     bytes.push(b'\n');
-    crate::workspace::write_atomic(&path(root), &bytes)
+    snapshot::atomic_file::write(&path(root), &bytes)
         .map_err(|e| Failure::new(Code::Error, format!("cannot write {FILE}: {e}")))
 }
 

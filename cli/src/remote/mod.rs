@@ -489,13 +489,10 @@ fn cached_chunk(cache: &Path, digest: &str, len: u64) -> Option<Vec<u8>> {
 /// the cache lost or tore in a crash fails its digest on the next read and is fetched again, so
 /// durability buys nothing here and an fsync per chunk would cost most of a pull's time.
 fn write_cached(p: &Path, z: &[u8]) -> Result<(), RemoteError> {
-    let tmp = p.with_extension(format!("tmp-{}", std::process::id()));
-    std::fs::write(&tmp, z)
-        .and_then(|()| std::fs::rename(&tmp, p))
-        .map_err(|e| {
-            let _ = std::fs::remove_file(&tmp);
-            io_err("cannot write", p)(e)
-        })
+    snapshot::atomic_file::Options::default()
+        .durable(false)
+        .write(p, z)
+        .map_err(io_err("cannot write", p))
 }
 
 async fn fetch_index(store: &Store, name: &str, tag: &str) -> Result<Index, RemoteError> {

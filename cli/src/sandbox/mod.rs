@@ -249,7 +249,7 @@ fn waiter(child: libc::pid_t, rd: OwnedFd, spec: &Spec, cgroup: cgroup::Outcome)
     if let Some(dir) = &spec.record_dir {
         let _ = std::fs::remove_file(dir.join(FAILED));
         if let Ok(bytes) = serde_json::to_vec_pretty(&record) {
-            let _ = crate::workspace::write_atomic(&dir.join(RECORD), &bytes);
+            let _ = snapshot::atomic_file::write(&dir.join(RECORD), &bytes);
         }
     }
     copy_bounded(rd, spec.log_max);
@@ -289,12 +289,10 @@ fn waiter(child: libc::pid_t, rd: OwnedFd, spec: &Spec, cgroup: cgroup::Outcome)
             } else {
                 format!("killed by signal {sig}")
             };
-            println!("microagent vmm: {why}");
+            tracing::error!("{why}");
             if let Some(dir) = &spec.record_dir {
-                let _ = crate::workspace::write_atomic(
-                    &dir.join(FAILED),
-                    format!("{why}\n").as_bytes(),
-                );
+                let _ =
+                    snapshot::atomic_file::write(&dir.join(FAILED), format!("{why}\n").as_bytes());
             }
             Code::GuestFailed as i32
         }

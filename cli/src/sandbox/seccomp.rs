@@ -275,7 +275,7 @@ pub fn vmm_thread_hook(kind: vmm::thread_hook::ThreadKind) {
         vmm::thread_hook::ThreadKind::Devices => Kind::Devices,
     };
     if let Err(f) = apply(k) {
-        eprintln!("microagent vmm: {}", f.message);
+        tracing::error!("{}", f.message);
         std::process::abort();
     }
 }

@@ -13,13 +13,14 @@ use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender, TryRecvError};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 pub use error::ClientError;
 pub use retry::RetryPolicy;
 
+use crate::lock;
 use crate::protocol::messages::{
     AfterRestoreRequest, ClientFrame, ClientMsg, ExecRequest, ExitStatus, FileInfo, Hello,
     HelloReply, PrepareReport, PrepareRequest, ReadFileRequest, RestoreReport, ServerFrame,
@@ -57,10 +58,6 @@ struct Pending {
     calls: HashMap<u64, SyncSender<ServerMsg>>,
     /// Why the connection ended, once it has.
     closed: Option<String>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// Which output stream a chunk came from.

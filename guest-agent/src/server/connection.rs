@@ -5,11 +5,12 @@ use std::collections::HashMap;
 use std::io::Write;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::Duration;
 
 use super::{exec, files, Inner};
+use crate::lock;
 use crate::protocol::messages::{
     ClientFrame, ClientMsg, ErrorKind, ErrorReply, Hello, HelloReply, ServerFrame, ServerMsg,
     VersionInfo,
@@ -83,11 +84,6 @@ fn wipe(msg: &mut ServerMsg) {
     if let ServerMsg::Stdout(b) | ServerMsg::Stderr(b) | ServerMsg::Data(b) = msg {
         crate::zeroize(b);
     }
-}
-
-/// Locks a mutex, ignoring poisoning (a panicking request thread must not take the connection down).
-pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// Pieces of an upload, from the reader loop to the request's thread.

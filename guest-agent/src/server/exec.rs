@@ -26,6 +26,26 @@ const POLL_EXIT: Duration = Duration::from_millis(5);
 /// Pipe capacity asked for (fewer wake-ups for chatty processes).
 const PIPE_SIZE: libc::c_int = 1 << 20;
 
+/// Undoes an inherited "ignore" of SIGINT and SIGQUIT, which every process `exec` starts would
+/// inherit in turn. An agent started as a background job of a non-interactive shell has both
+/// ignored (POSIX), and a shell cannot trap a signal that was ignored when it started: a `Signal`
+/// (the user's Ctrl-C) would then never reach a command run through `sh -c`. Done here, once,
+/// rather than between fork and exec, so the children still start through posix_spawn.
+pub(crate) fn restore_default_signals() {
+    for signal in [libc::SIGINT, libc::SIGQUIT] {
+        // SAFETY: sigaction with a null new action only reads the current one into a zeroed,
+        // valid struct; the disposition changes only from SIG_IGN, never from a handler.
+        unsafe {
+            let mut old: libc::sigaction = std::mem::zeroed();
+            if libc::sigaction(signal, std::ptr::null(), &mut old) == 0
+                && old.sa_sigaction == libc::SIG_IGN
+            {
+                libc::signal(signal, libc::SIG_DFL);
+            }
+        }
+    }
+}
+
 /// Runs `req`, answering through `reply`.
 pub(crate) fn run(req: ExecRequest, reply: Reply) {
     let Some((program, args)) = req.argv.split_first() else {

@@ -86,8 +86,10 @@ impl Inner {
 }
 
 impl Server {
-    /// An agent with `config`.
+    /// An agent with `config`. Puts SIGINT and SIGQUIT back to their defaults in this process if
+    /// it was started with them ignored (see `exec::restore_default_signals`).
     pub fn new(config: ServerConfig) -> Self {
+        exec::restore_default_signals();
         let hooks = SnapshotHooks::new(&config);
         Self {
             inner: Arc::new(Inner {

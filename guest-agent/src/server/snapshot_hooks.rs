@@ -16,8 +16,9 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::Duration;
 
-use super::connection::{lock, Reply};
+use super::connection::Reply;
 use super::{entropy, freeze, identity, secrets, ServerConfig};
+use crate::lock;
 use crate::protocol::messages::{
     AfterRestoreRequest, ErrorKind, PrepareReport, PrepareRequest, RestoreReport, ServerMsg,
     SkippedMount,

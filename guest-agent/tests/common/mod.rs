@@ -121,3 +121,31 @@ impl std::io::Read for PseudoRandom {
         Ok(n)
     }
 }
+
+/// Runs a shell that traps SIGINT with `exit 130`, sends it SIGINT through the agent once it says
+/// ready, and checks it exited 130: the signal reached the running command. The trap is set before
+/// "ready", so the signal cannot come before the shell handles it.
+pub fn sigint_reaches_a_trapping_shell(client: &Client) {
+    use guest_agent::client::ExecEvent;
+    use guest_agent::protocol::messages::ExecRequest;
+    let call = client
+        .exec_start(ExecRequest {
+            // A signal that never arrives ends in a timeout (a SIGKILL), not a hung test.
+            timeout_ms: Some(20_000),
+            ..cmd(&[
+                "sh",
+                "-c",
+                "trap 'exit 130' INT; echo ready; while :; do sleep 1; done",
+            ])
+        })
+        .unwrap();
+    assert_eq!(
+        call.next_event().unwrap(),
+        ExecEvent::Stdout(b"ready\n".to_vec())
+    );
+    call.signal(libc::SIGINT).unwrap();
+    match call.next_event().unwrap() {
+        ExecEvent::Exited(status) => assert_eq!(status.code, Some(130), "{status:?}"),
+        other => panic!("unexpected {other:?}"),
+    }
+}

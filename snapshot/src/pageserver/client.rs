@@ -30,6 +30,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use super::lock;
 use super::protocol::{
     Accept, Hello, Layout, Message, ProtocolError, RefuseCode, SessionStats, MAX_FRAME,
 };
@@ -237,10 +238,6 @@ impl std::fmt::Debug for Watchdog {
             .field("gone", &self.gone())
             .finish()
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl Watchdog {

@@ -65,3 +65,9 @@ pub use server::{
     DEFAULT_CHUNK_BYTES,
 };
 pub use workingset::{WorkingSet, WorkingSetError};
+
+/// Locks a mutex, ignoring poisoning: a session thread that panicked must not take the server
+/// (or the client's watchdog) down with it.
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}

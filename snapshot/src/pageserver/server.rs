@@ -14,6 +14,7 @@ use super::handler::{
     AfterRemove, AtomicCounters, End, MemoryFile, PrefetchPlan, Recording, Session, SessionConfig,
     SessionShared,
 };
+use super::lock;
 use super::protocol::{Accept, Counters, Message, RefuseCode, MAX_FRAME};
 use super::sys::{self, EventFd, Seqpacket, PAGE};
 use super::workingset::{self, Recorder, WorkingSet};
@@ -290,10 +291,6 @@ impl Drop for PageServer {
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 /// Listens on `path`, replacing a stale socket left by a dead server but never a live one.
 fn listen(path: &Path) -> Result<Seqpacket, ServerError> {
     let err = |source| ServerError::Listen {
@@ -363,6 +360,7 @@ fn accept_loop(sh: &Arc<Shared>, listener: Seqpacket) {
 }
 
 fn refuse(sh: &Shared, conn: &Seqpacket, code: RefuseCode, reason: &str) {
+    tracing::warn!(?code, "refused a connection: {reason}");
     sh.refused.fetch_add(1, Ordering::Relaxed);
     let _ = conn.send(
         &Message::Refuse {
@@ -375,6 +373,7 @@ fn refuse(sh: &Shared, conn: &Seqpacket, code: RefuseCode, reason: &str) {
 }
 
 fn note_end(sh: &Shared, s: &str) {
+    tracing::info!("{s}");
     let mut e = lock(&sh.ended);
     if e.len() >= 32 {
         e.remove(0);
@@ -499,6 +498,14 @@ fn session(sh: &Arc<Shared>, conn: Seqpacket) {
         lock(&sh.sessions).remove(&id);
         return;
     }
+    tracing::debug!(
+        client = id,
+        label = %hello.label,
+        pid = ?conn.peer_pid(),
+        recording,
+        prefetch_pages = prefetch.as_ref().map_or(0, |p| p.set.pages.len()),
+        "session accepted"
+    );
 
     let rec = recording.then(|| {
         let s = sh.clone();
@@ -575,6 +582,9 @@ fn write_working_set(sh: &Shared, ws: WorkingSet) {
                 *lock(&sh.prefetch_set) = Some(Arc::new(PrefetchPlan::new(ws)));
             }
         }
-        Err(e) => lock(&sh.ws_info).write_error = Some(e.to_string()),
+        Err(e) => {
+            tracing::warn!("cannot write the working set: {e}");
+            lock(&sh.ws_info).write_error = Some(e.to_string());
+        }
     }
 }

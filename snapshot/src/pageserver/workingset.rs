@@ -11,8 +11,6 @@
 //! the recording server served each fault; prefetch replays the same chunks.
 //! The file is written atomically (temporary file, fsync, rename, fsync of the directory).
 
-use std::fs::File;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use super::sys::PAGE;
@@ -186,67 +184,15 @@ impl WorkingSet {
 
     /// Writes `path` atomically: a reader sees the old file, no file, or all of the new one.
     pub fn write_atomic(&self, path: &Path) -> Result<(), WorkingSetError> {
-        let io = |source| WorkingSetError::Io {
+        crate::atomic_file::write(path, &self.encode()).map_err(|source| WorkingSetError::Io {
             path: path.to_path_buf(),
             source,
-        };
-        let dir = path
-            .parent()
-            .filter(|d| !d.as_os_str().is_empty())
-            .unwrap_or(Path::new("."));
-        let name = path
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_else(|| FILE_NAME.to_string());
-        static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-        let tmp = dir.join(format!(
-            ".{name}.tmp-{}-{}",
-            std::process::id(),
-            SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-        ));
-        let result = (|| {
-            let mut f = File::options().write(true).create_new(true).open(&tmp)?;
-            f.write_all(&self.encode())?;
-            f.sync_all()?;
-            std::fs::rename(&tmp, path)?;
-            File::open(dir)?.sync_all()
-        })();
-        if result.is_err() {
-            let _ = std::fs::remove_file(&tmp);
-        }
-        result.map_err(io)
+        })
     }
 }
 
 /// Removes temporary files a writer of `path` left when it died mid-write (its process gone).
-pub fn sweep_temporaries(path: &Path) {
-    let dir = path
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let Some(name) = path.file_name().map(|n| n.to_string_lossy().into_owned()) else {
-        return;
-    };
-    let prefix = format!(".{name}.tmp-");
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return;
-    };
-    for e in entries.flatten() {
-        let n = e.file_name().to_string_lossy().into_owned();
-        let Some(rest) = n.strip_prefix(&prefix) else {
-            continue;
-        };
-        let pid = rest.split('-').next().and_then(|p| p.parse::<i32>().ok());
-        let alive = match pid {
-            // SAFETY: signal 0 only checks that the process exists.
-            Some(p) if p > 0 => unsafe { libc::kill(p, 0) == 0 },
-            _ => false,
-        };
-        if !alive {
-            let _ = std::fs::remove_file(e.path());
-        }
-    }
-}
+pub use crate::atomic_file::sweep as sweep_temporaries;
 
 /// Records first touches: each file page once, in order.
 #[derive(Debug)]

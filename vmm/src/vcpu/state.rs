@@ -195,8 +195,8 @@ pub fn restore(fd: &VcpuFd, s: &VcpuState) -> Result<(), VcpuStateError> {
             if let Err(err) = fd.set_tsc_khz(khz) {
                 if id == 0 {
                     let host = host.map_or("an unknown rate".into(), |h| format!("{h} kHz"));
-                    eprintln!(
-                        "microagent: warning: the snapshot's TSC ran at {khz} kHz, this host's runs \
+                    tracing::warn!(
+                        "the snapshot's TSC ran at {khz} kHz, this host's runs \
                          at {host} and KVM cannot scale it ({err}): the guest's TSC now runs at \
                          this host's rate"
                     );

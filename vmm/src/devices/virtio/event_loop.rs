@@ -46,7 +46,7 @@ struct ControlSubscriber(Arc<Control>);
 impl MutEventSubscriber for ControlSubscriber {
     fn init(&mut self, ops: &mut EventOps) {
         if let Err(e) = ops.add(Events::new(&self.0.evt, EventSet::IN)) {
-            eprintln!("device event loop: cannot watch its control eventfd: {e:?}");
+            tracing::error!("device event loop: cannot watch its control eventfd: {e:?}");
         }
     }
 
@@ -98,7 +98,7 @@ impl EventLoop {
                 crate::thread_hook::enter(crate::thread_hook::ThreadKind::Devices);
                 loop {
                     if let Err(e) = em.run() {
-                        eprintln!("device event loop: epoll failed: {e:?}");
+                        tracing::error!("device event loop: epoll failed: {e:?}");
                         std::thread::sleep(Duration::from_millis(10));
                     }
                     if *c.command.lock().unwrap_or_else(|e| e.into_inner()) == Command::Stop {

@@ -114,7 +114,7 @@ impl VirtioDevice for Rng {
 impl MutEventSubscriber for Rng {
     fn init(&mut self, ops: &mut EventOps) {
         if let Err(e) = ops.add(Events::new(&self.common.queue_evts[0], EventSet::IN)) {
-            eprintln!("virtio-rng: cannot watch its queue: {e:?}");
+            tracing::error!("virtio-rng: cannot watch its queue: {e:?}");
         }
     }
 

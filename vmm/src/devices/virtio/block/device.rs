@@ -412,7 +412,7 @@ impl VirtioDevice for Block {
 impl MutEventSubscriber for Block {
     fn init(&mut self, ops: &mut EventOps) {
         if let Err(e) = ops.add(Events::new(&self.common.queue_evts[0], EventSet::IN)) {
-            eprintln!(
+            tracing::error!(
                 "virtio-blk {}: cannot watch its queue: {e:?}",
                 self.path.display()
             );

@@ -237,7 +237,7 @@ impl Net {
                         }
                         Err(e) => {
                             if e.kind() == ErrorKind::UnexpectedEof && self.backend_lost.is_none() {
-                                eprintln!("virtio-net: the network back end closed");
+                                tracing::warn!("virtio-net: the network back end closed");
                                 self.backend_lost = Some(std::time::Instant::now());
                             }
                             self.backend_readable = false;
@@ -377,9 +377,9 @@ impl Net {
             EV_BACKEND,
             EventSet::IN | EventSet::OUT | EventSet::EDGE_TRIGGERED,
         )) {
-            eprintln!("virtio-net: cannot watch the reconnected back end: {e:?}");
+            tracing::error!("virtio-net: cannot watch the reconnected back end: {e:?}");
         }
-        eprintln!("virtio-net: reconnected to passt");
+        tracing::info!("virtio-net: reconnected to passt");
         self.backend_lost = None;
         self.backend_readable = true;
     }
@@ -400,7 +400,7 @@ impl MutEventSubscriber for Net {
         ];
         for e in evs {
             if let Err(e) = ops.add(e) {
-                eprintln!("virtio-net: cannot watch an event source: {e:?}");
+                tracing::error!("virtio-net: cannot watch an event source: {e:?}");
             }
         }
     }

@@ -662,7 +662,7 @@ impl MutEventSubscriber for Vsock {
     fn init(&mut self, ops: &mut EventOps) {
         let mut add = |e: Events, what: &str| {
             if let Err(e) = ops.add(e) {
-                eprintln!("virtio-vsock: cannot watch {what}: {e:?}");
+                tracing::error!("virtio-vsock: cannot watch {what}: {e:?}");
             }
         };
         for (i, evt) in self.common.queue_evts.iter().enumerate() {
