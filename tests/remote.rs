@@ -454,6 +454,35 @@ fn second_host_forks_from_the_remote() {
         b.ok(&["halt", f]);
     }
 
+    // Two forks of the remote snapshot started at once on another fresh host: one pulls, the
+    // other waits for it and forks from the cache; both run on from the snapshot.
+    let d = Host::new("remote-host-d", &s3);
+    d.add_remote(&s3, "r", "fleet");
+    let outs: Vec<serde_json::Value> = std::thread::scope(|sc| {
+        let d = &d;
+        let hs: Vec<_> = ["p", "q"]
+            .into_iter()
+            .map(|n| sc.spawn(move || d.json(&["create", n, "--from-snapshot", "r/w:t"])))
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let pulled: Vec<u64> = outs
+        .iter()
+        .map(|o| {
+            o["fetched"]["chunks_transferred"]
+                .as_u64()
+                .unwrap_or(u64::MAX)
+        })
+        .collect();
+    assert!(
+        pulled.contains(&0) && pulled.iter().any(|n| *n > 0 && *n != u64::MAX),
+        "one pulls, the other uses the cache: {outs:?}"
+    );
+    for f in ["p", "q"] {
+        d.home.wait_counts(f, &[want]);
+        d.ok(&["halt", f]);
+    }
+
     // The remote dies mid-transfer: a clear error, nothing half-visible.
     let c = Host::new("remote-host-c", &s3);
     c.add_remote(&s3, "r", "fleet");

@@ -739,6 +739,13 @@ pub fn materialize(root: &Path, spec: &str, out: Out) -> Result<(PathBuf, String
     let store = open_store(root, &r.remote)?;
     let cache_root = root.join(CACHE_DIR).join("snapshots").join(&r.remote);
     let mut st = Stats::default();
+    // Forks of one remote snapshot started at once on a fresh host: the first pulls it, the
+    // others wait for that and fork from the cached copy (without the lock, the second found
+    // the first's half-made workspace and failed with a conflict).
+    let locks = cache_root.join("locks");
+    std::fs::create_dir_all(&locks).map_err(io_err("cannot create", &locks))?;
+    let _pulling = snapshot::file_lock::FileLock::acquire(&locks.join(format!("{}.lock", r.name)))
+        .map_err(|e| Failure::new(Code::Error, e.to_string()))?;
     if let Ok(ws) = Workspace::open(&cache_root, &r.name) {
         if let Ok(snap) = snapshot::Snapshot::open(&ws.snapshots_dir().join(&r.tag)) {
             // Cached: still what the remote holds? Its manifest is one chunk of the index.
