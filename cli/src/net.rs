@@ -289,10 +289,14 @@ fn reset_connections(ws: &Workspace) {
 
 /// The new passt forwards a published port's connections only once it has seen a frame from
 /// the guest (before that it resets them), and a guest with a static address may send nothing
-/// until it makes a connection itself. One ping to the gateway, in the background, is that
-/// frame (busybox ping works without AF_PACKET, which `arping` needs).
+/// until it makes a connection itself. One ping to the gateway is that frame (busybox ping
+/// works without AF_PACKET, which `arping` needs). In the foreground (one round trip, at most
+/// 1 s): sent in the background, it could leave after the command returned, and a host
+/// connection made at once then stalled until a retry (net bench: 5 s). Our reading is that
+/// passt addresses the guest by the source MAC of the last frame it saw from it, so before
+/// the first one a SYN does not reach the guest's TCP.
 fn nudge(ws: &Workspace) {
-    let ping = format!("(ping -c 1 -W 1 {GATEWAY} >/dev/null 2>&1 &)");
+    let ping = format!("ping -c 1 -W 1 {GATEWAY} >/dev/null 2>&1; true");
     if let Err(f) = crate::agent::run_in_guest(ws, &["sh", "-c", &ping]) {
         tracing::warn!("{}: after restore or fork: {}", ws.name(), f.message);
     }
