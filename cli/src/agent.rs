@@ -207,9 +207,17 @@ pub fn secrets_to_scan(ws: &Workspace) -> Vec<snapshot::residue::SecretValue> {
     list
 }
 
-/// Runs a short command in the guest through its agent; its failure is ours, with its stderr.
-pub fn run_in_guest(ws: &Workspace, argv: &[&str]) -> Result<(), Failure> {
-    let client = connect(ws, &RetryPolicy::default())?;
+/// Runs short commands in the guest, one after another over one agent connection; each
+/// failure is ours, with its stderr. A connection that cannot be made fails them all.
+pub fn run_in_guest(ws: &Workspace, commands: &[&[&str]]) -> Vec<Result<(), Failure>> {
+    let client = match connect(ws, &RetryPolicy::default()) {
+        Ok(c) => c,
+        Err(f) => return commands.iter().map(|_| Err(f.clone())).collect(),
+    };
+    commands.iter().map(|argv| run_one(&client, argv)).collect()
+}
+
+fn run_one(client: &Client, argv: &[&str]) -> Result<(), Failure> {
     let out = client
         .exec_output(ExecRequest {
             argv: argv.iter().map(|a| a.to_string()).collect(),

@@ -66,7 +66,7 @@ Exit codes:
   9  remote refused: wrong credentials, no permission, or missing bucket";
 
 /// A failure with the exit code it maps to; the message is one line.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Failure {
     pub code: Code,
     pub message: String,

@@ -243,62 +243,63 @@ pub fn after_restore(ws: &Workspace) -> Result<(), Failure> {
     if ws.config.net == NetMode::None || !ws.config.agent {
         return Ok(());
     }
-    reset_connections(ws);
-    nudge(ws);
+    after_resume(ws, None);
     Ok(())
 }
 
 /// After a fork: as [`after_restore`], but first the fork's guest, which still has its
 /// source's MAC address (read at boot), takes its own. First, because passt sends to the
-/// address it saw in the guest's first frames: a frame sent before the change (the resets'
+/// address it saw in the guest's last frame: a frame sent before the change (the resets'
 /// RSTs, the nudge) would have it send to the old address, which the guest then ignores.
 pub fn after_fork(ws: &Workspace) -> Result<(), Failure> {
     if ws.config.net == NetMode::None || !ws.config.agent {
         return Ok(());
     }
-    let mac = mac_for(ws.name()).to_string();
-    // The agent does it (`--set-mac`, run as `/proc/self/exe`: see [`reset_connections`]);
-    // virtio-net's control queue lets the address change on a running link. An older agent
-    // leaves the source's address: said, not fatal (each fork has its own passt).
-    if let Err(f) = crate::agent::run_in_guest(ws, &["/proc/self/exe", "--set-mac", "eth0", &mac]) {
-        tracing::warn!(
-            "fork {} keeps its source's MAC address: {}",
-            ws.name(),
-            f.message
-        );
-    }
-    reset_connections(ws);
-    nudge(ws);
+    after_resume(ws, Some(&mac_for(ws.name()).to_string()));
     Ok(())
 }
 
-/// Aborts the guest's TCP connections to peers outside it: the peers and the new passt know
-/// none of them, and a process blocked on one would otherwise wait out TCP's retransmission
-/// timeout. The agent does it (`--reset-connections`); it is run as `/proc/self/exe`, which in
-/// the process the agent forks is the agent's own binary wherever the image put it. An older
-/// agent without the flag, or a kernel without sock_diag destroy, leaves them: said, not fatal.
-fn reset_connections(ws: &Workspace) {
-    if let Err(f) = crate::agent::run_in_guest(ws, &["/proc/self/exe", "--reset-connections"]) {
-        tracing::warn!(
-            "{}: connections from before the snapshot were not reset: {}",
-            ws.name(),
-            f.message
-        );
-    }
-}
-
-/// The new passt forwards a published port's connections only once it has seen a frame from
-/// the guest (before that it resets them), and a guest with a static address may send nothing
-/// until it makes a connection itself. One ping to the gateway is that frame (busybox ping
-/// works without AF_PACKET, which `arping` needs). In the foreground (one round trip, at most
-/// 1 s): sent in the background, it could leave after the command returned, and a host
-/// connection made at once then stalled until a retry (net bench: 5 s). Our reading is that
-/// passt addresses the guest by the source MAC of the last frame it saw from it, so before
-/// the first one a SYN does not reach the guest's TCP.
-fn nudge(ws: &Workspace) {
+/// The guest's side of a restore or fork, in this order, over one agent connection. Each step
+/// that fails is said, not fatal: the guest keeps working as it is.
+///
+/// 1. (fork) `--set-mac eth0 MAC`: the agent sets the address itself (SIOCSIFHWADDR; busybox
+///    `ip` needs AF_PACKET, which our guest kernel leaves out); virtio-net's control queue lets
+///    it change on a running link. An older agent leaves the source's (each fork has its own
+///    passt, so nothing collides).
+/// 2. `--reset-connections`: aborts the guest's TCP connections to peers outside it. The peers
+///    and the new passt know none of them, and a process blocked on one would otherwise wait
+///    out TCP's retransmission timeout.
+/// 3. One ping to the gateway: the new passt forwards a published port's connections only once
+///    it has seen a frame from the guest, and a guest with a static address may send nothing
+///    until it makes a connection itself (busybox ping works without AF_PACKET). In the
+///    foreground, at most 1 s: sent in the background it could leave after the command
+///    returned, and a host connection made at once stalled until a retry (net bench: 5 s; our
+///    reading is that passt addresses the guest by the source MAC of the last frame it saw).
+///
+/// The agent's own steps run as `/proc/self/exe`, which in the process the agent forks is the
+/// agent's binary wherever the image put it; an older agent refuses the flag.
+fn after_resume(ws: &Workspace, mac: Option<&str>) {
     let ping = format!("ping -c 1 -W 1 {GATEWAY} >/dev/null 2>&1; true");
-    if let Err(f) = crate::agent::run_in_guest(ws, &["sh", "-c", &ping]) {
-        tracing::warn!("{}: after restore or fork: {}", ws.name(), f.message);
+    let mut steps: Vec<(&str, Vec<&str>)> = Vec::new();
+    if let Some(mac) = mac {
+        steps.push((
+            "keeps its source's MAC address",
+            vec!["/proc/self/exe", "--set-mac", "eth0", mac],
+        ));
+    }
+    steps.push((
+        "connections from before the snapshot were not reset",
+        vec!["/proc/self/exe", "--reset-connections"],
+    ));
+    steps.push((
+        "no frame sent to the new network back end",
+        vec!["sh", "-c", &ping],
+    ));
+    let commands: Vec<&[&str]> = steps.iter().map(|(_, argv)| argv.as_slice()).collect();
+    for ((what, _), result) in steps.iter().zip(crate::agent::run_in_guest(ws, &commands)) {
+        if let Err(f) = result {
+            tracing::warn!("{}: {what}: {}", ws.name(), f.message);
+        }
     }
 }
 
