@@ -306,10 +306,46 @@ fn tampered_chunk_is_refused() {
             .exists(),
         "a tampered chunk was cached"
     );
-    // The same for a fork straight from the remote.
-    let o = b.run(&["create", "f", "--from-snapshot", "r/w:t"]);
+    // The same for a fork straight from the remote with every chunk pulled first.
+    let o = b.run(&[
+        "create",
+        "f",
+        "--from-snapshot",
+        "r/w:t",
+        "--memory",
+        "eager",
+    ]);
     assert_eq!(o.status.code(), Some(5), "{}", stderr(&o));
     assert!(!b.home.ws("f").exists());
+    // With its memory on first touch, the fork stops when it needs that chunk (at once here:
+    // the chunk holds the guest's code), naming it; the chunk is not kept.
+    let o = b.run(&["create", "g", "--from-snapshot", "r/w:t"]);
+    if o.status.success() {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while b.json(&["status", "g"])["state"] == "running" {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the fork runs on a corrupt chunk"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    let said = format!(
+        "{}{}",
+        stderr(&o),
+        std::fs::read_to_string(b.home.ws("g").join("vmm.log")).unwrap_or_default()
+    );
+    assert!(said.contains(&digest) && said.contains("corrupt"), "{said}");
+    assert!(counts(&b.home.console("g")).is_empty(), "it counted");
+    assert!(
+        !b.home
+            .dir
+            .join("remote-cache/chunks")
+            .join(&digest)
+            .exists(),
+        "a tampered chunk was cached"
+    );
+    let _ = b.run(&["delete", "g", "--yes"]);
 }
 
 #[test]
@@ -431,6 +467,18 @@ fn second_host_forks_from_the_remote() {
         out["fetched"]["chunks_transferred"].as_u64().unwrap() > 0,
         "{out}"
     );
+    // The memory stayed on the remote: the forks' page server fetches it on first touch.
+    let lazy = out["fetched"]["chunks_lazy"].as_u64().unwrap_or(0);
+    assert!(lazy > 0, "{out}");
+    let index: serde_json::Value =
+        serde_json::from_slice(&s3.get("fleet/snapshots/w/t.json")).expect("index JSON");
+    let distinct: std::collections::HashSet<String> = index["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|f| f["chunks"].as_array().unwrap().iter())
+        .filter_map(|c| c.as_str().map(str::to_string))
+        .collect();
     for f in ["f-1", "f-2"] {
         // The fork continues exactly: its first count follows the captured one.
         b.home.wait_counts(f, &[want]);
@@ -443,6 +491,14 @@ fn second_host_forks_from_the_remote() {
         assert_eq!(st["forked_from"], "r/w:t", "{st}");
     }
     assert!(!b.home.ws("w").exists(), "the cache is not a workspace");
+    // Running forks touch a part of the memory only (the guest keeps rewriting 5% of its
+    // region): the chunks they never touched were never fetched.
+    let cached = cache_count(&b.home.dir);
+    assert!(
+        cached < distinct.len(),
+        "{cached} of {} chunks fetched",
+        distinct.len()
+    );
     // A second fork on the same host uses the host's cache: nothing fetched but the index.
     let again = b.json(&["create", "g", "--from-snapshot", "r/w:t"]);
     assert!(
@@ -511,6 +567,99 @@ fn second_host_forks_from_the_remote() {
     assert_eq!(o.status.code(), Some(8), "{}", stderr(&o));
     assert!(one_line(&o).contains("unreachable"), "{}", stderr(&o));
     assert!(!c.home.ws("h").exists(), "a fork of a half-pulled snapshot");
-    let cached = c.home.dir.join("remote-cache/snapshots/r/workspaces/w");
-    assert!(!cached.exists(), "a half-pulled snapshot in the cache");
+    for d in ["snapshots", "lazy"] {
+        let cached = c.home.dir.join(format!("remote-cache/{d}/r/workspaces/w"));
+        assert!(!cached.exists(), "a half-pulled snapshot in the cache");
+    }
+}
+
+/// Chunks in a host's chunk cache.
+fn cache_count(home: &Path) -> usize {
+    std::fs::read_dir(home.join("remote-cache/chunks"))
+        .map(|d| {
+            d.flatten()
+                .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+#[test]
+fn remote_killed_mid_fork_stops_the_fork_naming_the_chunk() {
+    let Some(mut s3) = setup("remote_killed_mid_fork_stops_the_fork_naming_the_chunk") else {
+        return;
+    };
+    let a = Host::new("remote-kill-a", &s3);
+    a.add_remote(&s3, "r", "k");
+    // Every round verifies and rewrites the whole 16 MiB region: a fork needs several memory
+    // chunks before it counts on.
+    a.ok(&[
+        "create",
+        "w",
+        "--kernel",
+        "builtin:testguest",
+        "--mem",
+        "128",
+        "--cmdline",
+        "mode=counter mem=16 tick_ms=5 layout=1",
+    ]);
+    a.ok(&["start", "w"]);
+    a.home.wait_counts("w", &[10]);
+    a.ok(&["snapshot", "create", "w", "--tag", "t"]);
+    let want = a.saved_count("w", "t");
+    a.ok(&["snapshot", "push", "w", "t", "r"]);
+    a.ok(&["halt", "w"]);
+
+    let b = Host::new("remote-kill-b", &s3);
+    b.add_remote(&s3, "r", "k");
+    // Each memory chunk takes a while to come: the remote dies while the fork needs more.
+    let o = b.run_env(
+        &["--json", "create", "f", "--from-snapshot", "r/w:t"],
+        &[("MICROAGENT_TEST_SLOW_AT", "lazy-chunk:1500")],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let eager = cache_count(&b.home.dir);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while cache_count(&b.home.dir) == eager {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no memory chunk ever arrived"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    s3.kill();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let st = b.json(&["status", "f"]);
+        if st["state"] != "running" {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the fork runs on without its memory: {st}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let log = std::fs::read_to_string(b.home.ws("f").join("vmm.log")).unwrap_or_default();
+    assert!(
+        log.contains("memory.bin chunk")
+            && log.contains("is missing")
+            && log.contains("unreachable"),
+        "the error does not name the chunk: {log}"
+    );
+    eprintln!(
+        "the fork stopped: {}",
+        log.lines()
+            .find(|l| l.contains("memory.bin chunk"))
+            .unwrap_or("")
+    );
+    // It never ran on memory it was not given: no mismatch, and every count it printed
+    // continues the snapshot's.
+    let console = b.home.console("f");
+    assert!(!console.contains("ERROR"), "{console}");
+    assert!(
+        counts(&console).iter().all(|(_, c)| *c >= want),
+        "{console}"
+    );
+    let _ = b.run(&["delete", "f", "--yes"]);
 }

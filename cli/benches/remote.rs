@@ -1,12 +1,16 @@
 //! Forking on a host that has never seen the snapshot, side by side in one run: a 1 GiB test
-//! guest that touched 10% of its memory is snapshotted on host A and pushed to a remote (moto on
-//! loopback, see tests/common/s3.rs). Host B then either
-//!   - forks straight from the remote: `create --from-snapshot REMOTE/NAME:TAG`, or
+//! guest that touched 10% of its memory is snapshotted on host A, forked there once through the
+//! page server (which records its working set), and pushed to a remote (moto on loopback, see
+//! tests/common/s3.rs). Host B then either
+//!   - forks straight from the remote: `create --from-snapshot REMOTE/NAME:TAG` (memory on first
+//!     touch, the working set's chunks fetched ahead),
+//!   - the same with `--memory eager`: every chunk pulled before the fork starts, or
 //!   - takes the whole-archive path: the archive (made once with `snapshot export` and uploaded)
 //!     is downloaded (with the same S3 client), imported, and forked.
 //!
 //! Timed from the first command to the fork's first `count` line; bytes are what came from the
-//! remote. Prints one table; never asserts on time.
+//! remote until then (for the chunk paths: the compressed chunks in host B's chunk cache).
+//! Prints one table; never asserts on time.
 
 #[path = "../../tests/common/require.rs"]
 mod require;
@@ -78,6 +82,24 @@ fn download(s3: &s3::S3, key: &str, to: &Path) {
     std::fs::write(to, &bytes).expect("write the archive");
 }
 
+/// Compressed bytes and count of the chunks in a host's chunk cache: what it fetched.
+fn cached_chunks(home: &Path) -> (u64, u64) {
+    let mut bytes = 0;
+    let mut n = 0;
+    if let Ok(d) = std::fs::read_dir(home.join("remote-cache/chunks")) {
+        for e in d.flatten() {
+            if e.file_name().to_string_lossy().starts_with('.') {
+                continue;
+            }
+            if let Ok(m) = e.metadata() {
+                bytes += m.len();
+                n += 1;
+            }
+        }
+    }
+    (bytes, n)
+}
+
 fn fresh(dir: &Path) {
     let _ = std::fs::remove_dir_all(dir);
     std::fs::create_dir_all(dir).unwrap();
@@ -141,6 +163,28 @@ fn main() {
     wait_counting(&a, "w");
     ma(&a, &env, &["snapshot", "create", "w", "--tag", "t"]);
     ma(&a, &env, &["halt", "w"]);
+    // One fork through the page server records the working set, which the push takes along.
+    ma(
+        &a,
+        &env,
+        &[
+            "create",
+            "rec",
+            "--from-snapshot",
+            "w:t",
+            "--memory",
+            "uffd",
+        ],
+    );
+    wait_counting(&a, "rec");
+    std::thread::sleep(Duration::from_millis(500));
+    ma(&a, &env, &["halt", "rec"]);
+    let ws_file = ws(&a, "w").join("snapshots/t/workingset.bin");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !ws_file.exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let ws_pages = std::fs::metadata(&ws_file).map_or(0, |m| m.len().saturating_sub(52) / 4);
     let remote_args = [
         "remote",
         "add",
@@ -175,25 +219,32 @@ fn main() {
     );
 
     let mut remote_s = Vec::new();
-    let mut remote_bytes = 0;
+    let mut remote_bytes = (0, 0);
+    let mut eager_s = Vec::new();
+    let mut eager_bytes = (0, 0);
     let mut archive_s = Vec::new();
     for round in 0..rounds {
-        // Fork straight from the remote, on a host that has never seen it.
-        let b = base.join(format!("b{round}"));
-        fresh(&b);
-        ma(&b, &env, &remote_args);
-        let t0 = Instant::now();
-        let out: serde_json::Value = serde_json::from_str(&ma(
-            &b,
-            &env,
-            &["--json", "create", "f", "--from-snapshot", "r/w:t"],
-        ))
-        .unwrap();
-        wait_counting(&b, "f");
-        remote_s.push(t0.elapsed().as_secs_f64());
-        remote_bytes = out["fetched"]["bytes_transferred"].as_u64().unwrap_or(0);
-        halt_all(&b, &env);
-        let _ = std::fs::remove_dir_all(&b);
+        // Fork straight from the remote, on a host that has never seen it: lazily (the
+        // default), then with every chunk pulled first.
+        for (eager, times, bytes) in [
+            (false, &mut remote_s, &mut remote_bytes),
+            (true, &mut eager_s, &mut eager_bytes),
+        ] {
+            let b = base.join(format!("b{round}-{eager}"));
+            fresh(&b);
+            ma(&b, &env, &remote_args);
+            let mut args = vec!["create", "f", "--from-snapshot", "r/w:t"];
+            if eager {
+                args.extend(["--memory", "eager"]);
+            }
+            let t0 = Instant::now();
+            ma(&b, &env, &args);
+            wait_counting(&b, "f");
+            times.push(t0.elapsed().as_secs_f64());
+            *bytes = cached_chunks(&b);
+            halt_all(&b, &env);
+            let _ = std::fs::remove_dir_all(&b);
+        }
 
         // The whole-archive path: download, import, fork.
         let c = base.join(format!("c{round}"));
@@ -225,25 +276,36 @@ fn main() {
         v.sort_by(|x, y| x.total_cmp(y));
         v[v.len() / 2]
     };
-    let (r, w) = (med(remote_s.clone()), med(archive_s.clone()));
+    let (r, e, w) = (
+        med(remote_s.clone()),
+        med(eager_s.clone()),
+        med(archive_s.clone()),
+    );
     let mib = |b: u64| b as f64 / (1 << 20) as f64;
     println!(
-        "remote fork, {mem} MiB test guest that touched {touched} MiB; snapshot pushed: {} chunks ({} zero), {:.1} MiB uploaded",
+        "remote fork, {mem} MiB test guest that touched {touched} MiB; snapshot pushed: {} chunks ({} zero), {:.1} MiB uploaded; working set {ws_pages} pages",
         push["stats"]["chunks_total"], push["stats"]["chunks_zero"],
         mib(push["stats"]["bytes_transferred"].as_u64().unwrap_or(0))
     );
     println!(
-        "| path | to first count (median of {rounds}) | fetched from the remote | time ratio |"
+        "| path | to first count (median of {rounds}) | fetched from the remote by then | time ratio |"
     );
     println!("|---|---|---|---|");
     println!(
-        "| create --from-snapshot r/w:t (chunks) | {r:.2} s | {:.1} MiB | {:.2}x |",
-        mib(remote_bytes),
+        "| create --from-snapshot r/w:t (memory on first touch) | {r:.2} s | {:.1} MiB ({} chunks) | {:.2}x |",
+        mib(remote_bytes.0),
+        remote_bytes.1,
         r / w
+    );
+    println!(
+        "| create --from-snapshot r/w:t --memory eager (all chunks first) | {e:.2} s | {:.1} MiB ({} chunks) | {:.2}x |",
+        mib(eager_bytes.0),
+        eager_bytes.1,
+        e / w
     );
     println!(
         "| download + import + fork (archive) | {w:.2} s | {:.1} MiB | 1.00x |",
         mib(archive_bytes)
     );
-    println!("samples: remote {remote_s:.2?}, archive {archive_s:.2?}");
+    println!("samples: lazy {remote_s:.2?}, eager {eager_s:.2?}, archive {archive_s:.2?}");
 }

@@ -330,10 +330,18 @@ pub fn open_snapshot(ws: &Workspace, tag: &str) -> Result<Snapshot, Failure> {
 
 fn fork(root: &Path, args: &CreateArgs, src: &str, out: Out) -> Result<(), Failure> {
     // REMOTE/NAME:TAG: pulled (once per host) into the remote cache, forked from there.
+    // REMOTE/NAME:TAG: memory on first touch through the page server, the rest fetched first
+    // (see remote::lazy); `--memory eager` (or a diff) pulls it whole into the cache first.
+    let mut memory = args.memory;
+    let mut lazy = false;
     let (source_root, src_name, tag, fetched) = if crate::remote::RemoteRef::is_remote(src) {
-        let (cache_root, name, st) = crate::remote::materialize(root, src, out)?;
+        let m = crate::remote::materialize(root, src, args.memory == MemoryArg::Eager, out)?;
+        if m.lazy {
+            memory = MemoryArg::Uffd;
+            lazy = true;
+        }
         let tag = parse_source(src)?.1;
-        (cache_root, name, tag, Some(st))
+        (m.root, m.name, tag, Some(m.stats))
     } else {
         let (n, t) = parse_source(src)?;
         (root.to_path_buf(), n.to_string(), t, None)
@@ -367,10 +375,12 @@ fn fork(root: &Path, args: &CreateArgs, src: &str, out: Out) -> Result<(), Failu
             ));
         }
     }
-    // One full check for all forks; each VMM then only re-checks sizes and the kernel.
+    // One full check for all forks; each VMM then only re-checks sizes and the kernel. (A
+    // lazily filled snapshot's memory is checked chunk by chunk as it comes, the rest was
+    // checked by materialize.)
     snap.verify(&VerifyOptions {
         kernel: Some(&source.config.kernel),
-        contents: true,
+        contents: !lazy,
         recheck: false,
     })
     .map_err(crate::snapshot_failure)?;
@@ -441,8 +451,8 @@ fn fork(root: &Path, args: &CreateArgs, src: &str, out: Out) -> Result<(), Failu
         for ws in &created {
             crate::testhooks::fail_point(&format!("fork-spawn-{}", ws.name()))
                 .and_then(|()| match restore {
-                    Some(snap) => process::spawn_paused(ws, snap, args.memory),
-                    None => process::spawn(ws, None, args.memory),
+                    Some(snap) => process::spawn_paused(ws, snap, memory),
+                    None => process::spawn(ws, None, memory),
                 })
                 .map(|c| children.push(c))
                 .map_err(|f| named(ws, f))?;

@@ -1,5 +1,11 @@
 //! One page server process per snapshot (`microagent __pageserver`), shared by every VM restored
 //! lazily from it; it stops by itself once no VM has used it for a while.
+//!
+//! A snapshot forked straight from a remote (see `remote::lazy`) has its memory filled by its
+//! page server as forks touch it. That server needs the network and the host's chunk cache,
+//! which the page server's jail (the snapshot directory alone, no network) does not give: it
+//! runs outside the jail and without the seccomp filter. What it serves is still only verified
+//! bytes: every chunk is checked against its digest before it is written into `memory.bin`.
 
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -39,16 +45,39 @@ pub fn socket_for(snapshot_dir: &Path) -> PathBuf {
 pub fn run(args: PageServerArgs) -> Result<(), Failure> {
     let snap = Snapshot::open(&args.snapshot).map_err(crate::snapshot_failure)?;
     let sock = socket_for(&snap.dir);
+    let marker = crate::remote::lazy::Marker::load(&snap.dir)?;
     let flags = crate::sandbox::RunFlags {
-        jail: !args.no_jail,
-        seccomp: !args.no_seccomp,
+        jail: !args.no_jail && marker.is_none(),
+        seccomp: !args.no_seccomp && marker.is_none(),
     };
     crate::sandbox::enter(crate::vmm_jail::pageserver_spec(&snap.dir, flags))?;
     if flags.seccomp {
         crate::sandbox::seccomp::apply(crate::sandbox::seccomp::Kind::PageServer)?;
     }
-    let server = PageServer::for_snapshot(&snap, &sock, ServerConfig::default())
-        .map_err(|e| Failure::new(Code::Error, format!("page server: {e}")))?;
+    let server = match &marker {
+        None => PageServer::for_snapshot(&snap, &sock, ServerConfig::default()),
+        Some(m) => {
+            let units = crate::remote::lazy::RemoteUnits::open(m)?;
+            let expected = snap
+                .manifest
+                .file(snapshot::manifest::MEMORY)
+                .map(|f| f.size);
+            if expected != Some(units.memory_bytes()) {
+                return Err(Failure::new(
+                    Code::SnapshotRefused,
+                    "the remote index's memory.bin is not the manifest's",
+                ));
+            }
+            PageServer::start_lazy(
+                &snap.memory_path(),
+                std::sync::Arc::new(units),
+                Some(snap.path(snapshot::pageserver::workingset::FILE_NAME)),
+                &sock,
+                ServerConfig::default(),
+            )
+        }
+    }
+    .map_err(|e| Failure::new(Code::Error, format!("page server: {e}")))?;
     // Every VMM restoring from this snapshot runs as a uid of its own.
     {
         use std::os::unix::fs::PermissionsExt;
@@ -94,6 +123,7 @@ pub fn ensure(snapshot_dir: &Path, flags: crate::sandbox::RunFlags) -> Result<Pa
         .map_err(|e| Failure::new(Code::Error, format!("cannot open the page server log: {e}")))?;
     let mut cmd = Command::new(exe);
     cmd.arg("__pageserver").arg("--snapshot").arg(snapshot_dir);
+    // (A remote snapshot's server runs outside the jail whatever the flags say: see above.)
     if !flags.jail {
         cmd.arg("--no-jail");
     }

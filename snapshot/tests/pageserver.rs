@@ -1143,3 +1143,195 @@ fn a_stopped_server_is_reported_by_the_heartbeat() {
     g.leak();
     std::fs::remove_dir_all(&s.dir).unwrap();
 }
+
+/// Lazy memory: units of a known file handed out one at a time, each fetch recorded; a unit
+/// listed in `fail` cannot be fetched.
+struct Units {
+    bytes: Vec<u8>,
+    unit: u64,
+    fetched: std::sync::Mutex<Vec<u64>>,
+    fail: Option<u64>,
+}
+
+impl snapshot::pageserver::UnitSource for Units {
+    fn unit_bytes(&self) -> u64 {
+        self.unit
+    }
+    fn has_data(&self, unit: u64) -> bool {
+        let from = (unit * self.unit) as usize;
+        let to = (from + self.unit as usize).min(self.bytes.len());
+        from < to && self.bytes[from..to].iter().any(|b| *b != 0)
+    }
+    fn fetch(&self, unit: u64, len: u64) -> Result<Vec<u8>, String> {
+        self.fetched.lock().unwrap().push(unit);
+        if self.fail == Some(unit) {
+            return Err(format!("unit {unit} is gone (test)"));
+        }
+        let from = (unit * self.unit) as usize;
+        Ok(self.bytes[from..from + len as usize].to_vec())
+    }
+}
+
+const UNIT: u64 = 16 * PAGE;
+
+/// A server of a sparse file of `s`'s size, filled from `s`'s bytes by a [`Units`].
+fn lazy_server(s: &Setup, fail: Option<u64>, ws: Option<PathBuf>) -> (PageServer, Arc<Units>) {
+    let sparse = s.dir.join("lazy.bin");
+    let f = File::create(&sparse).unwrap();
+    f.set_len(s.bytes.len() as u64).unwrap();
+    let units = Arc::new(Units {
+        bytes: s.bytes.clone(),
+        unit: UNIT,
+        fetched: std::sync::Mutex::new(Vec::new()),
+        fail,
+    });
+    let server = PageServer::start_lazy(
+        &sparse,
+        units.clone(),
+        ws,
+        &s.sock,
+        ServerConfig {
+            record: false,
+            ..config(PAGE)
+        },
+    )
+    .unwrap();
+    (server, units)
+}
+
+#[test]
+fn lazy_memory_is_fetched_unit_by_unit_on_first_touch() {
+    let pages = 2048;
+    let s = setup("lazy", pages);
+    let (server, units) = lazy_server(&s, None, None);
+    let g = Guest::new(pages * PAGE);
+    let c = Client::connect(
+        &s.sock,
+        &Layout {
+            regions: vec![region(&g, 0, 0)],
+        },
+        &ClientOptions::default(),
+    )
+    .unwrap();
+    // Pages 128..192 are holes (see is_data): units 8 to 11 hold no data, never fetched.
+    assert!((128..192).all(|p| !is_data(p)));
+    for p in [17, 18, 31, 80, 81, 130, 140, 200, 1000, 1001] {
+        assert!(g.page(p) == s.file_page(p), "page {p} differs");
+    }
+    let mut got = units.fetched.lock().unwrap().clone();
+    got.sort_unstable();
+    assert_eq!(got, vec![1, 5, 12, 62], "each touched unit with data, once");
+    let lazy = server.stats().lazy.expect("lazy statistics");
+    assert_eq!(lazy.units_fetched, 4);
+    assert_eq!(lazy.units, pages * PAGE / UNIT);
+    assert_eq!(lazy.failures, 0);
+    // Every page of the memory reads back exactly, from four threads racing on the units.
+    std::thread::scope(|sc| {
+        for t in 0..4u64 {
+            let (g, s) = (&g, &s);
+            sc.spawn(move || {
+                for k in 0..pages {
+                    let p = (k * 7 + t * 13) % pages;
+                    assert!(g.page(p) == s.file_page(p), "page {p} differs");
+                }
+            });
+        }
+    });
+    let n = units.fetched.lock().unwrap().len() as u64;
+    assert_eq!(n, server.stats().lazy.unwrap().units_with_data);
+    c.finish().unwrap();
+    server.shutdown();
+    std::fs::remove_dir_all(&s.dir).unwrap();
+}
+
+#[test]
+fn a_unit_that_cannot_be_fetched_stops_the_vm_naming_it_never_zeros() {
+    let pages = 256;
+    let s = setup("lazyfail", pages);
+    let (server, units) = lazy_server(&s, Some(2), None);
+    let g = Guest::new(pages * PAGE);
+    let c = Client::connect(
+        &s.sock,
+        &Layout {
+            regions: vec![region(&g, 0, 0)],
+        },
+        &ClientOptions::default(),
+    )
+    .unwrap();
+    assert!(g.page(1) == s.file_page(1));
+    let returned = Arc::new(AtomicBool::new(false));
+    let (r, addr) = (returned.clone(), g.addr);
+    std::thread::spawn(move || {
+        // SAFETY: a page of the guest mapping, which is never unmapped (leaked below).
+        let v = unsafe { std::ptr::read_volatile((addr + 2 * UNIT + 8) as *const u64) };
+        r.store(true, Ordering::SeqCst);
+        v
+    });
+    let gone = c
+        .watchdog()
+        .wait(Some(Duration::from_secs(10)))
+        .expect("the server gave the VM up");
+    match &gone.reason {
+        GoneReason::Fatal(m) => assert!(m.contains("unit 2 is gone"), "{m}"),
+        other => panic!("{other:?}"),
+    }
+    // The faulting thread got nothing: no zeros, no stale bytes.
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(!returned.load(Ordering::SeqCst), "a fault was answered");
+    let lazy = server.stats().lazy.unwrap();
+    assert!(lazy.failures >= 1, "{lazy:?}");
+    assert!(lazy.last_error.unwrap().contains("unit 2"));
+    assert!(units.fetched.lock().unwrap().contains(&2));
+    // The memory stays registered with the uffd held open: leave it mapped.
+    std::mem::forget(c);
+    g.leak();
+    server.shutdown();
+    std::fs::remove_dir_all(&s.dir).unwrap();
+}
+
+#[test]
+fn a_working_set_has_its_units_fetched_ahead_in_the_background() {
+    let pages = 1024;
+    let s = setup("lazyahead", pages);
+    // Pages of units 7, 2, 7 again and 12, in first-touch order.
+    let ws_pages = vec![7 * 16 + 1, 2 * 16, 7 * 16 + 5, 12 * 16 + 3];
+    assert!(ws_pages.iter().all(|p| is_data(u64::from(*p))));
+    WorkingSet {
+        memory_bytes: pages * PAGE,
+        chunk_bytes: PAGE,
+        adaptive: false,
+        pages: ws_pages.clone(),
+    }
+    .write_atomic(&s.ws_path())
+    .unwrap();
+    let (server, units) = lazy_server(&s, None, Some(s.ws_path()));
+    // Before any VM connects.
+    wait_until("readahead", Duration::from_secs(10), || {
+        server.stats().lazy.unwrap().readahead_done == 3
+    });
+    let mut got = units.fetched.lock().unwrap().clone();
+    got.sort_unstable();
+    assert_eq!(got, vec![2, 7, 12]);
+    // A VM then gets the set prefetched and faults on none of it; nothing is fetched twice.
+    let g = Guest::new(pages * PAGE);
+    let c = Client::connect(
+        &s.sock,
+        &Layout {
+            regions: vec![region(&g, 0, 0)],
+        },
+        &ClientOptions::default(),
+    )
+    .unwrap();
+    wait_until("prefetch", Duration::from_secs(10), || {
+        c.stats(Duration::from_secs(5)).unwrap().prefetch_done
+    });
+    for p in &ws_pages {
+        assert!(g.page(u64::from(*p)) == s.file_page(u64::from(*p)));
+    }
+    let st = c.stats(Duration::from_secs(5)).unwrap();
+    assert_eq!(st.counters.faults, 0, "{st:?} {:?}", server.stats());
+    assert_eq!(units.fetched.lock().unwrap().len(), 3);
+    c.finish().unwrap();
+    server.shutdown();
+    std::fs::remove_dir_all(&s.dir).unwrap();
+}

@@ -12,6 +12,7 @@
 
 pub mod config;
 pub mod index;
+pub mod lazy;
 pub mod store;
 
 use std::collections::{HashMap, HashSet};
@@ -241,6 +242,9 @@ pub struct Stats {
     pub bytes_transferred: u64,
     /// Bytes of the snapshot's files.
     pub bytes_logical: u64,
+    /// A fork straight from a remote: memory chunks left on the remote, for the page server to
+    /// fetch when a fork first touches them.
+    pub chunks_lazy: u64,
 }
 
 impl Stats {
@@ -252,6 +256,7 @@ impl Stats {
         self.chunks_present += o.chunks_present;
         self.bytes_transferred += o.bytes_transferred;
         self.bytes_logical += o.bytes_logical;
+        self.chunks_lazy += o.chunks_lazy;
     }
 }
 
@@ -373,6 +378,15 @@ fn push_one(
         ..Default::default()
     };
     let index_key = store.key(&index_rel(name, &tag));
+    // The working set recorded here (by forks served through the page server), if any: a host
+    // forking from the remote prefetches what it names first. Advisory, so it may change
+    // after the index is up (a push run again sends the latest).
+    let ws_path = snap.path(snapshot::pageserver::workingset::FILE_NAME);
+    let working_set = std::fs::metadata(&ws_path)
+        .ok()
+        .filter(|m| m.len() <= index::MAX_INDEX_BYTES)
+        .and_then(|_| std::fs::read(&ws_path).ok());
+    let ws_key = store.key(&lazy::workingset_rel(name, &tag));
     let result: Result<Stats, RemoteError> = store.block_on(async {
         match store.get_bounded(&index_key, index::MAX_INDEX_BYTES).await {
             Ok(bytes) => {
@@ -380,6 +394,9 @@ fn push_one(
                 return match Index::parse(&bytes, name, &tag) {
                     Ok(there) if there == idx => {
                         st.chunks_present = st.chunks_distinct;
+                        if let Some(w) = working_set {
+                            store.put(&ws_key, w).await?;
+                        }
                         Ok(st)
                     }
                     _ => Err(RemoteError::Differs {
@@ -426,6 +443,9 @@ fn push_one(
             crate::testhooks::crash_point(&format!("push-chunk-{}", st.chunks_transferred));
         }
         drop(uploads);
+        if let Some(w) = working_set {
+            store.put(&ws_key, w).await?;
+        }
         // Last: only now does the snapshot exist on the remote.
         store.put(&index_key, idx.to_json()).await?;
         Ok(st)
@@ -525,10 +545,23 @@ fn fill_cache(
     st: &mut Stats,
     out: Out,
 ) -> Result<(), RemoteError> {
+    let label = format!("pulling {}:{}", idx.name, idx.tag);
+    fill_chunks(root, store, &label, idx.distinct_chunks(), st, out)
+}
+
+/// Makes `chunks` (digest, length) present and verified in the host's cache.
+fn fill_chunks(
+    root: &Path,
+    store: &Store,
+    label: &str,
+    chunks: Vec<(String, u64)>,
+    st: &mut Stats,
+    out: Out,
+) -> Result<(), RemoteError> {
     let cache = cache_dir(root);
     std::fs::create_dir_all(&cache).map_err(io_err("cannot create", &cache))?;
     let mut todo = Vec::new();
-    for (d, len) in idx.distinct_chunks() {
+    for (d, len) in chunks {
         if cached_chunk(&cache, &d, len).is_some() {
             st.chunks_present += 1;
         } else {
@@ -560,11 +593,7 @@ fn fill_cache(
             st.chunks_transferred += 1;
             st.bytes_transferred += got;
             done_bytes += raw;
-            out.progress(
-                &format!("pulling {}:{}", idx.name, idx.tag),
-                done_bytes,
-                todo_bytes,
-            );
+            out.progress(label, done_bytes, todo_bytes);
             crate::testhooks::crash_point(&format!("pull-chunk-{}", st.chunks_transferred));
             crate::testhooks::slow_point("pull-chunk");
         }
@@ -686,66 +715,100 @@ pub fn pull_into(
                 )?;
             }
         }
-        let target_ws = match Workspace::open(dest_root, dest) {
-            Ok(ws) => ws,
-            Err(f) if f.code == Code::NotFound => {
-                let staging = staging.clone();
-                let tag_owned = tag.to_string();
-                let ws = crate::commands::create_for_import_with(
-                    dest_root,
-                    dest,
-                    m,
-                    None,
-                    move |dir| {
-                        let snaps = dir.join(workspace::SNAPSHOTS);
-                        std::fs::create_dir_all(&snaps)
-                            .and_then(|()| std::fs::rename(&staging, snaps.join(&tag_owned)))
-                            .map_err(|e| {
-                                Failure::new(Code::Error, format!("cannot place snapshot: {e}"))
-                            })
-                    },
-                )?;
-                return crate::commands::open_snapshot(&ws, tag);
-            }
-            Err(f) => return Err(f),
-        };
-        let _lock = target_ws.lock()?;
-        let snaps = target_ws.snapshots_dir();
-        let target = snaps.join(tag);
-        if target.exists() {
-            return Err(Failure::new(
-                Code::Conflict,
-                format!("workspace {dest} already has a snapshot {tag}"),
-            ));
-        }
-        std::fs::create_dir_all(&snaps)
-            .and_then(|()| std::fs::rename(&staging, &target))
-            .and_then(|()| File::open(&snaps)?.sync_all())
-            .map_err(|e| Failure::new(Code::Error, format!("cannot place snapshot: {e}")))?;
-        crate::commands::open_snapshot(&target_ws, tag)
+        place(dest_root, dest, tag, &staging, m)
     })();
     let _ = std::fs::remove_dir_all(&staging);
     result
 }
 
+/// Moves a verified snapshot from `staging` into workspace `dest` under `dest_root` as `tag`,
+/// making the workspace (from the manifest) if it does not exist yet.
+fn place(
+    dest_root: &Path,
+    dest: &str,
+    tag: &str,
+    staging: &Path,
+    m: &snapshot::Manifest,
+) -> Result<snapshot::Snapshot, Failure> {
+    let target_ws = match Workspace::open(dest_root, dest) {
+        Ok(ws) => ws,
+        Err(f) if f.code == Code::NotFound => {
+            let staging = staging.to_path_buf();
+            let tag_owned = tag.to_string();
+            let ws =
+                crate::commands::create_for_import_with(dest_root, dest, m, None, move |dir| {
+                    let snaps = dir.join(workspace::SNAPSHOTS);
+                    std::fs::create_dir_all(&snaps)
+                        .and_then(|()| std::fs::rename(&staging, snaps.join(&tag_owned)))
+                        .map_err(|e| {
+                            Failure::new(Code::Error, format!("cannot place snapshot: {e}"))
+                        })
+                })?;
+            return crate::commands::open_snapshot(&ws, tag);
+        }
+        Err(f) => return Err(f),
+    };
+    let _lock = target_ws.lock()?;
+    let snaps = target_ws.snapshots_dir();
+    let target = snaps.join(tag);
+    if target.exists() {
+        return Err(Failure::new(
+            Code::Conflict,
+            format!("workspace {dest} already has a snapshot {tag}"),
+        ));
+    }
+    std::fs::create_dir_all(&snaps)
+        .and_then(|()| std::fs::rename(staging, &target))
+        .and_then(|()| File::open(&snaps)?.sync_all())
+        .map_err(|e| Failure::new(Code::Error, format!("cannot place snapshot: {e}")))?;
+    crate::commands::open_snapshot(&target_ws, tag)
+}
+
 // ---------------------------------------------------------------------------------------------
 // forks from a remote
 
-/// For `create --from-snapshot REMOTE/NAME:TAG`: the snapshot in this host's remote cache
-/// (pulled now if it is not there or the remote's changed), as a workspace root and name to
-/// fork from, and what was fetched.
-pub fn materialize(root: &Path, spec: &str, out: Out) -> Result<(PathBuf, String, Stats), Failure> {
+/// A remote snapshot made ready to fork on this host.
+pub struct Materialized {
+    /// The state root and workspace name of the cached copy.
+    pub root: PathBuf,
+    pub name: String,
+    /// What was fetched now.
+    pub stats: Stats,
+    /// Its memory comes on first touch through its page server (see [`lazy`]): fork it with
+    /// `--memory uffd`, and never read its `memory.bin` directly.
+    pub lazy: bool,
+}
+
+/// For `create --from-snapshot REMOTE/NAME:TAG`: the snapshot in this host's remote cache, as
+/// a workspace root and name to fork from. Unless `eager`, a full snapshot's memory stays on
+/// the remote until a fork touches it ([`lazy`]); otherwise (and for a diff) it is pulled whole
+/// first, or not at all when the cached copy is still what the remote holds.
+pub fn materialize(
+    root: &Path,
+    spec: &str,
+    eager: bool,
+    out: Out,
+) -> Result<Materialized, Failure> {
     let r = RemoteRef::parse(spec)?;
     let store = open_store(root, &r.remote)?;
-    let cache_root = root.join(CACHE_DIR).join("snapshots").join(&r.remote);
     let mut st = Stats::default();
+    if !eager {
+        let lazy_root = lazy::cache_root(root, &r.remote);
+        let _making = name_lock(&lazy_root, &r.name)?;
+        if lazy::materialize(root, &store, &r, &lazy_root, &mut st, out)? {
+            return Ok(Materialized {
+                root: lazy_root,
+                name: r.name,
+                stats: st,
+                lazy: true,
+            });
+        }
+    }
+    let cache_root = root.join(CACHE_DIR).join("snapshots").join(&r.remote);
     // Forks of one remote snapshot started at once on a fresh host: the first pulls it, the
     // others wait for that and fork from the cached copy (without the lock, the second found
     // the first's half-made workspace and failed with a conflict).
-    let locks = cache_root.join("locks");
-    std::fs::create_dir_all(&locks).map_err(io_err("cannot create", &locks))?;
-    let _pulling = snapshot::file_lock::FileLock::acquire(&locks.join(format!("{}.lock", r.name)))
-        .map_err(|e| Failure::new(Code::Error, e.to_string()))?;
+    let _pulling = name_lock(&cache_root, &r.name)?;
     if let Ok(ws) = Workspace::open(&cache_root, &r.name) {
         if let Ok(snap) = snapshot::Snapshot::open(&ws.snapshots_dir().join(&r.tag)) {
             // Cached: still what the remote holds? Its manifest is one chunk of the index.
@@ -757,7 +820,12 @@ pub fn materialize(root: &Path, spec: &str, out: Out) -> Result<(PathBuf, String
                 .file(snapshot::manifest::MANIFEST)
                 .and_then(|f| f.chunks.first().cloned().flatten());
             if here.is_some() && here == there {
-                return Ok((cache_root, r.name, st));
+                return Ok(Materialized {
+                    root: cache_root,
+                    name: r.name,
+                    stats: st,
+                    lazy: false,
+                });
             }
             let _ = snap.delete();
         }
@@ -773,5 +841,18 @@ pub fn materialize(root: &Path, spec: &str, out: Out) -> Result<(PathBuf, String
         0,
         out,
     )?;
-    Ok((cache_root, r.name, st))
+    Ok(Materialized {
+        root: cache_root,
+        name: r.name,
+        stats: st,
+        lazy: false,
+    })
+}
+
+/// Serialises the making of one cached workspace (`name` under `cache_root`).
+fn name_lock(cache_root: &Path, name: &str) -> Result<snapshot::file_lock::FileLock, Failure> {
+    let locks = cache_root.join("locks");
+    std::fs::create_dir_all(&locks).map_err(io_err("cannot create", &locks))?;
+    snapshot::file_lock::FileLock::acquire(&locks.join(format!("{name}.lock")))
+        .map_err(|e| Failure::new(Code::Error, e.to_string()))
 }

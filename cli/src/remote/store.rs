@@ -51,6 +51,16 @@ pub const PARALLEL: usize = 4;
 
 impl Store {
     pub fn open(remote: &Remote) -> Result<Store, StoreError> {
+        Self::open_with(remote, None)
+    }
+
+    /// As [`Store::open`], for callers that use it from several threads at once (a page
+    /// server's sessions and readahead): `block_on` from any of them, on `threads` I/O workers.
+    pub fn open_threaded(remote: &Remote, threads: usize) -> Result<Store, StoreError> {
+        Self::open_with(remote, Some(threads.max(1)))
+    }
+
+    fn open_with(remote: &Remote, threads: Option<usize>) -> Result<Store, StoreError> {
         let other = |detail: String| StoreError::Other {
             remote: remote.name.clone(),
             detail,
@@ -103,10 +113,17 @@ impl Store {
             b = b.with_config(AmazonS3ConfigKey::Token, t);
         }
         let s3 = b.build().map_err(|e| other(e.to_string()))?;
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(|e| other(format!("cannot start the I/O runtime: {e}")))?;
+        let runtime = match threads {
+            None => tokio::runtime::Builder::new_current_thread(),
+            Some(n) => {
+                let mut b = tokio::runtime::Builder::new_multi_thread();
+                b.worker_threads(n);
+                b
+            }
+        }
+        .enable_all()
+        .build()
+        .map_err(|e| other(format!("cannot start the I/O runtime: {e}")))?;
         Ok(Store {
             remote: remote.clone(),
             endpoint,

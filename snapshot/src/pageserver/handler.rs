@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use super::backing::{LazyFill, UnitSource};
 use super::protocol::{Counters, Message, Region, SessionStats, MAX_FRAME};
 use super::sys::{self, Fill, Msg, Seqpacket, PAGE};
 use super::workingset::{Recorder, WorkingSet};
@@ -74,6 +75,8 @@ pub struct MemoryFile {
     data: Bitmap,
     /// One page of zeros (anonymous), a source for placing a zero page that will be written.
     zero: *const u8,
+    /// Set when the file is filled while served: a page is copied only once its unit is there.
+    lazy: Option<Arc<LazyFill>>,
 }
 
 // SAFETY: both mappings are read-only for the life of the struct; only raw pointers to them are
@@ -86,7 +89,34 @@ impl MemoryFile {
     pub fn open(path: &Path) -> io::Result<Self> {
         let file = std::fs::File::open(path)?;
         let len = file.metadata()?.len();
-        if len == 0 || len % PAGE != 0 {
+        Self::check_len(path, len)?;
+        let data = data_pages(&file, len)?;
+        Self::map(&file, len, data, None)
+    }
+
+    /// A memory file that `source` fills unit by unit as pages are needed: `path` is a sparse
+    /// file of the full size (what is in it already is not trusted: every unit is fetched again
+    /// by this server before it is served).
+    pub(crate) fn open_lazy(path: &Path, source: Arc<dyn UnitSource>) -> io::Result<Self> {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)?;
+        let len = file.metadata()?.len();
+        Self::check_len(path, len)?;
+        let lazy = LazyFill::new(source, file.try_clone()?, len)?;
+        let mut data = Bitmap::new(len / PAGE);
+        let up = lazy.unit_pages();
+        for u in 0..(len / PAGE).div_ceil(up) {
+            if lazy.page_has_data(u * up) {
+                data.set_range(u * up, (u + 1) * up);
+            }
+        }
+        Self::map(&file, len, data, Some(Arc::new(lazy)))
+    }
+
+    fn check_len(path: &Path, len: u64) -> io::Result<()> {
+        if len == 0 || !len.is_multiple_of(PAGE) {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
                 format!(
@@ -95,8 +125,17 @@ impl MemoryFile {
                 ),
             ));
         }
-        let data = data_pages(&file, len)?;
-        // SAFETY: a fresh read-only shared mapping of the whole file; checked below.
+        Ok(())
+    }
+
+    fn map(
+        file: &std::fs::File,
+        len: u64,
+        data: Bitmap,
+        lazy: Option<Arc<LazyFill>>,
+    ) -> io::Result<Self> {
+        // SAFETY: a fresh read-only shared mapping of the whole file; checked below. Writes
+        // through the file (a lazy fill) show in it: both go through the same page cache.
         let ptr = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
@@ -132,7 +171,20 @@ impl MemoryFile {
             len,
             data,
             zero: zero as *const u8,
+            lazy,
         })
+    }
+
+    pub(crate) fn lazy(&self) -> Option<&Arc<LazyFill>> {
+        self.lazy.as_ref()
+    }
+
+    /// Makes file pages `from..to` readable from the mapping (a no-op unless lazy).
+    fn ensure(&self, from: u64, to: u64) -> Result<(), String> {
+        match &self.lazy {
+            Some(l) => l.ensure(from, to),
+            None => Ok(()),
+        }
     }
 
     pub fn len(&self) -> u64 {
@@ -161,6 +213,9 @@ impl MemoryFile {
 
 impl Drop for MemoryFile {
     fn drop(&mut self) {
+        if let Some(l) = &self.lazy {
+            l.stop();
+        }
         // SAFETY: unmapping exactly the mappings made in `open`.
         unsafe {
             libc::munmap(self.ptr as *mut libc::c_void, self.len as usize);
@@ -421,6 +476,8 @@ pub struct Session<'a> {
     pending: VecDeque<Fault>,
     filled: Vec<Filled>,
     reads: u64,
+    /// The prefetch's next page waits for its unit (lazy memory): poll instead of spinning.
+    prefetch_waiting: bool,
 }
 
 impl<'a> Session<'a> {
@@ -473,6 +530,7 @@ impl<'a> Session<'a> {
             pending: VecDeque::new(),
             filled: Vec::new(),
             reads: 0,
+            prefetch_waiting: false,
         }
     }
 
@@ -493,7 +551,11 @@ impl<'a> Session<'a> {
                 self.flush_recording();
             }
             let timeout = if self.prefetch.is_some() {
-                0
+                if self.prefetch_waiting {
+                    2
+                } else {
+                    0
+                }
             } else if let Some(d) = self.recording.as_ref().and_then(|r| r.deadline) {
                 let ms = d.saturating_duration_since(Instant::now()).as_millis();
                 ms.clamp(1, i32::MAX as u128) as i32
@@ -803,6 +865,19 @@ impl<'a> Session<'a> {
     ) -> Result<RunEnd, End> {
         let r = self.regions[ri];
         let base = r.file_offset / PAGE;
+        if !zero {
+            // Lazy memory: the pages' unit must be in the file (fetched and verified) first. A
+            // unit that cannot be fetched fails the VM rather than serve what the file holds.
+            if let Err(e) = self.mem.ensure(base + p, base + q) {
+                self.shared.note_error(e.clone());
+                if prefetch {
+                    // Left unplaced: the VM fails only if it touches these pages (and its
+                    // fault cannot fetch them either).
+                    return Ok(RunEnd::Complete);
+                }
+                return Err(End::Fatal(e));
+            }
+        }
         while p < q {
             let dst = r.host_addr + p * PAGE;
             let len = (q - p) * PAGE;
@@ -856,6 +931,7 @@ impl<'a> Session<'a> {
             .load(Ordering::Relaxed);
         let mut visited = 0;
         let len = pf.plan.set.pages.len();
+        self.prefetch_waiting = false;
         while visited < 4 * budget {
             if pf.next >= len {
                 match pf.resume.take() {
@@ -864,6 +940,22 @@ impl<'a> Session<'a> {
                 }
             }
             let fp = u64::from(pf.plan.set.pages[pf.next]);
+            match self.prefetch_unit_ready(fp) {
+                Ok(true) => {}
+                Ok(false) => {
+                    // Its unit is on its way (readahead): look for faults meanwhile.
+                    self.prefetch_waiting = true;
+                    break;
+                }
+                Err(e) => {
+                    // Not this VM's failure unless it touches that page: then its fault
+                    // fails with the same error. The prefetch ends here.
+                    tracing::warn!(client = self.shared.id, "prefetch stopped: {e}");
+                    self.shared.note_error(e);
+                    self.shared.prefetch_done.store(true, Ordering::Relaxed);
+                    return Ok(());
+                }
+            }
             pf.next += 1;
             visited += 1;
             if let Some((ri, p)) = self.region_of_file_page(fp) {
@@ -894,6 +986,22 @@ impl<'a> Session<'a> {
             self.shared.prefetch_done.store(true, Ordering::Relaxed);
         }
         Ok(())
+    }
+
+    /// With lazy memory: whether the unit of file page `fp` is there. `false` while the
+    /// readahead still works on it; once that has stopped, it is fetched here, and a unit that
+    /// cannot be is an error.
+    fn prefetch_unit_ready(&self, fp: u64) -> Result<bool, String> {
+        let Some(lazy) = self.mem.lazy() else {
+            return Ok(true);
+        };
+        if lazy.ready(fp, fp + 1) {
+            return Ok(true);
+        }
+        if lazy.readahead_running() {
+            return Ok(false);
+        }
+        lazy.ensure(fp, fp + 1).map(|()| true)
     }
 
     /// Handles one message from the VMM; `Some` ends the session.

@@ -47,6 +47,7 @@
 //! over-fetch. One thread per VMM: 1, 2, 4, 8 VMMs faulting at once keep the per-page cost
 //! flat or better (0.5-1x of one VMM).
 
+pub mod backing;
 pub mod client;
 mod handler;
 pub mod protocol;
@@ -54,6 +55,7 @@ pub mod server;
 pub mod sys;
 pub mod workingset;
 
+pub use backing::{LazyInfo, UnitSource};
 pub use client::{
     create_uffd, probe, Client, ClientError, ClientOptions, Features, GoneReason, ServerGone,
     Watchdog,

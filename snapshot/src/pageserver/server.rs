@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use super::backing::{self, LazyInfo, UnitSource};
 use super::handler::{
     AfterRemove, AtomicCounters, End, MemoryFile, PrefetchPlan, Recording, Session, SessionConfig,
     SessionShared,
@@ -46,6 +47,9 @@ pub struct ServerConfig {
     /// How long a new connection may take to send its handshake.
     pub handshake_timeout: Duration,
 }
+
+/// Fetches in flight at once for a lazy memory file's readahead.
+const READAHEAD_THREADS: usize = 4;
 
 /// The largest chunk (adaptive chunks are the default): measured with
 /// `cargo bench -p snapshot --bench uffd`, see the module docs.
@@ -124,6 +128,8 @@ pub struct ServerStats {
     pub clients: Vec<ClientStats>,
     /// How recent sessions ended (newest last, at most 32).
     pub ended: Vec<String>,
+    /// For a memory file filled while served: what was fetched.
+    pub lazy: Option<LazyInfo>,
 }
 
 struct Shared {
@@ -174,13 +180,39 @@ impl PageServer {
         socket: &Path,
         config: ServerConfig,
     ) -> Result<Self, ServerError> {
-        if config.chunk_bytes < PAGE || !config.chunk_bytes.is_power_of_two() {
-            return Err(ServerError::Chunk(config.chunk_bytes));
-        }
         let mem = MemoryFile::open(memory).map_err(|source| ServerError::Memory {
             path: memory.to_path_buf(),
             source,
         })?;
+        Self::start_with(mem, working_set, socket, config)
+    }
+
+    /// Serves a memory file that `source` fills while it is served (see [`super::backing`]):
+    /// `memory` is a sparse file of the full size, written by this server only. With a working
+    /// set, the units it needs are fetched in the background at once, in first-touch order.
+    pub fn start_lazy(
+        memory: &Path,
+        source: Arc<dyn UnitSource>,
+        working_set: Option<PathBuf>,
+        socket: &Path,
+        config: ServerConfig,
+    ) -> Result<Self, ServerError> {
+        let mem = MemoryFile::open_lazy(memory, source).map_err(|source| ServerError::Memory {
+            path: memory.to_path_buf(),
+            source,
+        })?;
+        Self::start_with(mem, working_set, socket, config)
+    }
+
+    fn start_with(
+        mem: MemoryFile,
+        working_set: Option<PathBuf>,
+        socket: &Path,
+        config: ServerConfig,
+    ) -> Result<Self, ServerError> {
+        if config.chunk_bytes < PAGE || !config.chunk_bytes.is_power_of_two() {
+            return Err(ServerError::Chunk(config.chunk_bytes));
+        }
         let mut info = WorkingSetInfo {
             path: working_set.clone(),
             ..Default::default()
@@ -191,6 +223,10 @@ impl PageServer {
             match WorkingSet::load(p, mem.len()) {
                 Ok(Some(ws)) => {
                     info.loaded = Some(ws.pages.len());
+                    if let Some(lazy) = mem.lazy() {
+                        let order = backing::units_in_order(&ws.pages, lazy.unit_pages());
+                        lazy.readahead(order, READAHEAD_THREADS);
+                    }
                     prefetch_set = Some(Arc::new(PrefetchPlan::new(ws)));
                 }
                 Ok(None) => {}
@@ -261,6 +297,7 @@ impl PageServer {
             working_set: lock(&sh.ws_info).clone(),
             clients,
             ended: lock(&sh.ended).clone(),
+            lazy: sh.mem.lazy().map(|l| l.info()),
         }
     }
 
@@ -272,6 +309,9 @@ impl PageServer {
 
     fn stop(&mut self) {
         self.shared.stop.signal();
+        if let Some(l) = self.shared.mem.lazy() {
+            l.stop();
+        }
         if let Some(h) = self.listener.take() {
             let _ = h.join();
         }
