@@ -182,6 +182,31 @@ fn push_pull_and_dedup() {
     let o = a.run(&["snapshot", "pull", "r/w:nope"]);
     assert_eq!(o.status.code(), Some(3), "{}", stderr(&o));
     assert!(one_line(&o).contains("has no snapshot w:nope"));
+    // With the chunk cache bounded (here to nothing), a pull keeps only the chunks it needs:
+    // the others go, least recently used first.
+    let o = a.run_env(
+        &["snapshot", "pull", "r/w:t2", "--as", "bounded"],
+        &[("MICROAGENT_REMOTE_CACHE_MAX_MIB", "0")],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let index: serde_json::Value =
+        serde_json::from_slice(&s3.get("team/snaps/snapshots/w/t2.json")).expect("index JSON");
+    let t2: std::collections::HashSet<String> = index["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|f| f["chunks"].as_array().unwrap().iter())
+        .filter_map(|c| c.as_str().map(str::to_string))
+        .collect();
+    let cached: std::collections::HashSet<String> =
+        std::fs::read_dir(a.home.dir.join("remote-cache/chunks"))
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.len() == 64)
+            .collect();
+    assert_eq!(cached, t2, "the cache keeps exactly what the pull needs");
+    a.ok(&["snapshot", "inspect", "bounded", "t2", "--verify"]);
     a.ok(&["remote", "remove", "r"]);
     assert_eq!(
         a.json(&["remote", "list"])["remotes"],
@@ -538,6 +563,35 @@ fn second_host_forks_from_the_remote() {
         d.home.wait_counts(f, &[want]);
         d.ok(&["halt", f]);
     }
+
+    // A working set recorded on host A (by a fork served through the page server) goes up
+    // with the next push, and a new host fetching the snapshot gets it: its page server
+    // fetches those chunks ahead.
+    a.ok(&["create", "u", "--from-snapshot", "w:t", "--memory", "uffd"]);
+    a.home.wait_counts("u", &[want]);
+    a.ok(&["halt", "u"]);
+    let recorded = a.home.ws("w").join("snapshots/t/workingset.bin");
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !recorded.exists() {
+        assert!(std::time::Instant::now() < deadline, "no working set");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    a.ok(&["snapshot", "push", "w", "t", "r"]);
+    assert!(s3.exists("fleet/snapshots/w/t.workingset"));
+    let e = Host::new("remote-host-e", &s3);
+    e.add_remote(&s3, "r", "fleet");
+    e.ok(&["create", "v", "--from-snapshot", "r/w:t"]);
+    let here = e
+        .home
+        .dir
+        .join("remote-cache/lazy/r/workspaces/w/snapshots/t/workingset.bin");
+    assert!(
+        std::fs::read(&here).ok() == std::fs::read(&recorded).ok(),
+        "the working set did not come along"
+    );
+    e.home.wait_counts("v", &[want]);
+    assert!(counts(&e.home.console("v"))[0].1 >= want);
+    e.ok(&["halt", "v"]);
 
     // The remote dies mid-transfer: a clear error, nothing half-visible.
     let c = Host::new("remote-host-c", &s3);

@@ -53,7 +53,8 @@ pub struct CreateArgs {
     /// line `{"ready": {...}}` per fork, then the summary).
     #[arg(long, requires = "from_snapshot")]
     count: Option<u32>,
-    /// With --from-snapshot: how guest memory comes back.
+    /// With --from-snapshot: how guest memory comes back. From a REMOTE/NAME:TAG it comes on
+    /// first touch through the page server, unless `eager` (the whole snapshot pulled first).
     #[arg(long, value_enum, default_value_t = MemoryArg::Mmap)]
     memory: MemoryArg,
     /// With --from-snapshot: each fork halts and is deleted after this long (e.g. 30m, 2h).

@@ -197,7 +197,7 @@ pub(super) fn materialize(
                 "the index has no manifest".to_string(),
             )
         })?;
-        super::assemble_file(&cache, manifest, &staging.join(MANIFEST))?;
+        super::assemble_file(&cache, store, manifest, &staging.join(MANIFEST))?;
         let staged = snapshot::Snapshot::open(&staging).map_err(crate::snapshot_failure)?;
         if staged.manifest.parent.is_some() {
             return Ok(None);
@@ -217,7 +217,7 @@ pub(super) fn materialize(
                 file.set_len(f.size).map_err(io_err("cannot size", &p))?;
             } else {
                 // Names were checked by Index::validate: plain file names, no separators.
-                super::assemble_file(&cache, f, &p)?;
+                super::assemble_file(&cache, store, f, &p)?;
             }
         }
         let ws_bytes = fetch_working_set(store, r, mem.size)?;
@@ -384,6 +384,7 @@ impl UnitSource for RemoteUnits {
         if let Err(e) = write_cached(&self.cache.join(d), &z) {
             tracing::warn!("cannot keep {what} in the cache: {e}");
         }
+        super::cache::enforce(&self.cache, &[d.clone()].into());
         self.fetched_bytes
             .fetch_add(z.len() as u64, Ordering::Relaxed);
         tracing::debug!(chunk = unit, bytes = z.len(), "fetched {what}");

@@ -10,6 +10,7 @@
 //! on the host), assembles the files in a staging directory, verifies the snapshot as an import
 //! does, and only then renames it into place; run again, it fetches only what it lacks.
 
+pub mod cache;
 pub mod config;
 pub mod index;
 pub mod lazy;
@@ -497,7 +498,10 @@ fn cached_chunk(cache: &Path, digest: &str, len: u64) -> Option<Vec<u8>> {
     }
     let z = std::fs::read(&p).ok()?;
     match index::decode_chunk(digest, &z, len) {
-        Ok(b) => Some(b),
+        Ok(b) => {
+            cache::touch(&p);
+            Some(b)
+        }
         Err(_) => {
             let _ = std::fs::remove_file(&p);
             None
@@ -560,6 +564,7 @@ fn fill_chunks(
 ) -> Result<(), RemoteError> {
     let cache = cache_dir(root);
     std::fs::create_dir_all(&cache).map_err(io_err("cannot create", &cache))?;
+    let keep: HashSet<String> = chunks.iter().map(|(d, _)| d.clone()).collect();
     let mut todo = Vec::new();
     for (d, len) in chunks {
         if cached_chunk(&cache, &d, len).is_some() {
@@ -597,23 +602,47 @@ fn fill_chunks(
             crate::testhooks::crash_point(&format!("pull-chunk-{}", st.chunks_transferred));
             crate::testhooks::slow_point("pull-chunk");
         }
-        Ok(())
-    })
+        Ok::<_, RemoteError>(())
+    })?;
+    cache::enforce(&cache, &keep);
+    Ok(())
+}
+
+/// A chunk from the cache, or fetched again (and checked, and kept) if another host process
+/// evicted it meanwhile.
+fn chunk_bytes(
+    cache: &Path,
+    store: &Store,
+    digest: &str,
+    len: u64,
+) -> Result<Vec<u8>, RemoteError> {
+    if let Some(b) = cached_chunk(cache, digest, len) {
+        return Ok(b);
+    }
+    let z =
+        store.block_on(store.get_bounded(&store.key(&chunk_rel(digest)), index::MAX_COMPRESSED))?;
+    let b = index::decode_chunk(digest, &z, len).map_err(|source| RemoteError::Chunk {
+        remote: store.remote().name.clone(),
+        source,
+    })?;
+    write_cached(&cache.join(digest), &z)?;
+    Ok(b)
 }
 
 /// Writes `f` from the cache into `path` (sparse: zero chunks stay holes).
-fn assemble_file(cache: &Path, f: &IndexFile, path: &Path) -> Result<(), RemoteError> {
+fn assemble_file(
+    cache: &Path,
+    store: &Store,
+    f: &IndexFile,
+    path: &Path,
+) -> Result<(), RemoteError> {
     let file = File::create(path).map_err(io_err("cannot create", path))?;
     file.set_len(f.size).map_err(io_err("cannot size", path))?;
     for (i, d) in f.chunks.iter().enumerate() {
         let Some(d) = d else { continue };
         let i = i as u64;
         let len = index::chunk_len(f.size, i);
-        let bytes = cached_chunk(cache, d, len).ok_or_else(|| RemoteError::Io {
-            what: "chunk vanished from the cache",
-            path: cache.join(d),
-            source: std::io::Error::from(std::io::ErrorKind::NotFound),
-        })?;
+        let bytes = chunk_bytes(cache, store, d, len)?;
         file.write_all_at(&bytes, i * CHUNK_SIZE)
             .map_err(io_err("cannot write", path))?;
     }
@@ -676,7 +705,7 @@ pub fn pull_into(
     let result = (|| {
         for f in &idx.files {
             // Names were checked by Index::validate: plain file names, no separators.
-            assemble_file(&cache, f, &staging.join(&f.name))?;
+            assemble_file(&cache, store, f, &staging.join(&f.name))?;
         }
         crate::testhooks::crash_point("pull-assembled");
         let staged = snapshot::archive::verify_staged(&staging).map_err(crate::snapshot_failure)?;
