@@ -147,7 +147,7 @@ pub(super) fn materialize(
                 .ok()
                 .flatten()
                 .is_some_and(|m| m.index == idx);
-            if same && verify_eager(&snap).is_ok() {
+            if same && verify_eager(&snap, false).is_ok() {
                 st.chunks_lazy = lazy_chunks;
                 return Ok(true);
             }
@@ -255,7 +255,7 @@ pub(super) fn materialize(
                 ),
             ));
         }
-        verify_eager(&staged).map_err(crate::snapshot_failure)?;
+        verify_eager(&staged, true).map_err(crate::snapshot_failure)?;
         super::place(lazy_root, &r.name, &r.tag, &staging, m).map(Some)
     })();
     let _ = std::fs::remove_dir_all(&staging);
@@ -290,30 +290,39 @@ fn fetch_working_set(
 
 /// Checks everything of a lazily filled snapshot that is on this host: the manifest, the
 /// state's format and CRC, every file but the memory against its digest, and the memory file's
-/// size (its chunks are checked as they come).
-fn verify_eager(snap: &snapshot::Snapshot) -> Result<(), snapshot::SnapshotError> {
+/// size (its chunks are checked as they come). A file whose verified stamp still matches is not
+/// read again unless `recheck` (see `snapshot::stamp`): a cached rootfs is hashed once.
+fn verify_eager(snap: &snapshot::Snapshot, recheck: bool) -> Result<(), snapshot::SnapshotError> {
+    use snapshot::error::Refusal;
+    use snapshot::stamp::{FileId, Stamps};
     snap.verify(&snapshot::VerifyOptions {
         kernel: None,
         contents: false,
         recheck: false,
     })?;
+    let mut stamps = Stamps::load(&snap.dir);
     for f in snap.manifest.files.iter().filter(|f| f.name != MEMORY) {
         let p = snap.path(&f.name);
-        let (actual, _) = snapshot::digest::file_digest(&p).map_err(|e| {
-            snapshot::SnapshotError::from(snapshot::error::Refusal::MissingFile(format!(
-                "{}: {e}",
-                f.name
-            )))
-        })?;
+        let unreadable = |e: std::io::Error| {
+            snapshot::SnapshotError::from(Refusal::MissingFile(format!("{}: {e}", f.name)))
+        };
+        let id = FileId::of(&std::fs::metadata(&p).map_err(unreadable)?);
+        if !recheck && stamps.vouches(&f.name, &id, &f.digest) {
+            continue;
+        }
+        let (actual, _) = snapshot::digest::file_digest(&p).map_err(unreadable)?;
         if actual != f.digest {
-            return Err(snapshot::error::Refusal::Digest {
+            return Err(Refusal::Digest {
                 file: f.name.clone(),
                 expected: f.digest.clone(),
                 actual,
             }
             .into());
         }
+        stamps.record(&f.name, id, &f.digest);
     }
+    // A cache: without it the next fork hashes these files again.
+    let _ = stamps.save(&snap.dir);
     snap.check_state()
 }
 

@@ -2,7 +2,9 @@
 //!
 //! `remote add|list|remove` keeps the list of remotes; `snapshot push` and `snapshot pull` move
 //! snapshots as content-addressed chunks (see [`index`]); `create --from-snapshot
-//! REMOTE/NAME:TAG` pulls into the host's remote cache and forks from there.
+//! REMOTE/NAME:TAG` fetches all but the memory into the host's remote cache and forks from there,
+//! the memory coming on first touch through the page server ([`lazy`]); with `--memory eager`,
+//! or for a diff, it pulls the whole snapshot first.
 //!
 //! Crash safety, both ways: a push uploads chunks first and the index last, so a snapshot is on
 //! a remote only when complete, and a push run again skips the chunks already there. A pull

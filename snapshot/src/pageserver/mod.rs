@@ -9,6 +9,11 @@
 //! while the VMM's address space changes, and following remove/unmap events (balloon,
 //! MADV_DONTNEED, munmap).
 //!
+//! The memory file may also be filled while it is served ([`backing`]): a snapshot forked
+//! straight from a remote has a sparse `memory.bin` that the server fills one unit (a remote
+//! chunk, verified against its digest) at a time, before any page of that unit is copied into a
+//! VM; a unit that cannot be had fails the fault, and the VM stops with the source's error.
+//!
 //! The first VMM's first touches are recorded as the snapshot's working set
 //! ([`workingset`], `workingset.bin` next to the snapshot); later VMMs get that set prefetched in
 //! the background while their faults are served first.
