@@ -1,6 +1,12 @@
 //! virtio-net (virtio 1.x §5.1) with a passt or tap back end. No offloads: every frame carries
 //! the 12-byte `virtio_net_hdr_v1` with no checksum or GSO work asked of anyone.
 //!
+//! With passt the device offers VIRTIO_NET_F_MTU at passt's own MTU (65520, what its DHCP hands
+//! out too): the guest then sends one frame per 64 KiB instead of per 1.5 KiB, and Linux posts
+//! receive buffers that large. Per-frame cost is what limits a guest's TCP here (on nested KVM its
+//! kernel is emulated, ~25 ms a round trip), so this is the guest's throughput. A tap keeps 1500:
+//! the frames go on to a host bridge or link whose MTU we do not know.
+//!
 //! Queues: rx, tx and, when the driver takes VIRTIO_NET_F_CTRL_VQ, the control queue (index 2)
 //! through which it sets the MAC address on a running link ([`ctrl`]). A device restored from a
 //! snapshot taken before the control queue existed keeps offering what it offered then (its
@@ -14,8 +20,8 @@ use std::io::ErrorKind;
 use event_manager::{EventOps, Events, MutEventSubscriber};
 use serde::{Deserialize, Serialize};
 use virtio_bindings::virtio_net::{
-    VIRTIO_NET_F_CTRL_MAC_ADDR, VIRTIO_NET_F_CTRL_VQ, VIRTIO_NET_F_MAC, VIRTIO_NET_F_STATUS,
-    VIRTIO_NET_S_LINK_UP,
+    VIRTIO_NET_F_CTRL_MAC_ADDR, VIRTIO_NET_F_CTRL_VQ, VIRTIO_NET_F_MAC, VIRTIO_NET_F_MTU,
+    VIRTIO_NET_F_STATUS, VIRTIO_NET_S_LINK_UP,
 };
 use virtio_queue::{QueueOwnedT, QueueT};
 use vmm_sys_util::epoll::EventSet;
@@ -42,6 +48,10 @@ const FEATURES: u64 = 1 << VIRTIO_NET_F_MAC
     | 1 << VIRTIO_NET_F_CTRL_MAC_ADDR;
 /// virtio_net_hdr_v1 (with num_buffers): always present with VIRTIO_F_VERSION_1.
 pub const NET_HDR_LEN: usize = 12;
+/// passt's default MTU, the largest frame its tap side takes (65520 + link header < MAX_FRAME).
+pub const PASST_MTU: u16 = 65_520;
+/// Config space: mac (6), status (2), max_virtqueue_pairs (2), mtu (2).
+const CONFIG_LEN: usize = 12;
 
 const EV_RXQ: u32 = 0;
 const EV_TXQ: u32 = 1;
@@ -83,7 +93,7 @@ pub struct Net {
     /// The configured address, which a device reset returns to.
     base_mac: MacAddr,
     backend: Backend,
-    config: [u8; 8],
+    config: [u8; CONFIG_LEN],
     common: VirtioCommon,
     control_evt: EventFd,
     /// A frame read from the back end that no guest buffer has taken yet.
@@ -112,15 +122,21 @@ impl Net {
     }
 
     pub fn with_backend(mac: MacAddr, backend: Backend) -> Result<Self, NetError> {
-        let mut cfg = [0u8; 8];
+        let mut cfg = [0u8; CONFIG_LEN];
         cfg[..6].copy_from_slice(&mac.0);
         cfg[6..8].copy_from_slice(&(VIRTIO_NET_S_LINK_UP as u16).to_le_bytes());
+        cfg[8..10].copy_from_slice(&1u16.to_le_bytes());
+        let mut features = COMMON_FEATURES | FEATURES;
+        if matches!(backend, Backend::Passt(_)) {
+            cfg[10..12].copy_from_slice(&PASST_MTU.to_le_bytes());
+            features |= 1 << VIRTIO_NET_F_MTU;
+        }
         Ok(Self {
             mac,
             base_mac: mac,
             backend,
             config: cfg,
-            common: VirtioCommon::new(COMMON_FEATURES | FEATURES, QUEUE_SIZES_CTRL.len())
+            common: VirtioCommon::new(features, QUEUE_SIZES_CTRL.len())
                 .map_err(NetError::EventFd)?,
             control_evt: EventFd::new(EFD_NONBLOCK).map_err(NetError::EventFd)?,
             pending_rx: None,
@@ -311,6 +327,14 @@ impl Persist for Net {
         let mut n = Self::new(config)?;
         n.set_mac(state.mac);
         n.common.avail_features = state.avail_features;
+        // The guest keeps the MTU it read at boot whatever the new back end is: the config space
+        // says what it was offered then (a snapshot from before the MTU offer: nothing).
+        let mtu = if state.avail_features & 1 << VIRTIO_NET_F_MTU != 0 {
+            PASST_MTU
+        } else {
+            0
+        };
+        n.config[10..12].copy_from_slice(&mtu.to_le_bytes());
         Ok(n)
     }
 }
