@@ -33,5 +33,13 @@ if [[ -z "${MICROAGENT_SKIP_LINUX:-}" && -z "${MICROAGENT_TEST_ROOTFS:-}" ]]; th
     export MICROAGENT_TEST_ROOTFS
 fi
 
+# `--net user` runs a pinned passt build: Debian 12's resets guest connections after 24 s of
+# silence from the host (scripts/build-passt.sh says why). Cached after the first build (~30 s).
+if [[ -z "${MICROAGENT_PASST:-}" ]]; then
+    echo "== passt (pinned build)"
+    MICROAGENT_PASST=$(scripts/build-passt.sh --print-path)
+    export MICROAGENT_PASST
+fi
+
 echo "== cargo test"
 cargo test --workspace --release --no-fail-fast --features microagent/test-hooks -- --test-threads=2

@@ -180,6 +180,64 @@ impl HoldServer {
     }
 }
 
+/// A host server that accepts one connection, stays silent for `LATE_AFTER` and only then
+/// answers: a guest's connection must survive that silence. Debian 12's passt (2023-03) reset
+/// every guest-initiated connection 24 s after its SYN unless the host had sent data by then (it
+/// never took the handshake's ACK as acknowledging its SYN-ACK, so its retransmission timer ran
+/// out): a long upload or a slow API answer broke.
+struct LateServer {
+    port: u16,
+    done: std::sync::mpsc::Receiver<std::io::Result<()>>,
+}
+
+const LATE_AFTER: Duration = Duration::from_secs(30);
+
+impl LateServer {
+    fn start() -> Self {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let (tx, done) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let r = l.accept().and_then(|(mut c, _)| {
+                std::thread::sleep(LATE_AFTER);
+                c.write_all(b"late\n")?;
+                // Held open until the guest has read it.
+                std::thread::sleep(Duration::from_secs(600));
+                Ok(())
+            });
+            let _ = tx.send(r);
+        });
+        LateServer { port, done }
+    }
+}
+
+/// The guest connects to the late server in the background and keeps what it answers in
+/// /tmp/late.out.
+fn guest_late(h: &Home, ws: &str, port: u16) {
+    let script =
+        format!("(sleep 900 | nc 10.0.2.2 {port} > /tmp/late.out) </dev/null >/dev/null 2>&1 &");
+    h.ok(&["exec", ws, "--", "sh", "-c", &script]);
+}
+
+/// The late answer reached the guest over its connection, after the silence.
+fn assert_late_answer(h: &Home, ws: &str, late: &LateServer) {
+    let deadline = std::time::Instant::now() + LATE_AFTER + Duration::from_secs(120);
+    loop {
+        let got = h.ok(&["exec", ws, "--", "cat", "/tmp/late.out"]);
+        if got.contains("late") {
+            return;
+        }
+        if let Ok(Err(e)) = late.done.try_recv() {
+            panic!("the host could not answer the guest after {LATE_AFTER:?}: {e}");
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the guest's connection did not survive {LATE_AFTER:?} of silence (got {got:?})"
+        );
+        std::thread::sleep(Duration::from_secs(2));
+    }
+}
+
 /// The guest keeps a connection to the hold server open (sending nothing) in the background;
 /// when the connection breaks, `nc` exits and its status lands in /tmp/held.rc (written by the
 /// pipeline's last part, which does not wait for `sleep`).
@@ -317,6 +375,9 @@ fn guests_fetch_from_the_host_and_serve_through_published_ports() {
     let st = json(&h.ok(&["--json", "status", "n"]));
     assert_eq!(st["net"], "user", "{st}");
     ok_slow(&h, &["start", "n"]);
+    // A connection the host leaves silent for 30 s, checked after the steps below.
+    let late = LateServer::start();
+    guest_late(&h, "n", late.port);
 
     // Guest -> host, exact bytes. A fresh boot may try again: once in a CI run (two Linux
     // guests on a loaded host, Debian 12's passt) the first transfer stalled for good. The
@@ -344,6 +405,8 @@ fn guests_fetch_from_the_host_and_serve_through_published_ports() {
         host_get(port).contains("served-by-n"),
         "no answer on {port}"
     );
+
+    assert_late_answer(&h, "n", &late);
 
     // A connection open when the snapshot is taken: after a restore or fork it is reset (the
     // guest's process sees it end) instead of hanging.

@@ -69,7 +69,7 @@ pub fn host_variant() -> &'static str {
 }
 
 /// `${MICROAGENT_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/microagent}`, as build.sh computes it.
-fn cache_root() -> PathBuf {
+pub(crate) fn cache_root() -> PathBuf {
     let env = |k: &str| {
         std::env::var_os(k)
             .filter(|v| !v.is_empty())

@@ -224,9 +224,39 @@ pub fn from_args(a: &NetArgs, builtin_kernel: bool) -> Result<(NetMode, Vec<Publ
     Ok((mode, publish))
 }
 
+/// The passt `--net user` runs: `MICROAGENT_PASST` if set; else the newest one
+/// scripts/build-passt.sh built into the cache (Debian 12's own resets a guest's connections
+/// after 24 s of silence from the host: see that script); else `passt` in PATH.
 pub fn find_passt() -> Result<PathBuf, Failure> {
+    if let Some(p) = std::env::var_os("MICROAGENT_PASST").filter(|p| !p.is_empty()) {
+        let p = PathBuf::from(p);
+        return if p.is_file() {
+            Ok(p)
+        } else {
+            Err(Failure::new(
+                Code::HostUnsupported,
+                format!("MICROAGENT_PASST={}: no such file", p.display()),
+            ))
+        };
+    }
+    if let Some(p) = built_passt(&crate::kernel_cmd::cache_root().join("passt")) {
+        return Ok(p);
+    }
     vmm::devices::virtio::net::backend::find_passt()
         .map_err(|e| Failure::new(Code::HostUnsupported, e.to_string()))
+}
+
+/// `DIR/<version>/passt` with the greatest version (they are named `YYYY_MM_DD.commit`).
+fn built_passt(dir: &Path) -> Option<PathBuf> {
+    let mut found: Vec<PathBuf> = std::fs::read_dir(dir)
+        .ok()?
+        .flatten()
+        .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
+        .map(|e| e.path().join("passt"))
+        .filter(|p| p.is_file())
+        .collect();
+    found.sort();
+    found.pop()
 }
 
 /// A locally administered MAC of the workspace's own, from its name.
@@ -628,16 +658,21 @@ fn runtime_dirs() -> Result<(), Failure> {
     Ok(())
 }
 
-/// passt makes its socket after dropping to its own uid: a directory it may write, and that
-/// others may only pass through (the socket itself is then handed to the VMM's uid).
+/// A directory passt may make its socket in, and that others may only pass through (the socket
+/// itself is then handed to the VMM's uid). Older passt (Debian 12's 2023-03) binds after
+/// dropping to nobody; newer ones (2025) bind while still uid 0 but without CAP_DAC_OVERRIDE:
+/// owner nobody, group root, both with write, serves both.
 fn socket_dir(d: &Path) -> Result<(), Failure> {
     use std::os::unix::fs::PermissionsExt;
     let fail = |e: std::io::Error| Failure::new(Code::Error, format!("{}: {e}", d.display()));
     std::fs::create_dir_all(d).map_err(fail)?;
-    if is_root() {
-        std::os::unix::fs::chown(d, Some(PASST_UID), Some(PASST_UID)).map_err(fail)?;
-    }
-    std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o711)).map_err(fail)
+    let mode = if is_root() {
+        std::os::unix::fs::chown(d, Some(PASST_UID), Some(0)).map_err(fail)?;
+        0o771
+    } else {
+        0o711
+    };
+    std::fs::set_permissions(d, std::fs::Permissions::from_mode(mode)).map_err(fail)
 }
 
 fn spawn_passt(passt: &Path, published: &[Publish], sock: &Path) -> Result<Child, Failure> {
@@ -690,6 +725,26 @@ fn wait_listening(passt: &mut Child, sock: &Path, dir: &Path) -> Result<(), Fail
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_newest_built_passt_is_found_and_a_build_in_progress_is_not() {
+        let d = std::env::temp_dir().join(format!("ma-passt-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        assert_eq!(built_passt(&d), None, "no cache directory");
+        for v in [
+            "2024_01_02.aaa",
+            "2025_05_03.587980c",
+            ".build.x",
+            "2026_01_01.nobinary",
+        ] {
+            std::fs::create_dir_all(d.join(v)).unwrap();
+        }
+        for v in ["2024_01_02.aaa", "2025_05_03.587980c", ".build.x"] {
+            std::fs::write(d.join(v).join("passt"), b"").unwrap();
+        }
+        assert_eq!(built_passt(&d), Some(d.join("2025_05_03.587980c/passt")));
+        let _ = std::fs::remove_dir_all(&d);
+    }
 
     #[test]
     fn modes_and_publish_specs_parse_or_say_why() {
