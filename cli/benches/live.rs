@@ -44,11 +44,10 @@ fn cpu0_count(home: &Path) -> u64 {
     std::fs::read_to_string(home.join("workspaces/w/console.log"))
         .unwrap_or_default()
         .lines()
+        .rev()
         .filter_map(count_line)
-        .filter(|(c, _)| *c == 0)
-        .map(|(_, n)| n)
-        .last()
-        .unwrap_or(0)
+        .find(|(c, _)| *c == 0)
+        .map_or(0, |(_, n)| n)
 }
 
 fn wait_count(home: &Path, above: u64) -> Result<u64, String> {

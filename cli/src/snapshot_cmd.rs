@@ -362,10 +362,11 @@ fn create(root: &Path, a: CreateArgs, out: Out) -> Result<(), Failure> {
                     }
                 }
                 human.push_str(&format!(
-                    "\nguest paused {:.1} ms (live: {} rounds, {:.1} MiB copied while it \
-                     ran, {:.1} MiB in the pause{})",
+                    "\nguest paused {:.1} ms (live: {} copy round{}, {:.1} MiB copied while \
+                     it ran, {:.1} MiB in the pause{})",
                     l.pause_ms,
                     l.rounds,
+                    if l.rounds == 1 { "" } else { "s" },
                     l.precopy_bytes as f64 / (1 << 20) as f64,
                     l.final_bytes as f64 / (1 << 20) as f64,
                     if l.converged {

@@ -421,6 +421,7 @@ fn set_paused(d: &Daemon, pause: bool) -> Response {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn take_snapshot(
     d: &Daemon,
     tag: &str,
@@ -541,15 +542,15 @@ fn capture_into(
     if let Some(opts) = live.filter(|_| !was_paused) {
         return capture_live(d, &req, opts, leave_paused, &mut progress);
     }
+    // The pause as the guest sees it: from the request to stop to the vCPUs running again.
+    let paused = Instant::now();
     if !was_paused {
         if let Err(e) = d.vm.pause() {
             return error("error", format!("cannot pause the VM: {e}"));
         }
         mark_paused(d, true);
     }
-    let paused = Instant::now();
     let result = snapshot::capture(&d.vm, &req, &mut progress);
-    let pause_ms = (!was_paused).then(|| paused.elapsed().as_secs_f64() * 1000.0);
     if !was_paused && !leave_paused {
         if let Err(e) = d.vm.resume() {
             return error(
@@ -559,6 +560,7 @@ fn capture_into(
         }
         mark_paused(d, false);
     }
+    let pause_ms = (!was_paused).then(|| paused.elapsed().as_secs_f64() * 1000.0);
     match result {
         Ok(manifest) => Response::Snapshot {
             manifest: Box::new(manifest),

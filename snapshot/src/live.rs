@@ -250,8 +250,9 @@ fn run<V: Snapshottable>(
     };
 
     // The stop: the last dirty set, state and disk, with nothing running.
-    (controls.pause)().map_err(LiveError::Pause)?;
+    // The pause as the guest sees it: from the request to stop to the vCPUs running again.
     let paused = Instant::now();
+    (controls.pause)().map_err(LiveError::Pause)?;
     let stopped = stopped_part(
         vm, req, &tmp, &mem_file, &mem_path, pending, taken, &mut buf,
     );
@@ -400,7 +401,7 @@ fn write_pages(
         let mut p = 0u64;
         while p < pages {
             // A clear word skips 64 pages at once: most of a late round's bitmap is clear.
-            if p % 64 == 0 && words.get((p / 64) as usize).is_none_or(|w| *w == 0) {
+            if p.is_multiple_of(64) && words.get((p / 64) as usize).is_none_or(|w| *w == 0) {
                 p += 64;
                 continue;
             }
