@@ -35,6 +35,10 @@ pub enum Request {
         /// Refuse (keeping nothing) a capture that holds any of them.
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         strict_secrets: bool,
+        /// Copy memory while the guest runs and stop it only for the last pages (a full
+        /// snapshot; `snapshot::live`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        live: Option<LiveParams>,
     },
     Shutdown,
     /// Capture into the workspace's hibernation slot (memory and state; the disk stays as it
@@ -72,6 +76,9 @@ pub enum Response {
     },
     Snapshot {
         manifest: Box<snapshot::Manifest>,
+        /// How the capture went for the guest (absent from older VMMs).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        capture: Option<CaptureReport>,
     },
     Error {
         code: String,
@@ -83,6 +90,24 @@ pub enum Response {
         ok: bool,
         detail: String,
     },
+}
+
+/// The bound of a live capture.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct LiveParams {
+    /// Stop the guest once what is left would take less than this to write (microseconds).
+    pub max_pause_us: u64,
+}
+
+/// What a capture cost the guest.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct CaptureReport {
+    /// How long the vCPUs were stopped for it; `None` when the VM was paused already.
+    #[serde(default)]
+    pub pause_ms: Option<f64>,
+    /// The rounds of a live capture.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub live: Option<snapshot::live::LiveReport>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -167,6 +192,7 @@ mod tests {
             diff: false,
             secrets: Vec::new(),
             strict_secrets: false,
+            live: None,
         };
         let mut buf = Vec::new();
         write_msg(&mut buf, &req).unwrap();

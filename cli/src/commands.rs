@@ -1037,7 +1037,7 @@ pub fn hibernate(root: &Path, name: &str, out: Out) -> Result<(), Failure> {
     )
     .map_err(|e| Failure::new(Code::Error, e.to_string()))?;
     match resp {
-        Response::Snapshot { manifest } => {
+        Response::Snapshot { manifest, .. } => {
             // The VMM stops by itself after the capture; wait for it to be gone.
             process::halt(&ws)?;
             out.emit(

@@ -103,6 +103,43 @@ pub struct CreateArgs {
     /// the manifest; strict: refuse such a capture (exit 5), keeping nothing.
     #[arg(long, value_enum, default_value_t = SecretsMode::Report)]
     secrets: SecretsMode,
+    /// Copy memory while the guest runs, re-copy what it changes in rounds, and stop it only
+    /// for the last pages, its state and the disk copy (a full snapshot of the state at that
+    /// stop). A guest that dirties memory faster than it is written is stopped anyway to copy
+    /// the rest, with a warning.
+    #[arg(long)]
+    live: bool,
+    /// With --live: stop the guest once what is left would take less than this to write
+    /// (like QEMU's downtime-limit), e.g. 20ms, 500us, 1s.
+    #[arg(
+        long,
+        value_name = "DURATION",
+        requires = "live",
+        default_value = "20ms"
+    )]
+    max_pause: String,
+}
+
+/// A short duration as `--max-pause` takes it: a whole number and `us`, `ms` or `s`.
+fn parse_pause(s: &str) -> Result<Duration, String> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !c.is_ascii_digit())
+        .ok_or_else(|| format!("--max-pause {s:?} needs a unit (us, ms, s)"))?;
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("--max-pause {s:?} does not start with a number"))?;
+    let per = match unit {
+        "us" => 1,
+        "ms" => 1_000,
+        "s" => 1_000_000,
+        _ => return Err(format!("--max-pause {s:?}: unknown unit (use us, ms, s)")),
+    };
+    n.checked_mul(per)
+        .filter(|us| *us <= 60_000_000)
+        .map(Duration::from_micros)
+        .ok_or_else(|| format!("--max-pause {s:?} is longer than a minute"))
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -244,8 +281,25 @@ fn create(root: &Path, a: CreateArgs, out: Out) -> Result<(), Failure> {
         no_resume,
         kind,
         secrets,
+        live,
+        max_pause,
     } = a;
     let name = name.as_str();
+    let live = if live {
+        if kind != SnapshotKind::Full {
+            return Err(Failure::new(
+                Code::Usage,
+                "--live captures a full snapshot: diff and disk snapshots are taken with the \
+                 guest stopped (drop --live, or --type)",
+            ));
+        }
+        let max_pause = parse_pause(&max_pause).map_err(|e| Failure::new(Code::Usage, e))?;
+        Some(api::LiveParams {
+            max_pause_us: u64::try_from(max_pause.as_micros()).unwrap_or(u64::MAX),
+        })
+    } else {
+        None
+    };
     let ws = Workspace::open(root, name)?;
     let _lock = ws.lock()?;
     let strict_secrets = secrets == SecretsMode::Strict;
@@ -282,6 +336,7 @@ fn create(root: &Path, a: CreateArgs, out: Out) -> Result<(), Failure> {
             diff: kind == SnapshotKind::Diff,
             secrets: crate::agent::secrets_to_scan(&ws),
             strict_secrets,
+            live,
         },
         Some(Duration::from_secs(3600)),
         &mut |done, total| out.progress("capturing memory", done, total),
@@ -292,15 +347,43 @@ fn create(root: &Path, a: CreateArgs, out: Out) -> Result<(), Failure> {
         crate::agent::deliver(&ws, false, false)?;
     }
     match resp? {
-        Response::Snapshot { manifest } => {
+        Response::Snapshot { manifest, capture } => {
             let dir = ws.snapshots_dir().join(&manifest.tag);
             warn_residue(&manifest, out);
+            let mut human = format!(
+                "snapshot {} created ({} MiB RAM, {} vCPU) at {}",
+                manifest.tag, manifest.mem_mib, manifest.vcpus, manifest.created
+            );
+            let (pause_ms, live) = capture.map_or((None, None), |c| (c.pause_ms, c.live));
+            if let Some(l) = &live {
+                if let Some(why) = &l.fallback {
+                    if !out.json {
+                        tracing::warn!("{why}");
+                    }
+                }
+                human.push_str(&format!(
+                    "\nguest paused {:.1} ms (live: {} copy round{}, {:.1} MiB copied while \
+                     it ran, {:.1} MiB in the pause{})",
+                    l.pause_ms,
+                    l.rounds,
+                    if l.rounds == 1 { "" } else { "s" },
+                    l.precopy_bytes as f64 / (1 << 20) as f64,
+                    l.final_bytes as f64 / (1 << 20) as f64,
+                    if l.converged {
+                        ""
+                    } else {
+                        "; did not converge"
+                    }
+                ));
+            }
             out.emit(
-                format!(
-                    "snapshot {} created ({} MiB RAM, {} vCPU) at {}",
-                    manifest.tag, manifest.mem_mib, manifest.vcpus, manifest.created
-                ),
-                json!({"workspace": name, "snapshot": manifest_json(&manifest, &dir)}),
+                human,
+                json!({
+                    "workspace": name,
+                    "snapshot": manifest_json(&manifest, &dir),
+                    "pause_ms": pause_ms,
+                    "live": live,
+                }),
             );
             Ok(())
         }
@@ -715,4 +798,29 @@ fn disk_snapshot(
         json!({"workspace": name, "snapshot": manifest_json(&m, &dir)}),
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn max_pause_takes_short_units_and_refuses_the_rest() {
+        assert_eq!(parse_pause("20ms").unwrap(), Duration::from_millis(20));
+        assert_eq!(parse_pause("500us").unwrap(), Duration::from_micros(500));
+        assert_eq!(parse_pause("0ms").unwrap(), Duration::ZERO);
+        assert_eq!(parse_pause("2s").unwrap(), Duration::from_secs(2));
+        for bad in [
+            "",
+            "20",
+            "ms",
+            "20m",
+            "-1ms",
+            "1.5ms",
+            "61s",
+            "99999999999999999999s",
+        ] {
+            assert!(parse_pause(bad).is_err(), "{bad}");
+        }
+    }
 }

@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use clap::Args;
+use snapshot::live::{Controls, LiveOptions};
 use snapshot::{CaptureRequest, Progress, Snapshot};
 use vmm::devices::config::{BlockConfig, DeviceConfig, NetBackendConfig, NetConfig, VsockConfig};
 use vmm::memory::RestoreMode;
@@ -309,12 +310,14 @@ fn handle(d: &Daemon, conn: UnixStream) {
             diff,
             secrets,
             strict_secrets,
+            live,
         } => take_snapshot(
             d,
             &tag,
             note.as_deref(),
             leave_paused,
             diff,
+            live,
             (&secrets, strict_secrets),
             &mut |done, total| {
                 let _ = api::write_msg(&mut w, &Response::Progress { done, total });
@@ -333,6 +336,7 @@ fn handle(d: &Daemon, conn: UnixStream) {
                 None,
                 true,
                 false,
+                None,
                 None,
                 None,
                 &mut |done, total| {
@@ -417,15 +421,23 @@ fn set_paused(d: &Daemon, pause: bool) -> Response {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn take_snapshot(
     d: &Daemon,
     tag: &str,
     note: Option<&str>,
     leave_paused: bool,
     diff: bool,
+    live: Option<api::LiveParams>,
     (secrets, strict_secrets): (&[snapshot::residue::SecretValue], bool),
     progress: &mut dyn FnMut(u64, u64),
 ) -> Response {
+    if diff && live.is_some() {
+        return error(
+            "invalid-argument",
+            "a live capture is a full snapshot: a diff is taken with the guest stopped",
+        );
+    }
     // Built before the VM pauses: the automaton costs the guest nothing while it runs.
     let scanner = if secrets.is_empty() {
         None
@@ -466,6 +478,10 @@ fn take_snapshot(
         true,
         parent.as_deref(),
         check,
+        live.map(|l| LiveOptions {
+            max_pause: Duration::from_micros(l.max_pause_us),
+            ..LiveOptions::default()
+        }),
         progress,
     );
     if matches!(r, Response::Snapshot { .. }) {
@@ -483,7 +499,8 @@ fn own_snapshot_tag(snapshots: &Path, restored: Option<&Path>) -> Option<String>
     r.file_name()?.to_str().map(str::to_string)
 }
 
-/// Pauses (if running), captures into `dir/tag`, resumes unless `leave_paused`.
+/// Pauses (if running), captures into `dir/tag`, resumes unless `leave_paused`. With `live`,
+/// a running VM is captured while it runs and stopped only for the last pages.
 #[allow(clippy::too_many_arguments)]
 fn capture_into(
     d: &Daemon,
@@ -494,41 +511,46 @@ fn capture_into(
     with_rootfs: bool,
     parent: Option<&str>,
     secrets: Option<snapshot::SecretCheck<'_>>,
+    live: Option<LiveOptions>,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Response {
     let was_paused = d.paused.load(Ordering::SeqCst);
+    let cfg = &d.ws.config;
+    let req = CaptureRequest {
+        dir,
+        tag,
+        kernel: &cfg.kernel,
+        cmdline: &cfg.cmdline,
+        rootfs: if with_rootfs {
+            cfg.rootfs.as_deref()
+        } else {
+            None
+        },
+        image: cfg.image.as_deref(),
+        workspace: Some(&cfg.name),
+        note,
+        parent,
+        secrets,
+    };
+    let mut progress = |p| {
+        if let Progress::Memory { done, total } = p {
+            progress(done, total)
+        }
+    };
+    snapshot::sweep_leftovers(dir);
+    // A paused guest writes nothing: a live capture of it is the ordinary one.
+    if let Some(opts) = live.filter(|_| !was_paused) {
+        return capture_live(d, &req, opts, leave_paused, &mut progress);
+    }
+    // The pause as the guest sees it: from the request to stop to the vCPUs running again.
+    let paused = Instant::now();
     if !was_paused {
         if let Err(e) = d.vm.pause() {
             return error("error", format!("cannot pause the VM: {e}"));
         }
         mark_paused(d, true);
     }
-    let cfg = &d.ws.config;
-    snapshot::sweep_leftovers(dir);
-    let result = snapshot::capture(
-        &d.vm,
-        &CaptureRequest {
-            dir,
-            tag,
-            kernel: &cfg.kernel,
-            cmdline: &cfg.cmdline,
-            rootfs: if with_rootfs {
-                cfg.rootfs.as_deref()
-            } else {
-                None
-            },
-            image: cfg.image.as_deref(),
-            workspace: Some(&cfg.name),
-            note,
-            parent,
-            secrets,
-        },
-        &mut |p| {
-            if let Progress::Memory { done, total } = p {
-                progress(done, total)
-            }
-        },
-    );
+    let result = snapshot::capture(&d.vm, &req, &mut progress);
     if !was_paused && !leave_paused {
         if let Err(e) = d.vm.resume() {
             return error(
@@ -538,10 +560,89 @@ fn capture_into(
         }
         mark_paused(d, false);
     }
+    let pause_ms = (!was_paused).then(|| paused.elapsed().as_secs_f64() * 1000.0);
     match result {
         Ok(manifest) => Response::Snapshot {
             manifest: Box::new(manifest),
+            capture: Some(api::CaptureReport {
+                pause_ms,
+                live: None,
+            }),
         },
+        Err(e) => error(e.code(), e.to_string()),
+    }
+}
+
+/// A live capture of the running VM (`snapshot::live`): the dirty log is armed for it, unless
+/// it already was, and disarmed after, so the guest does not pay for it past the capture.
+fn capture_live(
+    d: &Daemon,
+    req: &CaptureRequest<'_>,
+    opts: LiveOptions,
+    leave_paused: bool,
+    progress: &mut dyn FnMut(Progress),
+) -> Response {
+    let armed_before = d.vm.dirty_tracking();
+    if let Err(e) = d.vm.enable_dirty_tracking() {
+        return error(
+            "host-unsupported",
+            format!("cannot arm the dirty log for a live capture: {e}"),
+        );
+    }
+    let mut resume_failed = None;
+    let result = snapshot::live::capture_live(
+        &d.vm,
+        req,
+        opts,
+        Controls {
+            pause: &mut || {
+                d.vm.pause().map_err(|e| e.to_string())?;
+                mark_paused(d, true);
+                Ok(())
+            },
+            resume: &mut || {
+                if leave_paused {
+                    return;
+                }
+                match d.vm.resume() {
+                    Ok(()) => mark_paused(d, false),
+                    Err(e) => resume_failed = Some(e.to_string()),
+                }
+            },
+        },
+        progress,
+    );
+    if !armed_before {
+        if let Err(e) = d.vm.disable_dirty_tracking() {
+            tracing::warn!("cannot disarm the dirty log after a live capture: {e}");
+        }
+    }
+    if let Some(e) = resume_failed {
+        return error(
+            "error",
+            format!("snapshot taken but the VM did not resume: {e}"),
+        );
+    }
+    match result {
+        Ok((manifest, report)) => {
+            if let Some(why) = &report.fallback {
+                tracing::warn!("{why}");
+            }
+            tracing::info!(
+                rounds = report.rounds,
+                pause_ms = report.pause_ms,
+                final_bytes = report.final_bytes,
+                "live capture {}",
+                manifest.tag
+            );
+            Response::Snapshot {
+                manifest: Box::new(manifest),
+                capture: Some(api::CaptureReport {
+                    pause_ms: Some(report.pause_ms),
+                    live: Some(report),
+                }),
+            }
+        }
         Err(e) => error(e.code(), e.to_string()),
     }
 }

@@ -51,7 +51,7 @@ pub struct SecretCheck<'a> {
 /// The secret scan of one capture, file by file as they are written: the small files from the
 /// bytes in hand, memory from the writer's chunks in a thread beside it ([`scanning`]), the rootfs
 /// copy from disk. Files are reported in the order they were added (the manifest's order).
-struct ScanLog<'a> {
+pub(crate) struct ScanLog<'a> {
     check: Option<SecretCheck<'a>>,
     per_file: Vec<(String, Vec<u64>)>,
     bytes: u64,
@@ -60,7 +60,7 @@ struct ScanLog<'a> {
 }
 
 impl<'a> ScanLog<'a> {
-    fn new(check: Option<SecretCheck<'a>>) -> Self {
+    pub(crate) fn new(check: Option<SecretCheck<'a>>) -> Self {
         Self {
             check,
             per_file: Vec::new(),
@@ -69,11 +69,11 @@ impl<'a> ScanLog<'a> {
         }
     }
 
-    fn scanner(&self) -> Option<&'a Scanner> {
+    pub(crate) fn scanner(&self) -> Option<&'a Scanner> {
         self.check.map(|c| c.scanner)
     }
 
-    fn add(&mut self, name: &str, (pages, bytes): (Vec<u64>, u64), spent: Duration) {
+    pub(crate) fn add(&mut self, name: &str, (pages, bytes): (Vec<u64>, u64), spent: Duration) {
         if self.check.is_some() {
             self.per_file.push((name.to_string(), pages));
             self.bytes += bytes;
@@ -82,7 +82,7 @@ impl<'a> ScanLog<'a> {
     }
 
     /// A file written from `data`, as it is on disk (its zero pages skipped).
-    fn data(&mut self, name: &str, data: &[u8]) {
+    pub(crate) fn data(&mut self, name: &str, data: &[u8]) {
         let Some(scanner) = self.scanner() else {
             return;
         };
@@ -93,7 +93,7 @@ impl<'a> ScanLog<'a> {
     }
 
     /// A file read back from disk.
-    fn file(&mut self, name: &str, path: &Path) -> Result<(), SnapshotError> {
+    pub(crate) fn file(&mut self, name: &str, path: &Path) -> Result<(), SnapshotError> {
         let Some(scanner) = self.scanner() else {
             return Ok(());
         };
@@ -105,7 +105,7 @@ impl<'a> ScanLog<'a> {
 
     /// The report, before the manifest is written: under `strict`, a capture holding a secret
     /// is refused here, and the caller's guard removes everything it wrote.
-    fn finish(self) -> Result<Option<SecretScan>, SnapshotError> {
+    pub(crate) fn finish(self) -> Result<Option<SecretScan>, SnapshotError> {
         let Some(check) = self.check else {
             return Ok(None);
         };
@@ -183,17 +183,13 @@ pub enum Progress {
     Done,
 }
 
-/// Captures `vm` (which must be paused) as snapshot `req.tag`.
-pub fn capture<V: Snapshottable>(
-    vm: &V,
-    req: &CaptureRequest<'_>,
-    progress: &mut dyn FnMut(Progress),
-) -> Result<Manifest, SnapshotError> {
+/// What a capture checks before it touches the VM: a plain, free tag, a readable kernel (its
+/// sha256 is returned) and rootfs.
+pub(crate) fn preflight(req: &CaptureRequest<'_>) -> Result<String, SnapshotError> {
     if !is_safe_name(req.tag) {
         return Err(SnapshotError::InvalidTag(req.tag.to_string()));
     }
-    let final_dir = req.dir.join(req.tag);
-    if final_dir.exists() {
+    if req.dir.join(req.tag).exists() {
         return Err(SnapshotError::Exists(req.tag.to_string()));
     }
     let kernel_sha = digest::sha256_file(req.kernel).map_err(|source| SnapshotError::Kernel {
@@ -206,6 +202,16 @@ pub fn capture<V: Snapshottable>(
             source,
         })?;
     }
+    Ok(kernel_sha)
+}
+
+/// Captures `vm` (which must be paused) as snapshot `req.tag`.
+pub fn capture<V: Snapshottable>(
+    vm: &V,
+    req: &CaptureRequest<'_>,
+    progress: &mut dyn FnMut(Progress),
+) -> Result<Manifest, SnapshotError> {
+    let kernel_sha = preflight(req)?;
     // A diff finds its pages by content: the parent's page digests (and their key).
     let parent_digests = match req.parent {
         Some(p) => {
@@ -280,15 +286,8 @@ fn write_snapshot<V: Snapshottable>(
     (vcpus, mem_mib, cpuid): (u8, u64, Vec<crate::manifest::CpuidLeaf>),
     kernel_sha: String,
 ) -> Result<Manifest, SnapshotError> {
-    let final_dir = req.dir.join(req.tag);
-
-    std::fs::create_dir_all(req.dir).map_err(io("cannot create", req.dir))?;
-    let tmp = req
-        .dir
-        .join(format!("{TMP_PREFIX}{}-{}", req.tag, std::process::id()));
-    let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir(&tmp).map_err(io("cannot create", &tmp))?;
-    let guard = RemoveOnDrop(Some(tmp.clone()));
+    let guard = RemoveOnDrop::temp_dir(req)?;
+    let tmp = guard.path().to_path_buf();
     faults::checkpoint();
 
     let mut files = Vec::new();
@@ -390,6 +389,30 @@ fn write_snapshot<V: Snapshottable>(
     }
 
     let secret_scan = scan.finish()?;
+    publish(
+        req,
+        guard,
+        files,
+        secret_scan,
+        (vcpus, mem_mib, cpuid),
+        kernel_sha,
+        progress,
+    )
+}
+
+/// Writes the manifest into the temporary directory `guard` holds, fsyncs it and renames it
+/// into place: from here on the snapshot exists.
+pub(crate) fn publish(
+    req: &CaptureRequest<'_>,
+    guard: RemoveOnDrop,
+    files: Vec<FileEntry>,
+    secret_scan: Option<SecretScan>,
+    (vcpus, mem_mib, cpuid): (u8, u64, Vec<crate::manifest::CpuidLeaf>),
+    kernel_sha: String,
+    progress: &mut dyn FnMut(Progress),
+) -> Result<Manifest, SnapshotError> {
+    let final_dir = req.dir.join(req.tag);
+    let tmp = guard.path().to_path_buf();
 
     let since_epoch = SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -436,7 +459,7 @@ fn write_snapshot<V: Snapshottable>(
     Ok(manifest)
 }
 
-fn create(path: &Path) -> Result<File, SnapshotError> {
+pub(crate) fn create(path: &Path) -> Result<File, SnapshotError> {
     OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -444,7 +467,7 @@ fn create(path: &Path) -> Result<File, SnapshotError> {
         .map_err(io("cannot create", path))
 }
 
-fn write_file(path: &Path, bytes: &[u8]) -> Result<(), SnapshotError> {
+pub(crate) fn write_file(path: &Path, bytes: &[u8]) -> Result<(), SnapshotError> {
     let mut f = create(path)?;
     f.write_all(bytes).map_err(io("cannot write", path))?;
     f.sync_all().map_err(io("cannot fsync", path))
@@ -457,9 +480,25 @@ pub(crate) fn fsync_dir(dir: &Path) -> Result<(), SnapshotError> {
 }
 
 /// Removes a half-written snapshot directory unless disarmed.
-struct RemoveOnDrop(Option<PathBuf>);
+pub(crate) struct RemoveOnDrop(Option<PathBuf>);
 
 impl RemoveOnDrop {
+    /// A fresh temporary directory for capturing `req.tag` (a leftover of this process's is
+    /// replaced), removed on drop unless disarmed.
+    pub(crate) fn temp_dir(req: &CaptureRequest<'_>) -> Result<Self, SnapshotError> {
+        std::fs::create_dir_all(req.dir).map_err(io("cannot create", req.dir))?;
+        let tmp = req
+            .dir
+            .join(format!("{TMP_PREFIX}{}-{}", req.tag, std::process::id()));
+        let _ = std::fs::remove_dir_all(&tmp);
+        std::fs::create_dir(&tmp).map_err(io("cannot create", &tmp))?;
+        Ok(Self(Some(tmp)))
+    }
+
+    pub(crate) fn path(&self) -> &Path {
+        self.0.as_deref().unwrap_or(Path::new(""))
+    }
+
     fn disarm(mut self) {
         self.0 = None;
     }

@@ -14,6 +14,7 @@ mod fake;
 pub mod faults;
 pub mod file_lock;
 pub mod hostcpu;
+pub mod live;
 pub mod manifest;
 pub mod memfile;
 pub mod open;

@@ -373,6 +373,25 @@ impl Vm {
         Ok(())
     }
 
+    /// Stops recording page changes (KVM's log off; pages not yet taken are dropped): diffs
+    /// go back to comparing page digests.
+    pub fn disable_dirty_tracking(&self) -> Result<(), VmError> {
+        let mut d = self.dirty.lock().unwrap_or_else(|e| e.into_inner());
+        if d.is_some() {
+            memory::disable_dirty_log(&self.fd, &self.memory)?;
+            *d = None;
+        }
+        Ok(())
+    }
+
+    /// Whether page changes are being recorded (see `enable_dirty_tracking`).
+    pub fn dirty_tracking(&self) -> bool {
+        self.dirty
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some()
+    }
+
     /// Pages written since the last call (per region, a bit per page); `None` without tracking.
     pub fn take_dirty_pages(&self) -> Result<Option<Vec<Vec<u64>>>, VmError> {
         let mut d = self.dirty.lock().unwrap_or_else(|e| e.into_inner());
