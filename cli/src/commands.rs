@@ -53,9 +53,10 @@ pub struct CreateArgs {
     /// line `{"ready": {...}}` per fork, then the summary).
     #[arg(long, requires = "from_snapshot")]
     count: Option<u32>,
-    /// With --from-snapshot: how guest memory comes back.
-    #[arg(long, value_enum, default_value_t = MemoryArg::Mmap)]
-    memory: MemoryArg,
+    /// With --from-snapshot: how guest memory comes back [default: eager for one fork, mmap for
+    /// a --count batch of more, whose forks then share the snapshot's pages].
+    #[arg(long, value_enum)]
+    memory: Option<MemoryArg>,
     /// With --from-snapshot: each fork halts and is deleted after this long (e.g. 30m, 2h).
     #[arg(long, value_name = "DURATION", requires = "from_snapshot")]
     ttl: Option<String>,
@@ -354,6 +355,7 @@ fn fork(root: &Path, args: &CreateArgs, src: &str, out: Out) -> Result<(), Failu
             format!("--count must be 1 to {MAX_FORKS}"),
         ));
     }
+    let memory = args.memory.unwrap_or_else(|| MemoryArg::default_for(count));
     let names: Vec<String> = match args.count {
         None => vec![args.name.clone()],
         Some(n) => (1..=n).map(|i| format!("{}-{i}", args.name)).collect(),
@@ -441,8 +443,8 @@ fn fork(root: &Path, args: &CreateArgs, src: &str, out: Out) -> Result<(), Failu
         for ws in &created {
             crate::testhooks::fail_point(&format!("fork-spawn-{}", ws.name()))
                 .and_then(|()| match restore {
-                    Some(snap) => process::spawn_paused(ws, snap, args.memory),
-                    None => process::spawn(ws, None, args.memory),
+                    Some(snap) => process::spawn_paused(ws, snap, memory),
+                    None => process::spawn(ws, None, memory),
                 })
                 .map(|c| children.push(c))
                 .map_err(|f| named(ws, f))?;
@@ -618,9 +620,9 @@ pub struct StartArgs {
     /// Roll the (halted) workspace back to this snapshot: memory, devices and disk.
     #[arg(long, value_name = "TAG")]
     from_snapshot: Option<String>,
-    /// How guest memory comes back from a snapshot.
-    #[arg(long, value_enum, default_value_t = MemoryArg::Mmap)]
-    memory: MemoryArg,
+    /// How guest memory comes back from a snapshot [default: eager].
+    #[arg(long, value_enum)]
+    memory: Option<MemoryArg>,
     /// With --from-snapshot: halt a running workspace first instead of refusing.
     #[arg(long, requires = "from_snapshot")]
     force: bool,
@@ -704,7 +706,7 @@ pub fn start(root: &Path, args: StartArgs, out: Out) -> Result<(), Failure> {
     let mut child = process::spawn_with(
         &ws,
         snap.as_ref().map(|s| s.dir.as_path()),
-        args.memory,
+        args.memory.unwrap_or_else(|| MemoryArg::default_for(1)),
         flags,
     )?;
     let pid = process::wait_ready(&ws, &mut child)?;

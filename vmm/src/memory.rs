@@ -148,22 +148,7 @@ pub fn restore(mem_mib: u64, path: &Path, mode: RestoreMode) -> Result<GuestMemo
     match mode {
         RestoreMode::Eager => {
             let mem = create(mem_mib)?;
-            let mut file = file;
-            // The file holds the regions back to back, in order, exactly as they were written.
-            // Read in chunks: one read() returns at most ~2 GiB, which vm-memory would call short.
-            const CHUNK: u64 = 256 << 20;
-            for (addr, len) in ram_ranges(bytes) {
-                let mut done = 0u64;
-                while done < len {
-                    let n = (len - done).min(CHUNK);
-                    mem.read_exact_volatile_from(addr.unchecked_add(done), &mut file, n as usize)
-                        .map_err(|e| MemoryError::Map {
-                            path: path.display().to_string(),
-                            reason: e.to_string(),
-                        })?;
-                    done += n;
-                }
-            }
+            read_into(&mem, &file, path)?;
             Ok(mem)
         }
         RestoreMode::PrivateMap => {
@@ -194,6 +179,120 @@ pub fn restore(mem_mib: u64, path: &Path, mode: RestoreMode) -> Result<GuestMemo
             })
         }
     }
+}
+
+/// The file span one reader takes at a time: large enough that a read is a few big copies,
+/// small enough that the readers share the file evenly.
+const READ_WINDOW: u64 = 32 << 20;
+/// Readers of one eager restore (bounded by the host's CPUs).
+const MAX_READERS: usize = 4;
+
+/// Reads a memory file (the regions of `mem` back to back) into fresh guest RAM: several
+/// threads, each taking the next window of the file and copying only its data extents. The
+/// file's holes are zero pages, which fresh anonymous memory already is, so they are neither
+/// read nor allocated: a lightly used guest's restore reads little, and a huge page is only
+/// allocated where data lands (or where the guest touches later).
+fn read_into(mem: &GuestMemory, file: &File, path: &Path) -> Result<(), MemoryError> {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    // (host address, length, file offset) of every window, in file order.
+    let mut windows = Vec::new();
+    let mut file_off = 0u64;
+    for region in mem.iter() {
+        let host = region
+            .get_host_address(vm_memory::MemoryRegionAddress(0))
+            .map_err(|e| MemoryError::Map {
+                path: path.display().to_string(),
+                reason: e.to_string(),
+            })?;
+        let len = region.len();
+        let mut done = 0u64;
+        while done < len {
+            let n = (len - done).min(READ_WINDOW);
+            // SAFETY: `done + n <= len`, so the pointer stays inside this region's mapping.
+            windows.push((
+                Window(unsafe { host.add(done as usize) }),
+                n,
+                file_off + done,
+            ));
+            done += n;
+        }
+        file_off += len;
+    }
+    let readers = std::thread::available_parallelism()
+        .map_or(1, usize::from)
+        .clamp(1, MAX_READERS)
+        .min(windows.len());
+    let next = AtomicUsize::new(0);
+    let failed = std::sync::Mutex::new(None);
+    std::thread::scope(|scope| {
+        for _ in 0..readers {
+            scope.spawn(|| loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                let Some((host, len, off)) = windows.get(i) else {
+                    return;
+                };
+                // SAFETY: each window is `len` bytes of guest RAM that this thread alone
+                // touches (windows are disjoint and each is taken once), and nothing else uses
+                // guest memory before the VM is built from it.
+                let dst = unsafe { std::slice::from_raw_parts_mut(host.0, *len as usize) };
+                if let Err(source) = read_data_extents(file, dst, *off) {
+                    // Every reader stops at its next window.
+                    next.store(windows.len(), Ordering::Relaxed);
+                    failed
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .get_or_insert(source);
+                    return;
+                }
+            });
+        }
+    });
+    match failed.into_inner().unwrap_or_else(|e| e.into_inner()) {
+        Some(source) => Err(MemoryError::File {
+            path: path.display().to_string(),
+            source,
+        }),
+        None => Ok(()),
+    }
+}
+
+/// A window's start in guest RAM, handed to one reader thread.
+struct Window(*mut u8);
+// SAFETY: a plain address into guest RAM; `read_into` gives each window to one thread only.
+unsafe impl Sync for Window {}
+
+/// Copies the data extents of `file[off..off + dst.len()]` into `dst`, leaving what lies in
+/// holes untouched. A file system without SEEK_DATA has no holes to skip: all of it is read.
+fn read_data_extents(file: &File, dst: &mut [u8], off: u64) -> std::io::Result<()> {
+    use rustix::fs::{seek, SeekFrom};
+    use std::os::unix::fs::FileExt;
+    let end = off + dst.len() as u64;
+    let mut pos = off;
+    while pos < end {
+        let data = match seek(file, SeekFrom::Data(pos)) {
+            Ok(d) => d,
+            // No data from here to the end of the file.
+            Err(rustix::io::Errno::NXIO) => return Ok(()),
+            Err(rustix::io::Errno::INVAL | rustix::io::Errno::OPNOTSUPP) => pos,
+            Err(e) => return Err(e.into()),
+        };
+        if data >= end {
+            return Ok(());
+        }
+        let hole = match seek(file, SeekFrom::Hole(data)) {
+            Ok(h) => h.min(end),
+            Err(rustix::io::Errno::INVAL | rustix::io::Errno::OPNOTSUPP) => end,
+            Err(e) => return Err(e.into()),
+        };
+        let from = (data - off) as usize;
+        let to = (hole - off) as usize;
+        // `data >= pos >= off` and `hole <= end`: in bounds. A hole right at `data` would be an
+        // empty extent: read at least a page so the loop always advances.
+        let to = to.max((from + 4096).min(dst.len()));
+        file.read_exact_at(&mut dst[from..to], data)?;
+        pos = off + to as u64;
+    }
+    Ok(())
 }
 
 /// Registers every region of `mem` with KVM, slot numbers in region order.
@@ -323,6 +422,78 @@ mod tests {
     #[test]
     fn exactly_gap_start_has_no_high_range() {
         assert_eq!(ram_ranges(MMIO_GAP_START).len(), 1);
+    }
+
+    /// A sparse memory file crossing the MMIO gap, with data at window edges, inside holes and
+    /// across the gap: the eager read (parallel, holes skipped) gives exactly what the
+    /// copy-on-write map of the same file shows.
+    #[test]
+    fn eager_read_matches_the_file_across_holes_windows_and_the_gap() {
+        use std::os::unix::fs::FileExt;
+        let mib = MMIO_GAP_START / MIB + 64;
+        let path = std::env::temp_dir().join(format!("ma-eager-{}.bin", std::process::id()));
+        let file = File::create(&path).unwrap();
+        file.set_len(mib * MIB).unwrap();
+        let page = |n: u64| -> Vec<u8> { (0..4096u64).map(|i| (i ^ n) as u8 | 1).collect() };
+        let offsets = [
+            0,
+            4096,
+            READ_WINDOW - 4096,
+            READ_WINDOW,
+            7 * READ_WINDOW + 12 * 4096,
+            MMIO_GAP_START - 4096,
+            MMIO_GAP_START,
+            mib * MIB - 4096,
+        ];
+        for (n, off) in offsets.iter().enumerate() {
+            file.write_all_at(&page(n as u64), *off).unwrap();
+        }
+        // A run of data pages longer than a window, not window aligned.
+        for p in 0..(READ_WINDOW / 4096 + 3) {
+            file.write_all_at(&page(p + 100), 40 * READ_WINDOW + 5 * 4096 + p * 4096)
+                .unwrap();
+        }
+        drop(file);
+
+        let eager = restore(mib, &path, RestoreMode::Eager).unwrap();
+        let mapped = restore(mib, &path, RestoreMode::PrivateMap).unwrap();
+        let _ = std::fs::remove_file(&path);
+        // File offset to guest address: the second range starts at 4 GiB.
+        let ga = |o: u64| {
+            if o < MMIO_GAP_START {
+                GuestAddress(o)
+            } else {
+                GuestAddress(MMIO_GAP_END + (o - MMIO_GAP_START))
+            }
+        };
+        for (n, off) in offsets.iter().enumerate() {
+            let mut got = vec![0u8; 4096];
+            eager.read_slice(&mut got, ga(*off)).unwrap();
+            assert!(got == page(n as u64), "page at file offset {off:#x}");
+        }
+        let mut a = vec![0u8; 8 << 20];
+        let mut b = vec![0u8; 8 << 20];
+        // Compare only what was written, and a page of hole on either side of it: reading
+        // all 3 GiB of holes would fault in every page of both.
+        let mut spans: Vec<(u64, u64)> = offsets.iter().map(|o| (*o, 4096)).collect();
+        spans.push((40 * READ_WINDOW + 5 * 4096, READ_WINDOW + 3 * 4096));
+        for (off, len) in spans {
+            let from = off.saturating_sub(4096);
+            let to = (off + len + 4096).min(mib * MIB);
+            let mut at = from;
+            while at < to {
+                let n = ((to - at) as usize).min(a.len());
+                let n = if at < MMIO_GAP_START {
+                    n.min((MMIO_GAP_START - at) as usize)
+                } else {
+                    n
+                };
+                eager.read_slice(&mut a[..n], ga(at)).unwrap();
+                mapped.read_slice(&mut b[..n], ga(at)).unwrap();
+                assert!(a[..n] == b[..n], "eager differs from the file at {at:#x}");
+                at += n as u64;
+            }
+        }
     }
 
     #[test]
