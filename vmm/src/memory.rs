@@ -56,7 +56,8 @@ pub enum MemoryError {
 /// How guest RAM comes back from a memory file on restore.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RestoreMode {
-    /// Read the whole file into fresh anonymous memory.
+    /// Read the file into fresh anonymous memory (huge pages where the host has them), with
+    /// several threads, skipping its holes: the guest then runs without a fault per page.
     Eager,
     /// Map the file copy-on-write: pages load on first touch, and forks share the page cache.
     PrivateMap,
