@@ -1,7 +1,8 @@
 //! Full-touch restore through the real binary: a test guest that writes and verifies almost all
 //! of its memory every round continues exactly after a rollback or a fork in every memory mode
-//! (the default for one VM, eager, mmap, uffd, and the default for a batch), and a memory file
-//! changed by one byte (in data or in a hole) is refused before any VM runs.
+//! (the default for one VM, eager, mmap, hot without and with a recorded working set, uffd, and
+//! the default for a batch), and a memory file changed by one byte (in data or in a hole) is
+//! refused before any VM runs.
 
 mod common;
 use common::*;
@@ -64,14 +65,33 @@ fn a_full_touch_guest_continues_exactly_in_every_memory_mode() {
     let snap = h.ws("w").join("snapshots/base");
     let saved = memory_u64(&snap, addr);
 
-    // Roll back in place, once per mode (the default first).
-    for mode in [None, Some("eager"), Some("mmap"), Some("uffd")] {
+    // Roll back in place, once per mode (the default first). `hot` before any lazy restore
+    // has recorded a working set reads everything (as eager); after the `uffd` run recorded
+    // one, it reads that set into huge pages over a copy-on-write map.
+    let ws_file = snap.join("workingset.bin");
+    for mode in [
+        None,
+        Some("eager"),
+        Some("mmap"),
+        Some("hot"),
+        Some("uffd"),
+        Some("hot"),
+    ] {
         let mut args = vec!["start", "w", "--from-snapshot", "base", "--force"];
         if let Some(m) = mode {
             args.extend(["--memory", m]);
         }
         h.ok(&args);
         continues_exactly(&h, "w", saved, &format!("rollback {mode:?}"));
+        if mode == Some("uffd") {
+            // The page server writes the working set once its recording VM is gone.
+            h.ok(&["halt", "w"]);
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            while !ws_file.exists() && std::time::Instant::now() < deadline {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            assert!(ws_file.exists(), "the uffd restore recorded no working set");
+        }
     }
     h.ok(&["halt", "w"]);
 
@@ -126,7 +146,7 @@ fn a_flipped_byte_in_memory_bin_is_refused_in_every_memory_mode() {
         let mut b = [0u8; 1];
         file.read_exact_at(&mut b, at).unwrap();
         file.write_all_at(&[b[0] ^ 0x40], at).unwrap();
-        for mode in [None, Some("eager"), Some("mmap"), Some("uffd")] {
+        for mode in [None, Some("eager"), Some("mmap"), Some("uffd"), Some("hot")] {
             let mut args = vec!["start", "w", "--from-snapshot", "base"];
             if let Some(m) = mode {
                 args.extend(["--memory", m]);

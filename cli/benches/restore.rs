@@ -15,7 +15,10 @@
 //! `cargo bench -p microagent --bench restore`
 //!   `MICROAGENT_BENCH_REPS=N` (default 3)
 //!   `MICROAGENT_BENCH_MEM_MIB` (default 1024), `MICROAGENT_BENCH_REGION_MIB` (default 900)
-//!   `MICROAGENT_BENCH_MODES=eager,mmap,uffd` (the default)
+//!   `MICROAGENT_BENCH_MODES=eager,mmap,uffd,hot` (the default; `hot` reads the working set
+//!   the `uffd` restores recorded)
+//!   `MICROAGENT_BENCH_HOT_PCT=P` (default 100): after its first round the guest touches only
+//!   the first P% of its region
 
 mod common;
 
@@ -250,6 +253,14 @@ fn restored_at(log: &Path, t0: Instant, sys0: SystemTime) -> Option<Instant> {
 
 fn ma_restore(home: &Path, mem: u64, mode: &str, saved: u64) -> Result<Restore, String> {
     let ws = home.join("workspaces/w");
+    if mode == "hot" {
+        // The working set an earlier uffd restore recorded (written once that VM is gone).
+        let set = ws.join("snapshots/base/workingset.bin");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !set.exists() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
     warm(mem + 256);
     // A fresh console for this run (`start` would rotate the old one away, but only later).
     let _ = std::fs::remove_file(ws.join("console.log"));
@@ -378,12 +389,13 @@ fn main() {
     let mem = env_usize("MICROAGENT_BENCH_MEM_MIB", 1024) as u64;
     let region = env_usize("MICROAGENT_BENCH_REGION_MIB", 900) as u64;
     let modes: Vec<String> = std::env::var("MICROAGENT_BENCH_MODES")
-        .unwrap_or_else(|_| "eager,mmap,uffd".into())
+        .unwrap_or_else(|_| "eager,mmap,uffd,hot".into())
         .split(',')
         .map(|m| m.trim().to_string())
         .filter(|m| !m.is_empty())
         .collect();
-    let cmdline = format!("mode=counter mem={region} tick_ms=0");
+    let hot_pct = env_usize("MICROAGENT_BENCH_HOT_PCT", 100).min(100);
+    let cmdline = format!("mode=counter mem={region} tick_ms=0 hot_pct={hot_pct}");
     let dir = scratch("restore");
     let home = dir.join("home");
     let elf = testguest(&dir);

@@ -50,6 +50,9 @@ pub enum MemoryArg {
     Mmap,
     /// Serve pages lazily through userfaultfd from the snapshot's page server.
     Uffd,
+    /// Map copy-on-write, but read the working set a lazy (uffd) restore recorded into huge
+    /// pages first (eager when none was recorded).
+    Hot,
 }
 
 impl MemoryArg {
@@ -72,6 +75,7 @@ impl From<MemoryArg> for RestoreMode {
         match m {
             MemoryArg::Eager => RestoreMode::Eager,
             MemoryArg::Mmap | MemoryArg::Uffd => RestoreMode::PrivateMap,
+            MemoryArg::Hot => RestoreMode::Hot,
         }
     }
 }
