@@ -53,10 +53,12 @@ pub struct CreateArgs {
     /// line `{"ready": {...}}` per fork, then the summary).
     #[arg(long, requires = "from_snapshot")]
     count: Option<u32>,
-    /// With --from-snapshot: how guest memory comes back. From a REMOTE/NAME:TAG it comes on
-    /// first touch through the page server, unless `eager` (the whole snapshot pulled first).
-    #[arg(long, value_enum, default_value_t = MemoryArg::Mmap)]
-    memory: MemoryArg,
+    /// With --from-snapshot: how guest memory comes back [default: eager for one fork, mmap for
+    /// a --count batch of more, whose forks then share the snapshot's pages]. From a
+    /// REMOTE/NAME:TAG it comes on first touch through the page server unless `eager` is given
+    /// (the whole snapshot pulled first).
+    #[arg(long, value_enum)]
+    memory: Option<MemoryArg>,
     /// With --from-snapshot: each fork halts and is deleted after this long (e.g. 30m, 2h).
     #[arg(long, value_name = "DURATION", requires = "from_snapshot")]
     ttl: Option<String>,
@@ -330,15 +332,14 @@ pub fn open_snapshot(ws: &Workspace, tag: &str) -> Result<Snapshot, Failure> {
 }
 
 fn fork(root: &Path, args: &CreateArgs, src: &str, out: Out) -> Result<(), Failure> {
-    // REMOTE/NAME:TAG: pulled (once per host) into the remote cache, forked from there.
     // REMOTE/NAME:TAG: memory on first touch through the page server, the rest fetched first
     // (see remote::lazy); `--memory eager` (or a diff) pulls it whole into the cache first.
     let mut memory = args.memory;
     let mut lazy = false;
     let (source_root, src_name, tag, fetched) = if crate::remote::RemoteRef::is_remote(src) {
-        let m = crate::remote::materialize(root, src, args.memory == MemoryArg::Eager, out)?;
+        let m = crate::remote::materialize(root, src, memory == Some(MemoryArg::Eager), out)?;
         if m.lazy {
-            memory = MemoryArg::Uffd;
+            memory = Some(MemoryArg::Uffd);
             lazy = true;
         }
         let tag = parse_source(src)?.1;
@@ -363,6 +364,7 @@ fn fork(root: &Path, args: &CreateArgs, src: &str, out: Out) -> Result<(), Failu
             format!("--count must be 1 to {MAX_FORKS}"),
         ));
     }
+    let memory = memory.unwrap_or_else(|| MemoryArg::default_for(count));
     let names: Vec<String> = match args.count {
         None => vec![args.name.clone()],
         Some(n) => (1..=n).map(|i| format!("{}-{i}", args.name)).collect(),
@@ -629,9 +631,9 @@ pub struct StartArgs {
     /// Roll the (halted) workspace back to this snapshot: memory, devices and disk.
     #[arg(long, value_name = "TAG")]
     from_snapshot: Option<String>,
-    /// How guest memory comes back from a snapshot.
-    #[arg(long, value_enum, default_value_t = MemoryArg::Mmap)]
-    memory: MemoryArg,
+    /// How guest memory comes back from a snapshot [default: eager].
+    #[arg(long, value_enum)]
+    memory: Option<MemoryArg>,
     /// With --from-snapshot: halt a running workspace first instead of refusing.
     #[arg(long, requires = "from_snapshot")]
     force: bool,
@@ -715,7 +717,7 @@ pub fn start(root: &Path, args: StartArgs, out: Out) -> Result<(), Failure> {
     let mut child = process::spawn_with(
         &ws,
         snap.as_ref().map(|s| s.dir.as_path()),
-        args.memory,
+        args.memory.unwrap_or_else(|| MemoryArg::default_for(1)),
         flags,
     )?;
     let pid = process::wait_ready(&ws, &mut child)?;

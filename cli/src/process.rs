@@ -85,6 +85,7 @@ fn launch(
                 MemoryArg::Eager => "eager",
                 MemoryArg::Mmap => "mmap",
                 MemoryArg::Uffd => "uffd",
+                MemoryArg::Hot => "hot",
             });
         if paused {
             cmd.arg("--paused");

@@ -51,6 +51,24 @@ pub enum MemoryArg {
     Mmap,
     /// Serve pages lazily through userfaultfd from the snapshot's page server.
     Uffd,
+    /// Map copy-on-write, but read the working set a lazy (uffd) restore recorded into huge
+    /// pages first (eager when none was recorded).
+    Hot,
+}
+
+impl MemoryArg {
+    /// The mode a restore of `count` VMs from one snapshot gets unless asked otherwise. One VM:
+    /// eager, read in parallel into huge pages, whose guest then runs at full speed at once (a
+    /// copy-on-write map faults every page it writes in 4 KiB at a time, seconds for a guest
+    /// that touches 1 GiB on nested KVM). A batch: the copy-on-write map, whose forks share the
+    /// snapshot's pages in the page cache instead of holding a private copy each.
+    pub fn default_for(count: u32) -> Self {
+        if count > 1 {
+            MemoryArg::Mmap
+        } else {
+            MemoryArg::Eager
+        }
+    }
 }
 
 impl From<MemoryArg> for RestoreMode {
@@ -58,6 +76,7 @@ impl From<MemoryArg> for RestoreMode {
         match m {
             MemoryArg::Eager => RestoreMode::Eager,
             MemoryArg::Mmap | MemoryArg::Uffd => RestoreMode::PrivateMap,
+            MemoryArg::Hot => RestoreMode::Hot,
         }
     }
 }

@@ -1,0 +1,510 @@
+//! Full-touch restore through the real binary against QEMU, side by side in one run: a test
+//! guest that writes and verifies almost all of its memory every round
+//! (`mode=counter mem=900 tick_ms=0` in 1 GiB) is paused right after a count line and captured
+//! once by each tool; then, per repetition (tool order alternating), it is restored by
+//! `microagent start --from-snapshot` in each memory mode and by QEMU `-incoming exec:cat FILE`
+//! (migration bandwidth uncapped, `cont` once the incoming migration is done).
+//!
+//! Timed from the command's (or QEMU's) launch: `loaded` = the VMM logged `VM restored` (its
+//! vCPUs just started; `vmm.log`'s time of day) / QEMU's incoming migration finished and `cont`
+//! returned; `first count` = the first new `cpu0 count=` line. Since the capture came right
+//! after a count line, that line ends one whole guest round, the one that touches every page
+//! first: `first round` = first count - loaded, against the source's steady round (goal: within
+//! 10%) and the restored guest's own next rounds (the median of the five after it).
+//!
+//! `cargo bench -p microagent --bench restore`
+//!   `MICROAGENT_BENCH_REPS=N` (default 3)
+//!   `MICROAGENT_BENCH_MEM_MIB` (default 1024), `MICROAGENT_BENCH_REGION_MIB` (default 900)
+//!   `MICROAGENT_BENCH_MODES=eager,mmap,uffd,hot` (the default; `hot` reads the working set
+//!   the `uffd` restores recorded)
+//!   `MICROAGENT_BENCH_HOT_PCT=P` (default 100): after its first round the guest touches only
+//!   the first P% of its region
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use common::*;
+
+const STEP: Duration = Duration::from_secs(300);
+
+fn ma(home: &Path, args: &[&str]) -> Result<String, String> {
+    let out = Command::new(env!("CARGO_BIN_EXE_microagent"))
+        .env("MICROAGENT_HOME", home)
+        .args(args)
+        .output()
+        .map_err(|e| format!("run microagent: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "microagent {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Follows a console file into a `LineLog` (each line stamped when this poller saw it, within
+/// ~0.5 ms of its write), until dropped. The file may not exist yet.
+struct Tail {
+    log: LineLog,
+    stop: Arc<AtomicBool>,
+}
+
+impl Tail {
+    fn new(path: PathBuf) -> Self {
+        let log = LineLog::new();
+        let stop = Arc::new(AtomicBool::new(false));
+        let (mut w, s) = (log.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut file = None;
+            let mut buf = vec![0u8; 64 << 10];
+            while !s.load(Ordering::Relaxed) {
+                if file.is_none() {
+                    file = std::fs::File::open(&path).ok();
+                }
+                match file.as_mut().map(|f| f.read(&mut buf)) {
+                    Some(Ok(n)) if n > 0 => {
+                        let _ = w.write_all(&buf[..n]);
+                        continue;
+                    }
+                    _ => std::thread::sleep(Duration::from_micros(500)),
+                }
+            }
+        });
+        Self { log, stop }
+    }
+}
+
+impl Drop for Tail {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// One request on a VMM's control socket (one JSON line each way).
+fn api(sock: &Path, op: &str) -> Result<(), String> {
+    let mut s = UnixStream::connect(sock).map_err(|e| format!("{}: {e}", sock.display()))?;
+    s.write_all(format!("{{\"op\":\"{op}\"}}\n").as_bytes())
+        .map_err(|e| e.to_string())?;
+    let mut line = String::new();
+    BufReader::new(s)
+        .read_line(&mut line)
+        .map_err(|e| e.to_string())?;
+    if line.contains("error") {
+        return Err(format!("{op}: {line}"));
+    }
+    Ok(())
+}
+
+/// Rounds timed after a restore's first count, and on the source for its steady round.
+const ROUNDS: usize = 5;
+
+/// From cpu0's line at index `from` on: the median of the next `ROUNDS` rounds and the index
+/// after the last line.
+fn rounds(log: &LineLog, from: usize) -> Result<(f64, usize), String> {
+    let deadline = Instant::now() + STEP;
+    let (mut i, mut t, mut n) = log.wait_count(from, 0, 0, deadline)?;
+    let mut v = Vec::new();
+    for _ in 0..ROUNDS {
+        let (j, tj, nj) = log.wait_count(i + 1, 0, n, deadline)?;
+        v.push(secs(tj - t));
+        (i, t, n) = (j, tj, nj);
+    }
+    Ok((median(&v), i + 1))
+}
+
+/// Once every vCPU reached count 2 (the whole region written and verified once): the steady
+/// round and the index after the last line it timed.
+fn steady(log: &LineLog) -> Result<(f64, usize), String> {
+    let from = log.wait_all_counts(1, 2, Instant::now() + STEP)?;
+    rounds(log, from)
+}
+
+#[derive(Clone, Copy)]
+struct Restore {
+    loaded: f64,
+    first: f64,
+    next: f64,
+}
+
+const FAILED: Restore = Restore {
+    loaded: f64::NAN,
+    first: f64::NAN,
+    next: f64::NAN,
+};
+
+/// From `t0` (launch) and the instant the VM was loaded and running: the first cpu0 count above
+/// `saved` and the one after it.
+fn counts_after(
+    log: &LineLog,
+    t0: Instant,
+    loaded: Instant,
+    saved: u64,
+) -> Result<Restore, String> {
+    let deadline = Instant::now() + STEP;
+    let (i, t1, _) = log.wait_count(0, 0, saved, deadline)?;
+    let (next, _) = rounds(log, i)?;
+    if let Some(l) = log.has_failure() {
+        return Err(format!("restored guest failed: {l}"));
+    }
+    Ok(Restore {
+        loaded: secs(loaded - t0),
+        first: secs(t1 - t0),
+        next,
+    })
+}
+
+/// Touches and frees `mib` MiB of huge-page memory (as `--bench snapshot` does before every
+/// timed phase, for both tools): this development machine hands memory freed seconds ago back
+/// to its outer host, and a restore that allocated it again would pay that host's faults,
+/// more or less depending on what ran just before. `MICROAGENT_BENCH_WARM=0` turns it off.
+fn warm(mib: u64) {
+    if std::env::var("MICROAGENT_BENCH_WARM").is_ok_and(|v| v.trim() == "0") {
+        return;
+    }
+    let len = (mib << 20) as usize;
+    // SAFETY: a private anonymous mapping of our own, written only within its length and
+    // unmapped before returning.
+    unsafe {
+        let p = libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+            -1,
+            0,
+        );
+        if p == libc::MAP_FAILED {
+            return;
+        }
+        libc::madvise(p, len, libc::MADV_HUGEPAGE);
+        for i in (0..len).step_by(4096) {
+            *(p as *mut u8).add(i) = 1;
+        }
+        libc::munmap(p, len);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// microagent
+
+struct Source {
+    steady: f64,
+    saved: u64,
+}
+
+fn ma_source(home: &Path, mem: u64, cmdline: &str) -> Result<Source, String> {
+    let ws = home.join("workspaces/w");
+    ma(
+        home,
+        &[
+            "create",
+            "w",
+            "--kernel",
+            "builtin:testguest",
+            "--mem",
+            &mem.to_string(),
+            "--cmdline",
+            cmdline,
+        ],
+    )?;
+    let tail = Tail::new(ws.join("console.log"));
+    ma(home, &["start", "w"])?;
+    let (steady, from) = steady(&tail.log)?;
+    // Pause right after a count line, straight through the control socket.
+    let (_, _, saved) = tail.log.wait_count(from, 0, 0, Instant::now() + STEP)?;
+    api(&ws.join("api.sock"), "pause")?;
+    ma(home, &["snapshot", "create", "w", "--tag", "base"])?;
+    ma(home, &["halt", "w"])?;
+    Ok(Source { steady, saved })
+}
+
+/// Seconds since midnight UTC.
+fn day_secs(t: SystemTime) -> f64 {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(f64::NAN, |d| d.as_secs_f64() % 86_400.0)
+}
+
+/// The instant the VMM logged `VM restored` (its vCPUs had just been started), from the
+/// time of day in `vmm.log` (`2026-12-06T23:45:14.019481Z INFO ...: VM restored ...`) against
+/// `(t0, sys0)`, the same moment on both clocks.
+fn restored_at(log: &Path, t0: Instant, sys0: SystemTime) -> Option<Instant> {
+    let text = std::fs::read_to_string(log).ok()?;
+    let line = text.lines().rev().find(|l| l.contains("VM restored"))?;
+    let time = line.split_once('T')?.1.split_once('Z')?.0;
+    let mut hms = time.split(':');
+    let h: f64 = hms.next()?.parse().ok()?;
+    let m: f64 = hms.next()?.parse().ok()?;
+    let s: f64 = hms.next()?.parse().ok()?;
+    let mut d = h * 3600.0 + m * 60.0 + s - day_secs(sys0);
+    if d < -43_200.0 {
+        d += 86_400.0; // past midnight
+    }
+    (0.0..STEP.as_secs_f64())
+        .contains(&d)
+        .then(|| t0 + Duration::from_secs_f64(d))
+}
+
+fn ma_restore(home: &Path, mem: u64, mode: &str, saved: u64) -> Result<Restore, String> {
+    let ws = home.join("workspaces/w");
+    if mode == "hot" {
+        // The working set an earlier uffd restore recorded (written once that VM is gone).
+        let set = ws.join("snapshots/base/workingset.bin");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !set.exists() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    warm(mem + 256);
+    // A fresh console for this run (`start` would rotate the old one away, but only later).
+    let _ = std::fs::remove_file(ws.join("console.log"));
+    let tail = Tail::new(ws.join("console.log"));
+    let (t0, sys0) = (Instant::now(), SystemTime::now());
+    let r = ma(
+        home,
+        &["start", "w", "--from-snapshot", "base", "--memory", mode],
+    );
+    let returned = Instant::now();
+    let r = r.and_then(|_| {
+        // The command returns a little after the vCPUs start; the VMM's log says when.
+        let loaded = restored_at(&ws.join("vmm.log"), t0, sys0).unwrap_or(returned);
+        counts_after(&tail.log, t0, loaded, saved)
+    });
+    ma(home, &["halt", "w"])?;
+    r.map_err(|e| format!("{e}\n{}", tail.log.tail(5)))
+}
+
+// ---------------------------------------------------------------------------------------------
+// QEMU
+
+fn qemu(
+    elf: &Path,
+    mem: u64,
+    cmdline: &str,
+    qmp: &Path,
+    incoming: Option<&Path>,
+) -> Result<Proc, String> {
+    let mut c = qemu_command(elf, mem, 1, cmdline);
+    c.arg("-qmp")
+        .arg(format!("unix:{},server=on,wait=off", qmp.display()));
+    if let Some(f) = incoming {
+        c.arg("-incoming").arg(format!("exec:cat {}", f.display()));
+    }
+    let _ = std::fs::remove_file(qmp);
+    Proc::spawn(&mut c)
+}
+
+fn quit(mut p: Proc, qmp: Option<Qmp>) {
+    if let Some(mut q) = qmp {
+        let _ = q.cmd("quit", None);
+    }
+    let _ = p.wait_exit(Instant::now() + Duration::from_secs(30));
+}
+
+fn qemu_source(dir: &Path, elf: &Path, mem: u64, cmdline: &str) -> Result<Source, String> {
+    let sock = dir.join("q.sock");
+    let file = dir.join("qemu-state.bin");
+    let src = qemu(elf, mem, cmdline, &sock, None)?;
+    let mut qmp = Qmp::connect(&sock, Instant::now() + Duration::from_secs(30))?;
+    qmp.cmd(
+        "migrate-set-parameters",
+        Some(serde_json::json!({ "max-bandwidth": 1u64 << 40 })),
+    )?;
+    let (steady, from) = steady(&src.out).map_err(|e| format!("{e}\n{}", src.tails()))?;
+    let (_, _, saved) = src.out.wait_count(from, 0, 0, Instant::now() + STEP)?;
+    qmp.cmd("stop", None)?;
+    qmp.cmd(
+        "migrate",
+        Some(serde_json::json!({ "uri": format!("exec:cat > {}", file.display()) })),
+    )?;
+    loop {
+        let r = qmp.cmd("query-migrate", None)?;
+        match r.get("status").and_then(|s| s.as_str()) {
+            Some("completed") => break,
+            Some("failed") | Some("cancelled") => return Err(format!("migration failed: {r}")),
+            _ => std::thread::sleep(Duration::from_millis(2)),
+        }
+    }
+    quit(src, Some(qmp));
+    Ok(Source { steady, saved })
+}
+
+fn qemu_restore(
+    dir: &Path,
+    elf: &Path,
+    mem: u64,
+    cmdline: &str,
+    saved: u64,
+) -> Result<Restore, String> {
+    let sock = dir.join("q.sock");
+    let file = dir.join("qemu-state.bin");
+    warm(mem + 256);
+    let dst = qemu(elf, mem, cmdline, &sock, Some(&file))?;
+    let t0 = dst.started;
+    let r = (|| {
+        let mut qmp = Qmp::connect(&sock, t0 + Duration::from_secs(30))?;
+        let deadline = Instant::now() + STEP;
+        loop {
+            let r = qmp.cmd("query-status", None)?;
+            match r.get("status").and_then(|s| s.as_str()).unwrap_or("") {
+                "inmigrate" if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(1))
+                }
+                "paused" => break,
+                s => return Err(format!("after the incoming migration the VM is {s:?}")),
+            }
+        }
+        qmp.cmd("cont", None)?;
+        let loaded = Instant::now();
+        let r = counts_after(&dst.out, t0, loaded, saved)?;
+        Ok((qmp, r))
+    })();
+    match r {
+        Ok((q, r)) => {
+            quit(dst, Some(q));
+            Ok(r)
+        }
+        Err(e) => {
+            let msg = format!("{e}\n{}", dst.tails());
+            quit(dst, None);
+            Err(msg)
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+
+fn main() {
+    if !have_kvm() {
+        println!("restore benchmark skipped: /dev/kvm is not available");
+        return;
+    }
+    let reps = env_usize("MICROAGENT_BENCH_REPS", 3);
+    let mem = env_usize("MICROAGENT_BENCH_MEM_MIB", 1024) as u64;
+    let region = env_usize("MICROAGENT_BENCH_REGION_MIB", 900) as u64;
+    let modes: Vec<String> = std::env::var("MICROAGENT_BENCH_MODES")
+        .unwrap_or_else(|_| "eager,mmap,uffd,hot".into())
+        .split(',')
+        .map(|m| m.trim().to_string())
+        .filter(|m| !m.is_empty())
+        .collect();
+    let hot_pct = env_usize("MICROAGENT_BENCH_HOT_PCT", 100).min(100);
+    let cmdline = format!("mode=counter mem={region} tick_ms=0 hot_pct={hot_pct}");
+    let dir = scratch("restore");
+    let home = dir.join("home");
+    let elf = testguest(&dir);
+    let with_qemu = have_qemu();
+    println!(
+        "restore: {mem} MiB test guest, \"{cmdline}\", {reps} repetitions (tool order \
+         alternating), medians; modes {modes:?}{}",
+        if with_qemu { "" } else { "; QEMU not found" }
+    );
+
+    let ma_src = ma_source(&home, mem, &cmdline);
+    let q_src = if with_qemu {
+        Some(qemu_source(&dir, &elf, mem, &cmdline))
+    } else {
+        None
+    };
+    let mut rows: Vec<(String, f64, Vec<Restore>)> = Vec::new();
+    match &ma_src {
+        Ok(s) => {
+            for m in &modes {
+                rows.push((format!("microagent --memory {m}"), s.steady, Vec::new()));
+            }
+        }
+        Err(e) => eprintln!("microagent source: {e}"),
+    }
+    let q_row = rows.len();
+    match &q_src {
+        Some(Ok(s)) => rows.push(("qemu -incoming".into(), s.steady, Vec::new())),
+        Some(Err(e)) => eprintln!("qemu source: {e}"),
+        None => {}
+    }
+    for rep in 0..reps {
+        let ma_first = rep % 2 == 0;
+        for is_ma in [ma_first, !ma_first] {
+            if is_ma {
+                let Ok(s) = &ma_src else { continue };
+                for (k, m) in modes.iter().enumerate() {
+                    let r = ma_restore(&home, mem, m, s.saved).unwrap_or_else(|e| {
+                        eprintln!("microagent {m} rep {rep}: {e}");
+                        FAILED
+                    });
+                    println!(
+                        "  rep {rep} microagent {m}: first count {} s, first round {} s",
+                        f(r.first, 3),
+                        f(r.first - r.loaded, 3)
+                    );
+                    rows[k].2.push(r);
+                }
+            } else if let Some(Ok(s)) = &q_src {
+                let r = qemu_restore(&dir, &elf, mem, &cmdline, s.saved).unwrap_or_else(|e| {
+                    eprintln!("qemu rep {rep}: {e}");
+                    FAILED
+                });
+                println!(
+                    "  rep {rep} qemu: first count {} s, first round {} s",
+                    f(r.first, 3),
+                    f(r.first - r.loaded, 3)
+                );
+                rows[q_row].2.push(r);
+            }
+        }
+    }
+    let _ = ma(&home, &["delete", "w", "--yes"]);
+
+    let q_first = rows.get(q_row).map_or(f64::NAN, |(_, _, v)| {
+        median(&v.iter().map(|r| r.first).collect::<Vec<_>>())
+    });
+    let table: Vec<Vec<String>> = rows
+        .iter()
+        .map(|(name, steady, v)| {
+            let m = |g: &dyn Fn(&Restore) -> f64| median(&v.iter().map(g).collect::<Vec<_>>());
+            let ok = v.iter().filter(|r| r.first.is_finite()).count();
+            let first = m(&|r| r.first);
+            let round = m(&|r| r.first - r.loaded);
+            vec![
+                name.clone(),
+                format!("{ok}/{}", v.len()),
+                f(m(&|r| r.loaded), 3),
+                f(first, 3),
+                ratio(first, q_first),
+                f(round, 3),
+                f(*steady, 3),
+                ratio(round, *steady),
+                f(m(&|r| r.next), 3),
+                ratio(round, m(&|r| r.next)),
+            ]
+        })
+        .collect();
+    println!();
+    println!(
+        "Full-touch restore, medians, seconds from the command's / QEMU's launch. loaded = the \
+         VMM logged `VM restored` (vCPUs started) / incoming migration done and `cont` returned; \
+         first round = first count - loaded, against the source's steady round and the restored \
+         guest's next rounds (medians of 5 rounds each):"
+    );
+    print_table(
+        &[
+            "restore",
+            "ok",
+            "loaded s",
+            "first count s",
+            "vs qemu",
+            "first round s",
+            "steady round s",
+            "first / steady",
+            "next rounds s",
+            "first / next",
+        ],
+        &table,
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
