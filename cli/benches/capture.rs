@@ -467,7 +467,7 @@ fn main() {
     print_table(
         &[
             "size MiB",
-            "microagent: before memory (sha256 of kernel, save, page digests, vmstate)",
+            "microagent: before memory (sha256 of kernel, save, vmstate)",
             "memory loop",
             "fsync + manifest + rename",
             "qemu: migration completed",
