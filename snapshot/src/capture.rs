@@ -243,16 +243,19 @@ pub fn capture<V: Snapshottable>(
     let dirty = vm
         .take_dirty()
         .map_err(|e| SnapshotError::Save(Box::new(e)))?;
-    let seed = parent_digests
-        .as_ref()
-        .map_or_else(pagedigest::new_seed, |d| d.seed);
-    let digests = PageDigests::of_memory(vm.guest_memory(), seed)
-        .map_err(|e| SnapshotError::Save(Box::new(e)));
+    // A diff needs its page digests first, to find its pages; a full capture has the memory
+    // writer hash them in its own pass over guest memory.
+    let digests = match &parent_digests {
+        Some(parent) => PageDigests::of_memory(vm.guest_memory(), parent.seed)
+            .map(Some)
+            .map_err(|e| SnapshotError::Save(Box::new(e))),
+        None => Ok(None),
+    };
     // Without an armed dirty log (the normal case), a diff's pages are those whose content
     // changed since the parent; with one (a live capture), the log says it.
     let changed = match (&parent_digests, &dirty, &digests) {
         (Some(_), Some(d), _) => Some(d.clone()),
-        (Some(parent), None, Ok(now)) => Some(now.changed_since(parent, vm.guest_memory())),
+        (Some(parent), None, Ok(Some(now))) => Some(now.changed_since(parent, vm.guest_memory())),
         _ => None,
     };
     let result = digests.and_then(|digests| {
@@ -262,7 +265,7 @@ pub fn capture<V: Snapshottable>(
             progress,
             &state_bytes,
             changed.as_deref(),
-            &digests,
+            digests.as_ref(),
             (vcpus, mem_mib, cpuid),
             kernel_sha,
         )
@@ -282,7 +285,7 @@ fn write_snapshot<V: Snapshottable>(
     progress: &mut dyn FnMut(Progress),
     state_bytes: &[u8],
     dirty: Option<&[Vec<u64>]>,
-    digests: &PageDigests,
+    digests: Option<&PageDigests>,
     (vcpus, mem_mib, cpuid): (u8, u64, Vec<crate::manifest::CpuidLeaf>),
     kernel_sha: String,
 ) -> Result<Manifest, SnapshotError> {
@@ -303,22 +306,11 @@ fn write_snapshot<V: Snapshottable>(
     scan.data(VMSTATE, state_bytes);
     faults::checkpoint();
 
-    let pages = digests.encode();
-    let mut d = FileDigest::new();
-    d.update(&pages);
-    write_file(&tmp.join(pagedigest::FILE), &pages)?;
-    files.push(FileEntry {
-        name: pagedigest::FILE.into(),
-        size: pages.len() as u64,
-        digest: d.finish(),
-    });
-    scan.data(pagedigest::FILE, &pages);
-
     let mem_path = tmp.join(MEMORY);
     let mem_file = create(&mem_path)?;
     // The memory file is scanned from the writer's chunks, beside it; the thread is joined
     // after the rootfs copy, which it overlaps too.
-    let ((memory, dirty_bits), mem_scan) = scanning(scan.scanner(), |mut sink| {
+    let ((memory, dirty_bits, hashed), mem_scan) = scanning(scan.scanner(), |mut sink| {
         let written = match (req.parent, dirty) {
             (Some(_), Some(dirty)) => {
                 memfile::write_dirty_memory_to(
@@ -341,18 +333,34 @@ fn write_snapshot<V: Snapshottable>(
                     size: bits.len() as u64,
                     digest: d.finish(),
                 };
-                ((size, digest), Some((entry, bits)))
+                ((size, digest), Some((entry, bits)), None)
             }
             _ => {
-                let written = memfile::write_memory_to(
-                    vm.guest_memory(),
-                    &mem_file,
-                    |done, total| progress(Progress::Memory { done, total }),
-                    sink.take(),
-                )
-                .map_err(io("cannot write", &mem_path))?;
+                let progress = |done, total| progress(Progress::Memory { done, total });
+                let (written, hashed) = match digests {
+                    Some(_) => (
+                        memfile::write_memory_to(
+                            vm.guest_memory(),
+                            &mem_file,
+                            progress,
+                            sink.take(),
+                        ),
+                        None,
+                    ),
+                    None => match memfile::write_memory_digesting(
+                        vm.guest_memory(),
+                        &mem_file,
+                        pagedigest::new_seed(),
+                        progress,
+                        sink.take(),
+                    ) {
+                        Ok((written, pages)) => (Ok(written), Some(pages)),
+                        Err(e) => (Err(e), None),
+                    },
+                };
+                let written = written.map_err(io("cannot write", &mem_path))?;
                 mem_file.sync_all().map_err(io("cannot fsync", &mem_path))?;
-                ((written.size, written.digest), None)
+                ((written.size, written.digest), None, hashed)
             }
         };
         faults::checkpoint();
@@ -370,6 +378,24 @@ fn write_snapshot<V: Snapshottable>(
         files.push(entry);
         scan.data(DIRTY, &bits);
     }
+
+    // Written after memory: a full capture's digests come out of the memory writer.
+    let pages = match hashed.as_ref().or(digests) {
+        Some(d) => d.encode(),
+        // Not reached: capture() hashes before every diff, the writer in every full capture.
+        None => PageDigests::of_memory(vm.guest_memory(), pagedigest::new_seed())
+            .map_err(|e| SnapshotError::Save(Box::new(e)))?
+            .encode(),
+    };
+    let mut d = FileDigest::new();
+    d.update(&pages);
+    write_file(&tmp.join(pagedigest::FILE), &pages)?;
+    files.push(FileEntry {
+        name: pagedigest::FILE.into(),
+        size: pages.len() as u64,
+        digest: d.finish(),
+    });
+    scan.data(pagedigest::FILE, &pages);
 
     if let Some(src) = req.rootfs {
         progress(Progress::Rootfs);

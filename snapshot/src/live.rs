@@ -25,7 +25,7 @@ use crate::capture::{self, CaptureRequest, Progress, RemoveOnDrop, ScanLog};
 use crate::digest::{self, FileDigest};
 use crate::error::{io, SnapshotError};
 use crate::manifest::{FileEntry, Manifest, MEMORY, ROOTFS, VMSTATE};
-use crate::memfile::{self, PAGE};
+use crate::memfile::PAGE;
 use crate::pagedigest::{self, PageDigests};
 use crate::{faults, rootfs, vmstate, GuestMemory, SavedVm, Snapshottable};
 
@@ -192,17 +192,14 @@ fn run<V: Snapshottable>(
     // Round 0: everything, from a clean log (what was logged before is in this copy).
     taken.take(vm)?;
     let t = Instant::now();
-    let written = memfile::write_memory_to(
-        mem,
-        &mem_file,
-        |done, total| progress(Progress::Memory { done, total }),
-        None,
-    )
+    let (size, data_bytes) = write_running(mem, &mem_file, &mut |done, total| {
+        progress(Progress::Memory { done, total })
+    })
     .map_err(io("cannot write", &mem_path))?;
     // A first figure for the rate pages go to the file: round 0's pace through memory (its zero
     // pages only read and checked, so it flatters a mostly empty guest until round 1 measures).
-    let mut write_rate = mib_s(written.size, t.elapsed());
-    let mut precopy_bytes = written.data_bytes;
+    let mut write_rate = mib_s(size, t.elapsed());
+    let mut precopy_bytes = data_bytes;
     let mut rounds = 1u32;
     let mut last_take = Instant::now();
     let mut dirty_rate;
@@ -381,6 +378,50 @@ fn stopped_part<V: Snapshottable>(
 /// Writes the pages set in `bits` (per region, a bit per page) from `mem` into `file` at their
 /// offsets (the regions back to back), over what an earlier round wrote there. Runs of set pages
 /// go in one call each, up to [`RUN`] bytes.
+/// Round 0: all of `mem` into the empty `file`, zero pages left as holes, while the vCPUs run.
+/// Each run is copied out of guest memory first (a volatile copy, as the guest may write it
+/// meanwhile): the stop-time writer borrows memory in place, which is only sound on a paused
+/// VM. A page changed after its copy is in the dirty log and rewritten by a later round.
+/// Returns (file size, bytes written).
+fn write_running(
+    mem: &GuestMemory,
+    file: &File,
+    progress: &mut dyn FnMut(u64, u64),
+) -> std::io::Result<(u64, u64)> {
+    let total: u64 = mem.iter().map(|r| r.len()).sum();
+    let mut buf = vec![0u8; RUN];
+    let mut file_off = 0u64;
+    let mut written = 0u64;
+    for region in mem.iter() {
+        let mut off = 0u64;
+        while off < region.len() {
+            let len = (region.len() - off).min(RUN as u64) as usize;
+            let chunk = &mut buf[..len];
+            mem.read_slice(chunk, region.start_addr().unchecked_add(off))
+                .map_err(|e| std::io::Error::other(e.to_string()))?;
+            let mut p = 0;
+            while p < len {
+                let end = (p + PAGE).min(len);
+                if chunk[p..end].iter().all(|b| *b == 0) {
+                    p = end;
+                    continue;
+                }
+                let start = p;
+                while p < len && chunk[p..(p + PAGE).min(len)].iter().any(|b| *b != 0) {
+                    p = (p + PAGE).min(len);
+                }
+                file.write_all_at(&chunk[start..p], file_off + off + start as u64)?;
+                written += (p - start) as u64;
+            }
+            off += len as u64;
+            progress(file_off + off, total);
+        }
+        file_off += region.len();
+    }
+    file.set_len(total)?;
+    Ok((total, written))
+}
+
 fn write_pages(
     mem: &GuestMemory,
     file: &File,

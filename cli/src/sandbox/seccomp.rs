@@ -124,6 +124,8 @@ const CONTROL: &[i64] = &[
     libc::SYS_getdents64,
     libc::SYS_fsync,
     libc::SYS_fdatasync,
+    // A capture starts the memory file's writeback chunk by chunk (snapshot::memfile).
+    libc::SYS_sync_file_range,
     libc::SYS_fallocate,
     libc::SYS_copy_file_range,
     libc::SYS_sendfile,
