@@ -680,13 +680,26 @@ struct CreateSnapshot {
     tag: Option<String>,
     note: Option<String>,
     kind: Option<Kind>,
+    /// Copy memory while the guest runs and stop it only for the last pages, its state and
+    /// the disk copy (as `snapshot create --live`): a full snapshot of the state at that stop.
+    /// Full snapshots only: with `kind` diff or disk it is refused (`usage`).
+    #[serde(default)]
+    live: bool,
+    /// With `live`: stop the guest once what is left would take less than this to write, a
+    /// whole number and `us`, `ms` or `s`, at most a minute (the CLI's `--max-pause`,
+    /// default 20ms).
+    #[schema(example = "20ms", max_length = 64)]
+    max_pause: Option<String>,
 }
 
 #[utoipa::path(post, path = "/api/workspaces/{name}/snapshots", tag = "snapshots",
     params(("name" = String, Path, description = "Workspace name", pattern = r"^[A-Za-z0-9_][A-Za-z0-9_-]{0,62}$")),
     request_body(content = Option<CreateSnapshot>, description = "Optional: an empty body takes a full snapshot tagged with the time"),
     responses(
-        (status = 201, description = "`{\"workspace\", \"snapshot\"}`", body = Value),
+        (status = 201, description = "As `snapshot create --json`: `{\"workspace\", \"snapshot\", \
+            \"pause_ms\", \"live\"}`; `pause_ms` is how long the vCPUs were stopped, `live` (with \
+            `live`) the copy `rounds`, `precopy_bytes` and `final_bytes` (copied while it ran and in \
+            the pause), `converged`, and a `fallback` reason when it was stopped anyway", body = Value),
         (status = 400, description = "Bad input (`usage`)", body = ErrorBody),
         (status = 401, description = "No or wrong token", body = ErrorBody),
         (status = 403, description = "A request from another Origin (`forbidden-origin`)", body = ErrorBody),
@@ -716,6 +729,16 @@ async fn create_snapshot(
         }
         .into(),
     );
+    // The CLI checks the rest (the duration, live with a diff or disk kind) and says why.
+    if b.live {
+        args.push("--live".into());
+    }
+    if let Some(p) = &b.max_pause {
+        if !b.live {
+            return Err(ApiError::usage("max_pause needs live: true"));
+        }
+        args.push(format!("--max-pause={}", text("max_pause", p, 64)?));
+    }
     let v = child::run(&st, args, op(&name, "snapshot-create")).await?;
     Ok((StatusCode::CREATED, Json(v)))
 }
