@@ -593,10 +593,35 @@ fn bad_network_options_are_one_line_errors_and_create_nothing() {
         ])
         .env("MICROAGENT_HOME", &h.dir)
         .env("PATH", "/nonexistent")
+        // Nor a pinned build in the cache (scripts/build-passt.sh), nor one named explicitly.
+        .env("MICROAGENT_CACHE", h.dir.join("empty-cache"))
+        .env_remove("MICROAGENT_PASST")
         .output()
         .unwrap();
     assert_eq!(o.status.code(), Some(6), "{}", stderr(&o));
     assert!(stderr(&o).contains("passt is not installed"));
+    assert!(
+        stderr(&o).contains("scripts/build-passt.sh"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(!h.ws("w").exists());
+    // MICROAGENT_PASST naming a missing file: the same, saying which.
+    let o = std::process::Command::new(bin())
+        .args([
+            "create",
+            "w",
+            "--kernel",
+            "/nonexistent/vmlinux",
+            "--net",
+            "user",
+        ])
+        .env("MICROAGENT_HOME", &h.dir)
+        .env("MICROAGENT_PASST", "/nonexistent/passt")
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(6), "{}", stderr(&o));
+    assert!(stderr(&o).contains("MICROAGENT_PASST=/nonexistent/passt"));
     assert!(!h.ws("w").exists());
 }
 

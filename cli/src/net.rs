@@ -242,8 +242,12 @@ pub fn find_passt() -> Result<PathBuf, Failure> {
     if let Some(p) = built_passt(&crate::kernel_cmd::cache_root().join("passt")) {
         return Ok(p);
     }
-    vmm::devices::virtio::net::backend::find_passt()
-        .map_err(|e| Failure::new(Code::HostUnsupported, e.to_string()))
+    vmm::devices::virtio::net::backend::find_passt().map_err(|e| {
+        Failure::new(
+            Code::HostUnsupported,
+            format!("{e}; or build the pinned one: scripts/build-passt.sh"),
+        )
+    })
 }
 
 /// `DIR/<version>/passt` with the greatest version (they are named `YYYY_MM_DD.commit`).
