@@ -401,17 +401,7 @@ fn write_snapshot<V: Snapshottable>(
         progress(Progress::Rootfs);
         let dst = tmp.join(ROOTFS);
         rootfs::copy_image(src, &dst).map_err(io("cannot copy rootfs to", &dst))?;
-        File::open(&dst)
-            .and_then(|f| f.sync_all())
-            .map_err(io("cannot fsync", &dst))?;
-        let (digest, size) = digest::file_digest(&dst).map_err(io("cannot read", &dst))?;
-        files.push(FileEntry {
-            name: ROOTFS.into(),
-            size,
-            digest,
-        });
-        scan.file(ROOTFS, &dst)?;
-        faults::checkpoint();
+        seal_rootfs(&dst, &mut files, &mut scan)?;
     }
 
     let secret_scan = scan.finish()?;
@@ -483,6 +473,26 @@ pub(crate) fn publish(
     crate::stamp::Stamps::record_captured(&final_dir, &manifest);
     progress(Progress::Done);
     Ok(manifest)
+}
+
+/// The rootfs copy at `dst`, made durable: fsynced, hashed into `files` and scanned for secrets.
+pub(crate) fn seal_rootfs(
+    dst: &Path,
+    files: &mut Vec<FileEntry>,
+    scan: &mut ScanLog<'_>,
+) -> Result<(), SnapshotError> {
+    File::open(dst)
+        .and_then(|f| f.sync_all())
+        .map_err(io("cannot fsync", dst))?;
+    let (digest, size) = digest::file_digest(dst).map_err(io("cannot read", dst))?;
+    files.push(FileEntry {
+        name: ROOTFS.into(),
+        size,
+        digest,
+    });
+    scan.file(ROOTFS, dst)?;
+    faults::checkpoint();
+    Ok(())
 }
 
 pub(crate) fn create(path: &Path) -> Result<File, SnapshotError> {

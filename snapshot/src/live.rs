@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 use vm_memory::{Address, Bytes, GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::capture::{self, CaptureRequest, Progress, RemoveOnDrop, ScanLog};
-use crate::digest::{self, FileDigest};
+use crate::digest::FileDigest;
 use crate::error::{io, SnapshotError};
 use crate::manifest::{FileEntry, Manifest, MEMORY, ROOTFS, VMSTATE};
 use crate::memfile::PAGE;
@@ -293,18 +293,7 @@ fn run<V: Snapshottable>(
         scan.add(MEMORY, found, spent);
     }
     if req.rootfs.is_some() {
-        let dst = tmp.join(ROOTFS);
-        File::open(&dst)
-            .and_then(|f| f.sync_all())
-            .map_err(io("cannot fsync", &dst))?;
-        let (digest, size) = digest::file_digest(&dst).map_err(io("cannot read", &dst))?;
-        files.push(FileEntry {
-            name: ROOTFS.into(),
-            size,
-            digest,
-        });
-        scan.file(ROOTFS, &dst)?;
-        faults::checkpoint();
+        capture::seal_rootfs(&tmp.join(ROOTFS), &mut files, &mut scan)?;
     }
     let secret_scan = scan.finish()?;
     let manifest = capture::publish(
