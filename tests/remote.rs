@@ -707,6 +707,15 @@ fn remote_killed_mid_fork_stops_the_fork_naming_the_chunk() {
             .find(|l| l.contains("memory.bin chunk"))
             .unwrap_or("")
     );
+    // `status` says why, not only that it crashed.
+    let st = b.json(&["status", "f"]);
+    assert_eq!(st["state"], "crashed", "{st}");
+    assert!(
+        st["failure"]
+            .as_str()
+            .is_some_and(|f| f.contains("memory.bin chunk")),
+        "status does not say why the fork stopped: {st}"
+    );
     // It never ran on memory it was not given: no mismatch, and every count it printed
     // continues the snapshot's.
     let console = b.home.console("f");

@@ -853,7 +853,14 @@ pub(crate) fn summary(ws: &Workspace) -> serde_json::Value {
             _ => ws.config.publish.iter().map(crate::net::Publish::describe).collect(),
         },
         "sandbox": sandbox_summary(ws, state),
-        "failure": if state == State::Failed { crate::sandbox::failure(&ws.dir) } else { None },
+        "failure": match state {
+            State::Failed => crate::sandbox::failure(&ws.dir),
+            // A VMM that died on its own says why in its log (bounded: rotated at 1 MiB).
+            State::Crashed => std::fs::read_to_string(ws.path(crate::workspace::VMM_LOG))
+                .ok()
+                .and_then(|log| crate::logging::last_error(&log)),
+            _ => None,
+        },
     })
 }
 

@@ -108,10 +108,36 @@ pub fn last_problem(log: &str) -> Option<String> {
         })
 }
 
+/// The last ERROR line of a log, without its time, level and target: why a VMM that died on its
+/// own stopped (a memory chunk it could not fetch, a guest crash). None when it logged no error
+/// (killed from outside), so nothing older is passed off as the reason.
+pub fn last_error(log: &str) -> Option<String> {
+    log.lines().rev().find_map(|l| match parse(l) {
+        Some((level, message)) if level == Level::ERROR => Some(message.to_string()),
+        _ => None,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::io::Write;
+
+    #[test]
+    fn last_error_is_the_last_error_line_and_only_an_error() {
+        let log = "2026-12-07T00:00:00.000000Z WARN vmm::x: slow\n\
+                   2026-12-07T00:00:01.000000Z ERROR vmm::pf: memory.bin chunk 1 is missing: gone\n\
+                   2026-12-07T00:00:02.000000Z INFO vmm::x: stopping\n";
+        assert_eq!(
+            last_error(log).as_deref(),
+            Some("memory.bin chunk 1 is missing: gone")
+        );
+        assert_eq!(
+            last_error("2026-12-07T00:00:00.000000Z WARN vmm::x: slow\n"),
+            None
+        );
+        assert_eq!(last_error("not a tracing line\n"), None);
+    }
     use std::sync::{Arc, Mutex};
 
     /// Collects what a subscriber writes.
