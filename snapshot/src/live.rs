@@ -25,7 +25,7 @@ use crate::capture::{self, CaptureRequest, Progress, RemoveOnDrop, ScanLog};
 use crate::digest::FileDigest;
 use crate::error::{io, SnapshotError};
 use crate::manifest::{FileEntry, Manifest, MEMORY, ROOTFS, VMSTATE};
-use crate::memfile::PAGE;
+use crate::memfile::{self, PAGE};
 use crate::pagedigest::{self, PageDigests};
 use crate::{faults, rootfs, vmstate, GuestMemory, SavedVm, Snapshottable};
 
@@ -388,19 +388,9 @@ fn write_running(
             let chunk = &mut buf[..len];
             mem.read_slice(chunk, region.start_addr().unchecked_add(off))
                 .map_err(|e| std::io::Error::other(e.to_string()))?;
-            let mut p = 0;
-            while p < len {
-                let end = (p + PAGE).min(len);
-                if chunk[p..end].iter().all(|b| *b == 0) {
-                    p = end;
-                    continue;
-                }
-                let start = p;
-                while p < len && chunk[p..(p + PAGE).min(len)].iter().any(|b| *b != 0) {
-                    p = (p + PAGE).min(len);
-                }
-                file.write_all_at(&chunk[start..p], file_off + off + start as u64)?;
-                written += (p - start) as u64;
+            for (at, start, end) in memfile::nonzero_runs(chunk, file_off + off) {
+                file.write_all_at(&chunk[start..end], at)?;
+                written += (end - start) as u64;
             }
             off += len as u64;
             progress(file_off + off, total);

@@ -130,7 +130,7 @@ fn start_writeback(file: &File, at: u64, len: u64) {
 }
 
 /// The runs of non-zero pages of `chunk` (whose first byte is at file offset `at`), coalesced.
-fn nonzero_runs(chunk: &[u8], at: u64) -> Vec<(u64, usize, usize)> {
+pub(crate) fn nonzero_runs(chunk: &[u8], at: u64) -> Vec<(u64, usize, usize)> {
     let n = chunk.len();
     let mut runs = Vec::new();
     let mut page = 0;
