@@ -486,7 +486,15 @@ fn second_host_forks_from_the_remote() {
             ("AWS_REGION".into(), "us-east-1".into()),
         ],
     };
-    b.add_remote(&s3, "r", "fleet");
+    // The endpoint by name: the page server resolves it inside its jail.
+    b.ok(&[
+        "remote",
+        "add",
+        "r",
+        &format!("s3://{BUCKET}/fleet"),
+        "--endpoint",
+        &s3.endpoint.replace("127.0.0.1", "localhost"),
+    ]);
     let out = b.json(&["create", "f", "--from-snapshot", "r/w:t", "--count", "2"]);
     assert!(
         out["fetched"]["chunks_transferred"].as_u64().unwrap() > 0,
@@ -516,6 +524,8 @@ fn second_host_forks_from_the_remote() {
         assert_eq!(st["forked_from"], "r/w:t", "{st}");
     }
     assert!(!b.home.ws("w").exists(), "the cache is not a workspace");
+    // The server that fetches those chunks from the network is confined like a VMM.
+    assert_remote_pageserver_confined(&b.home.dir, &creds);
     // Running forks touch a part of the memory only (the guest keeps rewriting 5% of its
     // region): the chunks they never touched were never fetched.
     let cached = cache_count(&b.home.dir);
@@ -624,6 +634,128 @@ fn second_host_forks_from_the_remote() {
     for d in ["snapshots", "lazy"] {
         let cached = c.home.dir.join(format!("remote-cache/{d}/r/workspaces/w"));
         assert!(!cached.exists(), "a half-pulled snapshot in the cache");
+    }
+}
+
+/// The `Key:` line of /proc/PID/status.
+fn proc_status(pid: u32, key: &str) -> String {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{key}:")))
+        .unwrap_or_else(|| panic!("no {key} in /proc/{pid}/status:\n{text}"))
+        .trim()
+        .to_string()
+}
+
+/// The page server of a remote snapshot under `home` (a waiter on the host and its jailed child,
+/// both `microagent __pageserver --snapshot DIR`) runs in its sandbox: a seccomp filter, no
+/// capabilities, the remote page servers' own uid, PID 1 of its own PID namespace, its own mount
+/// namespace holding its snapshot and the chunk cache but not the host's files (the credentials
+/// file among them), and the host's network namespace, which it needs to reach the remote.
+fn assert_remote_pageserver_confined(home: &Path, hidden: &Path) {
+    let mut servers = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+            continue;
+        };
+        let args: Vec<String> = cmd
+            .split(|b| *b == 0)
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        if args.iter().any(|a| a == "__pageserver")
+            && args.iter().any(|a| Path::new(a).starts_with(home))
+        {
+            servers.push(pid);
+        }
+    }
+    let children: Vec<u32> = servers
+        .iter()
+        .copied()
+        .filter(|p| {
+            proc_status(*p, "PPid")
+                .parse::<u32>()
+                .is_ok_and(|pp| servers.contains(&pp))
+        })
+        .collect();
+    assert_eq!(
+        (servers.len(), children.len()),
+        (2, 1),
+        "one page server (waiter and jailed child) for the remote snapshot: {servers:?}"
+    );
+    let pid = children[0];
+    assert_eq!(proc_status(pid, "Seccomp"), "2", "seccomp mode");
+    assert_eq!(proc_status(pid, "NoNewPrivs"), "1");
+    for k in ["CapEff", "CapPrm", "CapBnd"] {
+        assert_eq!(proc_status(pid, k), "0000000000000000", "{k}");
+    }
+    let nspid = proc_status(pid, "NSpid");
+    assert_eq!(
+        nspid.split_whitespace().collect::<Vec<_>>(),
+        [pid.to_string().as_str(), "1"],
+        "NSpid"
+    );
+    // SAFETY: geteuid cannot fail.
+    if unsafe { libc::geteuid() } == 0 {
+        let uid = proc_status(pid, "Uid");
+        assert_eq!(
+            uid.split_whitespace().next(),
+            Some("999999"),
+            "the remote page servers' uid: {uid}"
+        );
+    }
+    for ns in ["mnt", "pid", "ipc", "uts"] {
+        let mine = std::fs::read_link(format!("/proc/self/ns/{ns}")).unwrap();
+        let its = std::fs::read_link(format!("/proc/{pid}/ns/{ns}")).unwrap();
+        assert_ne!(mine, its, "shares the {ns} namespace with the host");
+    }
+    let mine = std::fs::read_link("/proc/self/ns/net").unwrap();
+    let its = std::fs::read_link(format!("/proc/{pid}/ns/net")).unwrap();
+    assert_eq!(
+        mine, its,
+        "the host's network namespace, to reach the remote"
+    );
+    let snap = home.join("remote-cache/lazy/r/workspaces/w/snapshots/t");
+    // Confined, it still does its work: the memory chunks it fetched went into the host's cache
+    // (as its uid), and nothing failed on the way (a write refused, a call denied).
+    // SAFETY: geteuid cannot fail.
+    if unsafe { libc::geteuid() } == 0 {
+        use std::os::unix::fs::MetadataExt;
+        let by_server = std::fs::read_dir(home.join("remote-cache/chunks"))
+            .unwrap()
+            .flatten()
+            .filter(|e| e.metadata().is_ok_and(|m| m.uid() == 999_999))
+            .count();
+        assert!(by_server > 0, "the page server put no chunk in the cache");
+    }
+    let log = std::fs::read_to_string(snap.join("pageserver.log")).unwrap_or_default();
+    assert!(
+        !log.lines()
+            .any(|l| l.contains(" WARN ") || l.contains(" ERROR ")),
+        "{log}"
+    );
+    let inside =
+        |p: &Path| Path::new(&format!("/proc/{pid}/root")).join(p.strip_prefix("/").unwrap());
+    assert!(inside(&snap.join("memory.bin")).exists(), "its snapshot");
+    assert!(
+        inside(&home.join("remote-cache/chunks")).is_dir(),
+        "the cache"
+    );
+    for absent in [
+        hidden,
+        &home.join("workspaces"),
+        &home.join("remotes.json"),
+        Path::new("/etc/passwd"),
+        Path::new("/usr/bin"),
+        Path::new("/root"),
+    ] {
+        assert!(
+            !inside(absent).exists(),
+            "{} is visible in the page server's jail",
+            absent.display()
+        );
     }
 }
 

@@ -2,10 +2,15 @@
 //! lazily from it; it stops by itself once no VM has used it for a while.
 //!
 //! A snapshot forked straight from a remote (see `remote::lazy`) has its memory filled by its
-//! page server as forks touch it. That server needs the network and the host's chunk cache,
-//! which the page server's jail (the snapshot directory alone, no network) does not give: it
-//! runs outside the jail and without the seccomp filter. What it serves is still only verified
-//! bytes: every chunk is checked against its digest before it is written into `memory.bin`.
+//! page server as forks touch it: that server parses what comes from the network, so it is
+//! confined like any other: its own PID, mount, IPC and UTS namespaces with only its snapshot
+//! directory, the host's chunk cache and the files name resolution and TLS read, an unprivileged
+//! uid shared by the remote page servers (they share the chunk cache), no capabilities, and a
+//! seccomp filter that adds to the local server's only the socket calls a client needs. It keeps
+//! the host's network namespace, as the S3 endpoint is wherever the host can reach. Its client is
+//! built before the sandbox is entered (the credentials are read there, then out of sight), and
+//! what it serves is still only verified bytes: every chunk is checked against its digest before
+//! it is written into `memory.bin`.
 
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -18,6 +23,7 @@ use snapshot::pageserver::server::{PageServer, ServerConfig};
 use snapshot::Snapshot;
 
 use crate::exit::{Code, Failure};
+use crate::sandbox::{RunFlags, Spec};
 
 pub const SOCKET: &str = "pageserver.sock";
 const LOG: &str = "pageserver.log";
@@ -46,18 +52,33 @@ pub fn run(args: PageServerArgs) -> Result<(), Failure> {
     let snap = Snapshot::open(&args.snapshot).map_err(crate::snapshot_failure)?;
     let sock = socket_for(&snap.dir);
     let marker = crate::remote::lazy::Marker::load(&snap.dir)?;
-    let flags = crate::sandbox::RunFlags {
-        jail: !args.no_jail && marker.is_none(),
-        seccomp: !args.no_seccomp && marker.is_none(),
+    let flags = RunFlags {
+        jail: !args.no_jail,
+        seccomp: !args.no_seccomp,
     };
-    crate::sandbox::enter(crate::vmm_jail::pageserver_spec(&snap.dir, flags))?;
+    // A remote snapshot's client and chunk cache, made while the host's files are in sight.
+    let remote = marker
+        .as_ref()
+        .map(crate::remote::lazy::RemoteUnits::prepare)
+        .transpose()?;
+    let (spec, kind) = match &remote {
+        None => (
+            crate::vmm_jail::pageserver_spec(&snap.dir, flags),
+            crate::sandbox::seccomp::Kind::PageServer,
+        ),
+        Some(u) => (
+            remote_spec(&snap.dir, u.cache(), flags),
+            crate::sandbox::seccomp::Kind::RemotePageServer,
+        ),
+    };
+    crate::sandbox::enter(spec)?;
     if flags.seccomp {
-        crate::sandbox::seccomp::apply(crate::sandbox::seccomp::Kind::PageServer)?;
+        crate::sandbox::seccomp::apply(kind)?;
     }
-    let server = match &marker {
+    let server = match remote {
         None => PageServer::for_snapshot(&snap, &sock, ServerConfig::default()),
-        Some(m) => {
-            let units = crate::remote::lazy::RemoteUnits::open(m)?;
+        Some(u) => {
+            let units = u.start()?;
             let expected = snap
                 .manifest
                 .file(snapshot::manifest::MEMORY)
@@ -101,8 +122,51 @@ pub fn run(args: PageServerArgs) -> Result<(), Failure> {
     Ok(())
 }
 
+/// The uid (and gid) of every remote snapshot's page server: they all write the host's chunk
+/// cache, which this uid owns. Below the per-VM uids (`UID_BASE + pid`), so never one of them.
+pub const REMOTE_UID: u32 = crate::sandbox::UID_BASE - 1;
+
+/// What name resolution and TLS read, bound read-only where the host has them: the endpoint
+/// may be a host name, and `https://` is verified against the host's roots.
+const NETWORK_FILES: &[&str] = &[
+    "/etc/resolv.conf",
+    "/etc/hosts",
+    "/etc/nsswitch.conf",
+    "/etc/gai.conf",
+    "/etc/host.conf",
+    "/etc/ssl",
+    "/etc/pki",
+    "/etc/ca-certificates",
+    "/usr/share/ca-certificates",
+];
+
+/// A remote snapshot's page server: the local server's jail plus the host's network namespace,
+/// the chunk cache (written), the network files, and the memory file it fills.
+fn remote_spec(snapshot_dir: &Path, cache: &Path, flags: RunFlags) -> Spec {
+    let mut spec = crate::vmm_jail::pageserver_spec(snapshot_dir, flags);
+    spec.label = format!("remote-{}", spec.label);
+    spec.mounts.host_network = true;
+    spec.mounts.bind(cache, true);
+    for f in NETWORK_FILES {
+        let p = Path::new(f);
+        if p.exists() {
+            spec.mounts.bind(p, false);
+        }
+    }
+    let memory = snapshot_dir.join(snapshot::manifest::MEMORY);
+    spec.owned.push(cache.to_path_buf());
+    // (A file: `owned` creates only what is missing, and memory.bin is there.)
+    spec.owned.push(memory.clone());
+    spec.uid = Some(REMOTE_UID);
+    spec.gid = Some(REMOTE_UID);
+    // It writes chunks anywhere in memory.bin, and RLIMIT_FSIZE bounds the offset written.
+    let mem = std::fs::metadata(&memory).map_or(0, |m| m.len());
+    spec.limits.fsize = spec.limits.fsize.max(mem + (64 << 20));
+    spec
+}
+
 /// Makes sure a page server for `snapshot_dir` runs, starting one if none answers.
-pub fn ensure(snapshot_dir: &Path, flags: crate::sandbox::RunFlags) -> Result<PathBuf, Failure> {
+pub fn ensure(snapshot_dir: &Path, flags: RunFlags) -> Result<PathBuf, Failure> {
     let sock = socket_for(snapshot_dir);
     // One server per snapshot, however many forks start at once.
     let _lock = lock(snapshot_dir)?;
@@ -123,7 +187,6 @@ pub fn ensure(snapshot_dir: &Path, flags: crate::sandbox::RunFlags) -> Result<Pa
         .map_err(|e| Failure::new(Code::Error, format!("cannot open the page server log: {e}")))?;
     let mut cmd = Command::new(exe);
     cmd.arg("__pageserver").arg("--snapshot").arg(snapshot_dir);
-    // (A remote snapshot's server runs outside the jail whatever the flags say: see above.)
     if !flags.jail {
         cmd.arg("--no-jail");
     }

@@ -27,7 +27,7 @@ use snapshot::pageserver::UnitSource;
 
 use super::config::Remote;
 use super::index::{self, Index, IndexFile};
-use super::store::{Store, StoreError};
+use super::store::{PreparedStore, Store, StoreError};
 use super::{
     cache_dir, cached_chunk, chunk_rel, fetch_index, io_err, staging_dir, write_cached,
     RemoteError, RemoteRef, Stats, CACHE_DIR,
@@ -336,17 +336,45 @@ pub struct RemoteUnits {
     pub fetched_bytes: AtomicU64,
 }
 
-impl RemoteUnits {
-    pub fn open(marker: &Marker) -> Result<RemoteUnits, Failure> {
-        let store = Store::open_threaded(&marker.remote, FETCH_THREADS)
+/// [`RemoteUnits`] before their I/O threads: made outside the page server's sandbox (the
+/// credentials are read and the chunk cache created there), started inside it.
+pub struct PreparedUnits {
+    store: PreparedStore,
+    cache: PathBuf,
+    memory: IndexFile,
+}
+
+impl PreparedUnits {
+    /// The host's chunk cache, which the sandbox must let the server write.
+    pub fn cache(&self) -> &Path {
+        &self.cache
+    }
+
+    pub fn start(self) -> Result<RemoteUnits, Failure> {
+        let store = self
+            .store
+            .start(Some(FETCH_THREADS))
             .map_err(|e| Failure::from(RemoteError::from(e)))?;
+        Ok(RemoteUnits {
+            store,
+            cache: self.cache,
+            memory: self.memory,
+            fetched_bytes: AtomicU64::new(0),
+        })
+    }
+}
+
+impl RemoteUnits {
+    /// Reads the credentials and creates the chunk cache; starts no thread.
+    pub fn prepare(marker: &Marker) -> Result<PreparedUnits, Failure> {
+        let store =
+            Store::prepare(&marker.remote).map_err(|e| Failure::from(RemoteError::from(e)))?;
         std::fs::create_dir_all(&marker.cache)
             .map_err(|e| Failure::from(io_err("cannot create", &marker.cache)(e)))?;
-        Ok(RemoteUnits {
+        Ok(PreparedUnits {
             store,
             cache: marker.cache.clone(),
             memory: marker.memory().clone(),
-            fetched_bytes: AtomicU64::new(0),
         })
     }
 

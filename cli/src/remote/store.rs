@@ -49,18 +49,51 @@ pub struct Store {
 /// Requests in flight at once during a transfer.
 pub const PARALLEL: usize = 4;
 
+/// A [`Store`] whose client is built but whose runtime is not (see [`Store::prepare`]).
+pub struct PreparedStore {
+    remote: Remote,
+    endpoint: String,
+    s3: Arc<AmazonS3>,
+}
+
+impl PreparedStore {
+    /// Starts the I/O runtime: on the calling thread alone, or, for callers that use the store
+    /// from several threads at once (a page server's sessions and readahead), on `threads`
+    /// workers: `block_on` then works from any thread.
+    pub fn start(self, threads: Option<usize>) -> Result<Store, StoreError> {
+        let other = |detail: String| StoreError::Other {
+            remote: self.remote.name.clone(),
+            detail,
+        };
+        let runtime = match threads {
+            None => tokio::runtime::Builder::new_current_thread(),
+            Some(n) => {
+                let mut b = tokio::runtime::Builder::new_multi_thread();
+                b.worker_threads(n.max(1));
+                b
+            }
+        }
+        .enable_all()
+        .build()
+        .map_err(|e| other(format!("cannot start the I/O runtime: {e}")))?;
+        Ok(Store {
+            remote: self.remote,
+            endpoint: self.endpoint,
+            s3: self.s3,
+            runtime,
+        })
+    }
+}
+
 impl Store {
     pub fn open(remote: &Remote) -> Result<Store, StoreError> {
-        Self::open_with(remote, None)
+        Self::prepare(remote)?.start(None)
     }
 
-    /// As [`Store::open`], for callers that use it from several threads at once (a page
-    /// server's sessions and readahead): `block_on` from any of them, on `threads` I/O workers.
-    pub fn open_threaded(remote: &Remote, threads: usize) -> Result<Store, StoreError> {
-        Self::open_with(remote, Some(threads.max(1)))
-    }
-
-    fn open_with(remote: &Remote, threads: Option<usize>) -> Result<Store, StoreError> {
+    /// The client without its I/O runtime: credentials read (the environment, the shared
+    /// credentials file), the endpoint resolved, and no thread started, so a process may build
+    /// it before it forks into its sandbox, where those files are out of sight.
+    pub fn prepare(remote: &Remote) -> Result<PreparedStore, StoreError> {
         let other = |detail: String| StoreError::Other {
             remote: remote.name.clone(),
             detail,
@@ -113,22 +146,10 @@ impl Store {
             b = b.with_config(AmazonS3ConfigKey::Token, t);
         }
         let s3 = b.build().map_err(|e| other(e.to_string()))?;
-        let runtime = match threads {
-            None => tokio::runtime::Builder::new_current_thread(),
-            Some(n) => {
-                let mut b = tokio::runtime::Builder::new_multi_thread();
-                b.worker_threads(n);
-                b
-            }
-        }
-        .enable_all()
-        .build()
-        .map_err(|e| other(format!("cannot start the I/O runtime: {e}")))?;
-        Ok(Store {
+        Ok(PreparedStore {
             remote: remote.clone(),
             endpoint,
             s3: Arc::new(s3),
-            runtime,
         })
     }
 

@@ -25,6 +25,8 @@ pub enum Kind {
     /// runs (waits for the guest, cleans up).
     Control,
     PageServer,
+    /// A remote snapshot's page server: the page server's calls plus an S3 client's.
+    RemotePageServer,
 }
 
 /// Every thread: memory, futexes, signals, time, ordinary reads and writes of open files.
@@ -223,6 +225,16 @@ const PAGE_SERVER: &[i64] = &[
     libc::SYS_getdents64,
 ];
 
+/// What a remote snapshot's page server adds: the S3 client's sockets (name resolution
+/// included) and the chunk cache (recency is a file's mtime).
+const REMOTE_CLIENT: &[i64] = &[
+    libc::SYS_getsockname,
+    libc::SYS_getpeername,
+    libc::SYS_sendmmsg,
+    libc::SYS_recvmmsg,
+    libc::SYS_utimensat,
+];
+
 fn syscalls(kind: Kind) -> Vec<i64> {
     let mut v: Vec<i64> = BASE.to_vec();
     match kind {
@@ -237,6 +249,11 @@ fn syscalls(kind: Kind) -> Vec<i64> {
         Kind::PageServer => {
             v.extend_from_slice(PAGE_SERVER);
             v.extend_from_slice(SETUP);
+        }
+        Kind::RemotePageServer => {
+            v.extend_from_slice(PAGE_SERVER);
+            v.extend_from_slice(SETUP);
+            v.extend_from_slice(REMOTE_CLIENT);
         }
     }
     v.sort_unstable();
@@ -350,6 +367,15 @@ mod tests {
             }
         }
         program(Kind::PageServer).unwrap();
+        program(Kind::RemotePageServer).unwrap();
+        let remote = syscalls(Kind::RemotePageServer);
+        for n in syscalls(Kind::PageServer) {
+            assert!(
+                remote.contains(&n),
+                "{n} not in the remote page server's filter"
+            );
+        }
+        assert!(!remote.contains(&libc::SYS_execve) && !remote.contains(&libc::SYS_ptrace));
         assert!(!syscalls(Kind::Vcpu).contains(&libc::SYS_openat));
         assert!(!all.contains(&libc::SYS_execve));
         assert!(!all.contains(&libc::SYS_ptrace));
