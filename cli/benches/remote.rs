@@ -10,7 +10,10 @@
 //!
 //! Timed from the first command to the fork's first `count` line; bytes are what came from the
 //! remote until then (for the chunk paths: the compressed chunks in host B's chunk cache).
-//! Prints one table; never asserts on time.
+//! That guest has no disk; the rootfs part (with `MICROAGENT_TEST_KERNEL`) weighs fetching a
+//! rootfs whole before the fork starts against what a Linux guest's fork reads of it (see
+//! `rootfs_part`). `MICROAGENT_BENCH_REMOTE_PARTS=memory` or `rootfs` runs one part.
+//! Prints a table per part; never asserts on time.
 
 #[path = "../../tests/common/require.rs"]
 mod require;

@@ -2,7 +2,8 @@
 //!
 //! `create --from-snapshot REMOTE/NAME:TAG` on a host that has never seen the snapshot fetches
 //! only what a VM needs before it can run: the manifest, the vCPU and device state, the rootfs
-//! (whole: a disk has no page server), and the working set recorded where the snapshot was used
+//! (whole: a disk has no page server; fetching it lazily is measured in the remote bench's rootfs
+//! part and the README), and the working set recorded where the snapshot was used
 //! (pushed beside the index, when there is one). Its `memory.bin` is a sparse file of the full
 //! size, and a [`MARKER`] beside it says where the memory really is. The forks run with
 //! `--memory uffd`: their page server fills `memory.bin` one 4 MiB chunk at a time, on first
