@@ -590,7 +590,13 @@ fn second_host_forks_from_the_remote() {
     assert!(s3.exists("fleet/snapshots/w/t.workingset"));
     let e = Host::new("remote-host-e", &s3);
     e.add_remote(&s3, "r", "fleet");
-    e.ok(&["create", "v", "--from-snapshot", "r/w:t"]);
+    // With the chunk cache bounded to nothing, the jailed page server evicts as it fetches
+    // (each chunk it writes is the only one kept) and serves on.
+    let o = e.run_env(
+        &["create", "v", "--from-snapshot", "r/w:t"],
+        &[("MICROAGENT_REMOTE_CACHE_MAX_MIB", "0")],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
     let here = e
         .home
         .dir
@@ -601,6 +607,7 @@ fn second_host_forks_from_the_remote() {
     );
     e.home.wait_counts("v", &[want]);
     assert!(counts(&e.home.console("v"))[0].1 >= want);
+    assert_remote_pageserver_confined(&e.home.dir, Path::new("/root"));
     e.ok(&["halt", "v"]);
 
     // The remote dies mid-transfer: a clear error, nothing half-visible.
