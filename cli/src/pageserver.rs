@@ -127,17 +127,22 @@ pub fn run(args: PageServerArgs) -> Result<(), Failure> {
 pub const REMOTE_UID: u32 = crate::sandbox::UID_BASE - 1;
 
 /// What name resolution and TLS read, bound read-only where the host has them: the endpoint
-/// may be a host name, and `https://` is verified against the host's roots.
+/// may be a host name, and `https://` is verified against the host's CA certificates (where
+/// rustls-native-certs looks for them; the certificates only, never `/etc/ssl/private`), plus
+/// `$SSL_CERT_FILE` and `$SSL_CERT_DIR` when set.
 const NETWORK_FILES: &[&str] = &[
     "/etc/resolv.conf",
     "/etc/hosts",
     "/etc/nsswitch.conf",
     "/etc/gai.conf",
     "/etc/host.conf",
-    "/etc/ssl",
-    "/etc/pki",
-    "/etc/ca-certificates",
+    "/etc/ssl/certs",
+    "/etc/ssl/cert.pem",
+    "/etc/ssl/ca-bundle.pem",
+    "/etc/pki/tls/certs",
+    "/etc/pki/ca-trust/extracted",
     "/usr/share/ca-certificates",
+    "/usr/local/share/ca-certificates",
 ];
 
 /// A remote snapshot's page server: the local server's jail plus the host's network namespace,
@@ -147,10 +152,13 @@ fn remote_spec(snapshot_dir: &Path, cache: &Path, flags: RunFlags) -> Spec {
     spec.label = format!("remote-{}", spec.label);
     spec.mounts.host_network = true;
     spec.mounts.bind(cache, true);
-    for f in NETWORK_FILES {
-        let p = Path::new(f);
-        if p.exists() {
-            spec.mounts.bind(p, false);
+    let from_env = ["SSL_CERT_FILE", "SSL_CERT_DIR"]
+        .iter()
+        .filter_map(|v| std::env::var_os(v).map(PathBuf::from));
+    for p in NETWORK_FILES.iter().map(PathBuf::from).chain(from_env) {
+        // Absolute paths only: a jail binds at the same path.
+        if p.is_absolute() && p.exists() {
+            spec.mounts.bind(&p, false);
         }
     }
     let memory = snapshot_dir.join(snapshot::manifest::MEMORY);
