@@ -155,7 +155,19 @@ fn main() {
     if parts.contains("rootfs") {
         rootfs_part(&s3, &env, &base);
     }
-    let _ = std::fs::remove_dir_all(&base);
+    remove(&base);
+}
+
+/// Removes a bench directory; a page server of a halted fork may still be writing its snapshot
+/// directory for a moment (it stops by itself once idle), so a failed pass is tried again.
+fn remove(dir: &Path) {
+    for _ in 0..50 {
+        if std::fs::remove_dir_all(dir).is_ok() || !dir.exists() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    eprintln!("remote bench: could not remove {}", dir.display());
 }
 
 /// A 1 GiB test guest that touched 10%: lazy fork, eager fork and the archive path.
@@ -261,7 +273,7 @@ fn memory_part(s3: &s3::S3, env: &[(String, String)], base: &Path, mem: u64, rou
             times.push(t0.elapsed().as_secs_f64());
             *bytes = cached_chunks(&b);
             halt_all(&b, env);
-            let _ = std::fs::remove_dir_all(&b);
+            remove(&b);
         }
 
         // The whole-archive path: download, import, fork.
@@ -285,10 +297,10 @@ fn memory_part(s3: &s3::S3, env: &[(String, String)], base: &Path, mem: u64, rou
         wait_counting(&c, "f");
         archive_s.push(t0.elapsed().as_secs_f64());
         halt_all(&c, env);
-        let _ = std::fs::remove_dir_all(&c);
+        remove(&c);
     }
     halt_all(&a, env);
-    let _ = std::fs::remove_dir_all(&a);
+    remove(&a);
 
     let med = |mut v: Vec<f64>| {
         v.sort_by(|x, y| x.total_cmp(y));
