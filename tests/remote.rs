@@ -644,6 +644,44 @@ fn second_host_forks_from_the_remote() {
     }
 }
 
+/// Over TLS, as a real S3 endpoint is: the jailed page server checks the endpoint's certificate
+/// against the CA named in `SSL_CERT_FILE` (bound into its jail, the rest of the host's files
+/// not) and fills the fork's memory from there.
+#[test]
+fn remote_fork_over_tls_from_the_jail() {
+    let test = "remote_fork_over_tls_from_the_jail";
+    if !kvm_or_skip(test) {
+        return;
+    }
+    let certs = std::env::temp_dir().join(format!("ma-s3-tls-{}", std::process::id()));
+    let Some(s3) = S3::start_tls(test, &certs) else {
+        return;
+    };
+    assert!(s3.endpoint.starts_with("https://"), "{}", s3.endpoint);
+    let a = Host::new("remote-tls-a", &s3);
+    a.add_remote(&s3, "r", "tls");
+    a.boot("w");
+    a.ok(&["snapshot", "create", "w", "--tag", "t"]);
+    let want = a.saved_count("w", "t");
+    a.ok(&["snapshot", "push", "w", "t", "r"]);
+    a.ok(&["halt", "w"]);
+
+    let b = Host::new("remote-tls-b", &s3);
+    b.add_remote(&s3, "r", "tls");
+    let out = b.json(&["create", "f", "--from-snapshot", "r/w:t"]);
+    assert!(
+        out["fetched"]["chunks_lazy"].as_u64().unwrap_or(0) > 0,
+        "{out}"
+    );
+    b.home.wait_counts("f", &[want]);
+    assert!(counts(&b.home.console("f"))[0].1 >= want);
+    // (It checks that the server fetched memory chunks itself, so through TLS.)
+    assert_remote_pageserver_confined(&b.home.dir, &certs.join("key.pem"));
+    b.ok(&["halt", "f"]);
+    drop(s3);
+    let _ = std::fs::remove_dir_all(&certs);
+}
+
 /// The `Key:` line of /proc/PID/status.
 fn proc_status(pid: u32, key: &str) -> String {
     let text = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
