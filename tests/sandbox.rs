@@ -322,3 +322,43 @@ fn a_guest_printing_without_pause_leaves_a_bounded_console_log() {
     assert!(prev > 0 && prev <= BOUND, "console.log.1 is {prev} bytes");
     h.ok(&["delete", "spam", "--yes"]);
 }
+
+/// A jailed VMM runs under its own uid, and the kernel clears the parent-death signal on a uid
+/// change: the jail arms it again, so a VMM whose waiter is killed (a given-up fork batch, a
+/// killed CLI) does not go on running unwatched.
+#[test]
+fn a_jailed_vmm_dies_with_its_waiter() {
+    if !kvm_or_skip("a_jailed_vmm_dies_with_its_waiter") {
+        return;
+    }
+    let h = Home::new("sandbox-pdeath");
+    h.ok(&[
+        "create",
+        "w",
+        "--kernel",
+        "builtin:testguest",
+        "--cmdline",
+        CMDLINE,
+    ]);
+    h.ok(&["start", "w"]);
+    h.wait_counts("w", &[1]);
+    let pid = h.pid("w").expect("vmm.pid");
+    let uid = assert_confined(&h, "w");
+    if is_root() {
+        // Root runs the VMM under an id of its own: the case in which the kernel cleared it.
+        assert_ne!(uid, 0);
+    }
+    let waiter: i32 = proc_status(pid, "PPid").parse().unwrap();
+    assert!(waiter > 1, "VMM {pid} has no waiter (PPid {waiter})");
+    // SAFETY: SIGKILL to the waiter this test's workspace started.
+    assert_eq!(unsafe { libc::kill(waiter, libc::SIGKILL) }, 0);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while alive(pid) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        !alive(pid),
+        "VMM {pid} still runs 30 s after its waiter {waiter} was killed"
+    );
+    let _ = h.run(&["delete", "w", "--yes"]);
+}

@@ -298,6 +298,7 @@ fn drop_privileges(ids: Option<(u32, u32)>) -> Result<(), Failure> {
                 return Err(errno_fail("setresuid"));
             }
         }
+        rearm_parent_death()?;
     }
     let mut hdr = CapHeader {
         version: CAP_V3,
@@ -311,6 +312,31 @@ fn drop_privileges(ids: Option<(u32, u32)>) -> Result<(), Failure> {
     // SAFETY: prctl on this process.
     if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
         return Err(errno_fail("no_new_privs"));
+    }
+    Ok(())
+}
+
+/// The kernel clears the parent-death signal when the uid changes (commit_creds), which would
+/// leave a jailed process running after its waiter is killed (a fork batch given up, a killed
+/// page-server launcher). Armed again here; a waiter that died before this leaves our log
+/// pipe without a reader (POLLERR on stdout), and we stop rather than run unwatched.
+fn rearm_parent_death() -> Result<(), Failure> {
+    // SAFETY: prctl with plain integer arguments.
+    if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) } != 0 {
+        return Err(errno_fail("prctl(PR_SET_PDEATHSIG)"));
+    }
+    let mut out = libc::pollfd {
+        fd: 1,
+        events: 0,
+        revents: 0,
+    };
+    // SAFETY: one pollfd on the stack, zero timeout.
+    let ready = unsafe { libc::poll(&mut out, 1, 0) };
+    if ready == 1 && out.revents & libc::POLLERR != 0 {
+        return Err(Failure::new(
+            Code::Error,
+            "sandbox: the waiter exited while the jail was being set up",
+        ));
     }
     Ok(())
 }
