@@ -31,7 +31,7 @@ pub use capture::{capture, capture_disk, sweep_leftovers, CaptureRequest, Progre
 pub use error::{Refusal, SnapshotError};
 pub use manifest::{CpuidLeaf, Kind, Manifest};
 pub use open::{list, Snapshot, VerifyOptions};
-pub use restore::RestorePlan;
+pub use restore::{Restorable, RestorePlan};
 
 use serde::Serialize;
 
