@@ -103,6 +103,7 @@ impl FakeVm {
 impl Snapshottable for FakeVm {
     type State = String;
     type Error = std::io::Error;
+    type Memory = GuestMemory;
     fn save(&self) -> Result<SavedVm<String>, std::io::Error> {
         self.failing(Failure::Save)?;
         Ok(SavedVm {

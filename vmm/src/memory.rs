@@ -8,14 +8,17 @@ use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion, GuestRegion
 
 use crate::arch::layout::{MAX_MEM_MIB, MMIO_GAP_END, MMIO_GAP_START};
 
-/// The guest memory type used throughout the VMM.
-pub use snapshot::GuestMemory;
+/// The dirty bitmap over guest memory: it records every write made through vm-memory (device
+/// emulation), so diff snapshots see them beside KVM's dirty log.
+pub type DirtyBitmap = vm_memory::bitmap::AtomicBitmap;
+
+/// The guest memory type used throughout the VMM: mmap-backed regions with `DirtyBitmap`. The
+/// snapshot engine captures it through vm-memory's interface and builds its mappings on
+/// restore, without naming it.
+pub type GuestMemory = vm_memory::GuestMemoryMmap<DirtyBitmap>;
 
 /// How guest RAM comes back from a snapshot (the snapshot engine builds it).
 pub use snapshot::restore::RestoreMode;
-
-/// The dirty bitmap over guest memory: device writes through vm-memory, for diff snapshots.
-pub type DirtyBitmap = vm_memory::bitmap::AtomicBitmap;
 
 const MIB: u64 = 1 << 20;
 

@@ -14,6 +14,7 @@ use crate::vm::{Console, RestoreConfig, Vm, VmError, VmState};
 impl Snapshottable for Vm {
     type State = VmState;
     type Error = VmError;
+    type Memory = GuestMemory;
 
     fn save(&self) -> Result<SavedVm<VmState>, VmError> {
         let state = Persist::save(self)?;
