@@ -125,11 +125,27 @@ pub fn layout(mem_mib: u64) -> Result<Vec<RegionLayout>, MemoryError> {
         .collect())
 }
 
-/// The VMM's guest memory over the mappings the snapshot engine restored, and what must be
-/// kept alive beside it (a lazy restore's page-server connection).
+/// The VMM's guest memory for a guest of `mem_mib` MiB over the mappings the snapshot engine
+/// restored, and what must be kept alive beside it (a lazy restore's page-server connection).
+/// Mappings laid out otherwise than `layout(mem_mib)` are refused.
 pub fn from_restored(
     mem: RestoredMemory<DirtyBitmap>,
+    mem_mib: u64,
 ) -> Result<(GuestMemory, snapshot::restore::KeepAlive), MemoryError> {
+    let want = layout(mem_mib)?;
+    let got: Vec<RegionLayout> = mem
+        .regions()
+        .iter()
+        .map(|r| RegionLayout {
+            guest_addr: r.guest_addr,
+            len: r.len,
+        })
+        .collect();
+    if got != want {
+        return Err(MemoryError::Restored(format!(
+            "its regions {got:x?} are not a {mem_mib} MiB guest's {want:x?}"
+        )));
+    }
     let (mappings, keep) = mem.into_parts();
     let regions = mappings
         .into_iter()
@@ -201,6 +217,32 @@ pub fn take_dirty(vm: &VmFd, mem: &GuestMemory) -> Result<Vec<Vec<u64>>, MemoryE
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The engine's mappings become the VMM's memory only for the guest size they were laid
+    /// out for; the memory is then the same bytes through either.
+    #[test]
+    fn restored_memory_of_another_layout_is_refused() {
+        use vm_memory::Bytes;
+        let mem = RestoredMemory::<DirtyBitmap>::anonymous(&layout(16).unwrap(), false).unwrap();
+        assert!(matches!(
+            from_restored(mem, 32),
+            Err(MemoryError::Restored(_))
+        ));
+        let mem = RestoredMemory::<DirtyBitmap>::anonymous(&layout(16).unwrap(), false).unwrap();
+        let host = mem.regions()[0].host_addr;
+        let (guest, _keep) = from_restored(mem, 16).unwrap();
+        guest
+            .write_obj(0x1234_5678u32, GuestAddress(0x2000))
+            .unwrap();
+        assert_eq!(
+            guest.get_host_address(GuestAddress(0)).unwrap(),
+            host,
+            "the engine's mapping, not a copy"
+        );
+        // SAFETY: 4 bytes inside the 16 MiB mapping `guest` keeps alive; nothing else uses it.
+        let seen = unsafe { std::ptr::read_unaligned(host.add(0x2000).cast::<u32>()) };
+        assert_eq!(seen, 0x1234_5678);
+    }
 
     #[test]
     fn small_guest_is_one_low_range() {

@@ -514,7 +514,7 @@ impl Persist for Vm {
             .ok()
             .filter(|n| (1..=MAX_VCPUS).contains(n))
             .ok_or(VmError::VcpuCount(state.vcpus.len() as u32))?;
-        let (memory, keep) = memory::from_restored(config.memory)?;
+        let (memory, keep) = memory::from_restored(config.memory, state.mem_mib)?;
         let parts = Parts::new(
             vcpu_count,
             &memory,
