@@ -302,6 +302,42 @@ mod engine_tests {
         }
     }
 
+    /// Lazy memory: the engine registers fresh memory with userfaultfd and hands it to the
+    /// snapshot's page server (here in this process); every byte the VM reads comes through it.
+    #[test]
+    fn a_lazy_restore_is_served_by_the_page_server() {
+        use crate::pageserver::{PageServer, ServerConfig};
+        let s = Setup::new("engine-lazy");
+        s.vm.write_page(9, 0x99);
+        s.capture("base", None, 3, 0xaa, "s0");
+        let want = s.vm.memory();
+        let base = Snapshot::open(&s.snaps.join("base")).unwrap();
+        let sock = s.dir.join("ps.sock");
+        let server = PageServer::for_snapshot(
+            &base,
+            &sock,
+            ServerConfig {
+                record: false,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let mut o = options(&s, RestoreMode::Eager);
+        o.page_server = Some(&sock);
+        let vm: FakeVm = restore(&base, &o, ()).unwrap();
+        assert_eq!(*vm.state.borrow(), "s0");
+        assert_eq!(
+            server.stats().clients_active,
+            1,
+            "the VM is the server's client"
+        );
+        assert!(vm.memory() == want, "lazily served memory differs");
+        // The VM first, so its connection closes before the server (which would stop the
+        // process, as it must for a VMM whose memory can no longer arrive).
+        drop(vm);
+        server.shutdown();
+    }
+
     /// A page server serves one memory file: a diff is refused before any connection.
     #[test]
     fn a_lazy_restore_of_a_diff_is_refused() {

@@ -1,10 +1,11 @@
-//! Guest RAM for a restore, built by the engine and handed to the VM as host mappings: read
-//! eagerly into fresh memory, mapped copy-on-write (with the working set read ahead), or left
-//! empty for a page server to fill on first touch; diff snapshots copied over it, oldest first.
+//! Guest RAM for a restore, built by the engine and handed to the VM as vm-memory mappings:
+//! read eagerly into fresh memory, mapped copy-on-write (with the working set read ahead), or
+//! left empty for a page server to fill on first touch; diff snapshots copied over it, oldest
+//! first.
 //!
 //! The VM says where its regions are ([`RegionLayout`], from its state); a memory file holds
 //! them back to back. The VM wraps the mappings in its own guest memory type and keeps the
-//! [`RestoredMemory`] alive as long as it uses them.
+//! [`KeepAlive`] as long as it uses them.
 
 use std::fs::File;
 use std::path::Path;
