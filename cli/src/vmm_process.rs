@@ -13,7 +13,6 @@ use snapshot::live::{Controls, LiveOptions};
 use snapshot::{CaptureRequest, Progress, Snapshot};
 use vmm::devices::config::{BlockConfig, DeviceConfig, NetBackendConfig, NetConfig, VsockConfig};
 use vmm::memory::RestoreMode;
-use vmm::snapshots::SnapshotRestore;
 use vmm::{Console, Vm, VmConfig};
 
 use crate::api::{self, Request, Response};
@@ -192,20 +191,34 @@ pub fn run(args: VmmArgs) -> Result<(), Failure> {
             let page_server =
                 (args.memory == MemoryArg::Uffd).then(|| crate::pageserver::socket_for(&snap.dir));
             // The CLI verified the contents once before starting us (forks share that work).
-            Vm::restore_snapshot(SnapshotRestore {
-                snapshot: &snap,
-                kernel: Some(&cfg.kernel),
-                verify_contents: false,
-                memory_mode: args.memory.into(),
-                console,
-                paused: args.paused,
-                // This workspace's own disk copy and vsock socket, whoever took the snapshot.
-                devices: Some(device_config(&ws)),
-                page_server: page_server.as_deref(),
-            })
-            .map_err(|e| match e {
-                vmm::snapshots::RestoreError::Snapshot(e) => crate::snapshot_failure(e),
-                vmm::snapshots::RestoreError::Vm(e) => crate::run::vm_failure(e),
+            snapshot::restore::restore::<Vm>(
+                &snap,
+                &snapshot::restore::RestoreOptions {
+                    kernel: Some(&cfg.kernel),
+                    verify_contents: false,
+                    memory_mode: args.memory.into(),
+                    page_server: page_server.as_deref(),
+                    label: "vmm",
+                },
+                vmm::snapshots::RestoreArgs {
+                    console,
+                    paused: args.paused,
+                    // This workspace's own disk copy and vsock socket, whoever took the snapshot.
+                    devices: Some(device_config(&ws)),
+                },
+            )
+            .map_err(|e| {
+                use snapshot::restore::{MemoryError, RestoreError};
+                match e {
+                    RestoreError::Snapshot(e) => crate::snapshot_failure(e),
+                    RestoreError::Vm(e) => crate::run::vm_failure(e),
+                    // As when the VM built its memory: a memory file that does not fit is bad
+                    // input, a page server that refuses is not.
+                    RestoreError::Memory(
+                        e @ (MemoryError::PageServer(_) | MemoryError::LazyDiff),
+                    ) => Failure::new(Code::Error, e.to_string()),
+                    RestoreError::Memory(e) => Failure::new(Code::Usage, e.to_string()),
+                }
             })?
         }
     };

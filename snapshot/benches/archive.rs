@@ -7,11 +7,15 @@ use std::time::{Duration, Instant};
 use snapshot::{capture, CaptureRequest, CpuidLeaf, SavedVm, Snapshot, Snapshottable};
 use vm_memory::{Bytes, GuestAddress};
 
-struct FakeVm(snapshot::GuestMemory);
+/// Guest memory as a VMM holds it (mmap regions with a bitmap for device writes).
+type GuestMemory = vm_memory::GuestMemoryMmap<vm_memory::bitmap::AtomicBitmap>;
+
+struct FakeVm(GuestMemory);
 
 impl Snapshottable for FakeVm {
     type State = Vec<u8>;
     type Error = std::io::Error;
+    type Memory = GuestMemory;
     fn save(&self) -> Result<SavedVm<Vec<u8>>, std::io::Error> {
         Ok(SavedVm {
             state: vec![7; 4096],
@@ -25,7 +29,7 @@ impl Snapshottable for FakeVm {
             cpuid: Vec::<CpuidLeaf>::new(),
         })
     }
-    fn guest_memory(&self) -> &snapshot::GuestMemory {
+    fn guest_memory(&self) -> &GuestMemory {
         &self.0
     }
     fn take_dirty(&self) -> Result<Option<Vec<Vec<u64>>>, std::io::Error> {
@@ -57,8 +61,7 @@ fn main() {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     // A guest that touched half its memory with semi-compressible data; the rest is zero.
-    let mem =
-        snapshot::GuestMemory::from_ranges(&[(GuestAddress(0), (mib << 20) as usize)]).unwrap();
+    let mem = GuestMemory::from_ranges(&[(GuestAddress(0), (mib << 20) as usize)]).unwrap();
     let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
     let mut page = vec![0u8; 4096];
     for p in 0..(mib << 20) / 4096 / 2 {

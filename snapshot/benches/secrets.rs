@@ -16,11 +16,15 @@ use snapshot::residue::{Scanner, SecretValue};
 use snapshot::{capture, CaptureRequest, CpuidLeaf, SavedVm, SecretCheck, Snapshottable};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
-struct FakeVm(snapshot::GuestMemory);
+/// Guest memory as a VMM holds it (mmap regions with a bitmap for device writes).
+type GuestMemory = vm_memory::GuestMemoryMmap<vm_memory::bitmap::AtomicBitmap>;
+
+struct FakeVm(GuestMemory);
 
 impl Snapshottable for FakeVm {
     type State = Vec<u8>;
     type Error = std::io::Error;
+    type Memory = GuestMemory;
     fn save(&self) -> Result<SavedVm<Vec<u8>>, std::io::Error> {
         Ok(SavedVm {
             state: vec![7; 4096],
@@ -34,7 +38,7 @@ impl Snapshottable for FakeVm {
             cpuid: Vec::<CpuidLeaf>::new(),
         })
     }
-    fn guest_memory(&self) -> &snapshot::GuestMemory {
+    fn guest_memory(&self) -> &GuestMemory {
         &self.0
     }
     fn take_dirty(&self) -> Result<Option<Vec<Vec<u64>>>, std::io::Error> {
@@ -51,9 +55,8 @@ fn median(mut v: Vec<Duration>) -> Duration {
 /// A guest that touched `percent` of its pages, spread over all of RAM: half of them text-like
 /// (ASCII, which gives a scanner's prefilter the most candidates), half random bytes. One page
 /// holds a secret, so every scan must find it.
-fn guest(mib: u64, percent: u64, secret: &[u8]) -> snapshot::GuestMemory {
-    let mem =
-        snapshot::GuestMemory::from_ranges(&[(GuestAddress(0), (mib << 20) as usize)]).unwrap();
+fn guest(mib: u64, percent: u64, secret: &[u8]) -> GuestMemory {
+    let mem = GuestMemory::from_ranges(&[(GuestAddress(0), (mib << 20) as usize)]).unwrap();
     let pages = (mib << 20) / 4096;
     let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
     let mut page = vec![0u8; 4096];
@@ -83,7 +86,7 @@ fn guest(mib: u64, percent: u64, secret: &[u8]) -> snapshot::GuestMemory {
     mem
 }
 
-fn touched_pages(mem: &snapshot::GuestMemory) -> u64 {
+fn touched_pages(mem: &GuestMemory) -> u64 {
     let mut page = vec![0u8; 4096];
     let total: u64 = mem.iter().map(vm_memory::GuestMemoryRegion::len).sum();
     (0..total / 4096)

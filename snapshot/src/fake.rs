@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::capture::{capture, CaptureRequest};
-use crate::restore::RestorePlan;
+use crate::restore::{KeepAlive, RegionLayout, Restorable, RestorePlan, RestoredMemory};
 use crate::{CpuidLeaf, GuestMemory, Manifest, SavedVm, SnapshotError, Snapshottable};
 
 pub const PAGE: usize = 4096;
@@ -31,6 +31,8 @@ pub struct FakeVm {
     /// region, a bit per page), when the VM tracks them as a running VM's dirty log does.
     dirty: RefCell<Option<Vec<Vec<u64>>>>,
     pub fail: Cell<Option<Failure>>,
+    /// What the engine's restore said to keep while `mem` is used.
+    _restored: Option<KeepAlive>,
 }
 
 impl FakeVm {
@@ -41,6 +43,7 @@ impl FakeVm {
             state: RefCell::new(state.into()),
             dirty: RefCell::new(None),
             fail: Cell::new(None),
+            _restored: None,
         }
     }
 
@@ -100,6 +103,7 @@ impl FakeVm {
 impl Snapshottable for FakeVm {
     type State = String;
     type Error = std::io::Error;
+    type Memory = GuestMemory;
     fn save(&self) -> Result<SavedVm<String>, std::io::Error> {
         self.failing(Failure::Save)?;
         Ok(SavedVm {
@@ -125,6 +129,41 @@ impl Snapshottable for FakeVm {
                 }
             }
         }
+    }
+}
+
+/// The fake VM restores as a VMM does: its state decoded, its RAM the engine's mappings wrapped in
+/// its own memory type. Its layout is always one region of [`MEM`] bytes.
+impl Restorable for FakeVm {
+    type State = String;
+    type Error = std::io::Error;
+    type Args = ();
+    type Bitmap = vm_memory::bitmap::AtomicBitmap;
+
+    fn memory_layout(_state: &String) -> Result<Vec<RegionLayout>, std::io::Error> {
+        Ok(vec![RegionLayout {
+            guest_addr: 0,
+            len: MEM as u64,
+        }])
+    }
+
+    fn restore(
+        state: &String,
+        memory: RestoredMemory<Self::Bitmap>,
+        _: (),
+    ) -> Result<Self, std::io::Error> {
+        let (mappings, keep) = memory.into_parts();
+        let regions = mappings
+            .into_iter()
+            .map(|(at, map)| {
+                vm_memory::GuestRegionMmap::new(map, GuestAddress(at))
+                    .ok_or_else(|| std::io::Error::other("region wraps"))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let mem = GuestMemory::from_regions(regions).map_err(std::io::Error::other)?;
+        let mut vm = FakeVm::new(mem, state.clone());
+        vm._restored = Some(keep);
+        Ok(vm)
     }
 }
 

@@ -1,8 +1,8 @@
 //! Snapshots of microagent VMs: the manifest and state formats (versioned, checksummed), capture
 //! of guest memory (sparse) and the rootfs copy, verification before restore, and listing.
 //!
-//! The VMM implements [`Snapshottable`]; this crate never reaches into its internals, and the VMM
-//! never learns the layout of a snapshot directory.
+//! The VMM implements [`Snapshottable`] (capture) and [`Restorable`] (restore); this crate never
+//! reaches into its internals, and the VMM never learns the layout of a snapshot directory.
 
 pub mod archive;
 pub mod atomic_file;
@@ -31,13 +31,14 @@ pub use capture::{capture, capture_disk, sweep_leftovers, CaptureRequest, Progre
 pub use error::{Refusal, SnapshotError};
 pub use manifest::{CpuidLeaf, Kind, Manifest};
 pub use open::{list, Snapshot, VerifyOptions};
-pub use restore::RestorePlan;
+pub use restore::{Restorable, RestorePlan};
 
 use serde::Serialize;
 
-/// Guest RAM as the VMM holds it: mmap-backed regions whose bitmap records every write made
-/// through vm-memory (device emulation), so diff snapshots see them beside KVM's dirty log.
-pub type GuestMemory = vm_memory::GuestMemoryMmap<vm_memory::bitmap::AtomicBitmap>;
+/// The guest memory the engine's own tests capture: the VMM's kind (mmap regions with a
+/// bitmap for device writes), which the VMM defines for itself.
+#[cfg(test)]
+pub(crate) type GuestMemory = vm_memory::GuestMemoryMmap<vm_memory::bitmap::AtomicBitmap>;
 
 /// What a paused VM hands to a capture.
 pub struct SavedVm<S> {
@@ -56,8 +57,12 @@ pub trait Snapshottable {
     /// The VM's complete state besides guest memory. The VM must be paused.
     fn save(&self) -> Result<SavedVm<Self::State>, Self::Error>;
 
+    /// The VM's own guest memory type: the engine reads it through vm-memory's interface
+    /// (regions, host slices, bounds-checked reads) and never names the type.
+    type Memory: vm_memory::GuestMemoryBackend + Sync;
+
     /// Guest RAM, regions in address order.
-    fn guest_memory(&self) -> &GuestMemory;
+    fn guest_memory(&self) -> &Self::Memory;
 
     /// The pages written since the previous capture (per region, one bit per 4 KiB page), or
     /// `None` when the VM does not track them. Taking them clears them.

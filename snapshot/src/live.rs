@@ -27,7 +27,7 @@ use crate::error::{io, SnapshotError};
 use crate::manifest::{FileEntry, Manifest, MEMORY, ROOTFS, VMSTATE};
 use crate::memfile::{self, PAGE};
 use crate::pagedigest::{self, PageDigests};
-use crate::{faults, rootfs, vmstate, GuestMemory, SavedVm, Snapshottable};
+use crate::{faults, rootfs, vmstate, SavedVm, Snapshottable};
 
 const MIB: f64 = (1 << 20) as f64;
 /// The largest run written with one call (and the buffer it needs).
@@ -372,8 +372,8 @@ fn stopped_part<V: Snapshottable>(
 /// meanwhile): the stop-time writer borrows memory in place, which is only sound on a paused
 /// VM. A page changed after its copy is in the dirty log and rewritten by a later round.
 /// Returns (file size, bytes written).
-fn write_running(
-    mem: &GuestMemory,
+fn write_running<M: GuestMemoryBackend>(
+    mem: &M,
     file: &File,
     progress: &mut dyn FnMut(u64, u64),
 ) -> std::io::Result<(u64, u64)> {
@@ -401,8 +401,8 @@ fn write_running(
     Ok((total, written))
 }
 
-fn write_pages(
-    mem: &GuestMemory,
+fn write_pages<M: GuestMemoryBackend>(
+    mem: &M,
     file: &File,
     bits: &[Vec<u64>],
     buf: &mut Vec<u8>,
@@ -455,9 +455,9 @@ struct ReadBack {
 
 /// One pass over the finished memory file: its digest, every page's digest (for later diffs)
 /// and the secret scan. It runs after the resume, so none of it is in the guest's pause.
-fn read_back(
+fn read_back<M: GuestMemoryBackend>(
     path: &Path,
-    mem: &GuestMemory,
+    mem: &M,
     scanner: Option<&crate::residue::Scanner>,
 ) -> Result<ReadBack, SnapshotError> {
     let file = File::open(path).map_err(io("cannot read", path))?;
@@ -509,6 +509,7 @@ mod tests {
     use crate::fake::{FakeVm, Setup};
     use crate::open::{Snapshot, VerifyOptions};
     use crate::restore::{plan, RestorePlan};
+    use crate::GuestMemory;
 
     /// 8 MiB (two of the writer's chunks) and 4 MiB above a gap, as a large guest has.
     fn vm() -> FakeVm {

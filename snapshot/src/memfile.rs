@@ -8,8 +8,6 @@ use std::sync::mpsc;
 
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
-use crate::GuestMemory;
-
 use crate::digest::FileDigest;
 use crate::faults;
 use crate::pagedigest::{self, PageDigests};
@@ -51,8 +49,8 @@ pub type ChunkSink<'a> = &'a mut dyn FnMut(Chunk) -> Vec<u8>;
 /// Writes all of `mem` to `file` (which must be empty), skipping zero pages; calls `progress`
 /// with bytes done so far. Guest memory is hashed and written in place: the VM must stay
 /// paused for the whole call.
-pub fn write_memory(
-    mem: &GuestMemory,
+pub fn write_memory<M: GuestMemoryBackend>(
+    mem: &M,
     file: &File,
     progress: impl FnMut(u64, u64),
 ) -> std::io::Result<MemoryWritten> {
@@ -60,8 +58,8 @@ pub fn write_memory(
 }
 
 /// [`write_memory`], handing every chunk (with the non-zero runs written) to `sink`.
-pub fn write_memory_to(
-    mem: &GuestMemory,
+pub fn write_memory_to<M: GuestMemoryBackend>(
+    mem: &M,
     file: &File,
     progress: impl FnMut(u64, u64),
     sink: Option<ChunkSink<'_>>,
@@ -71,8 +69,8 @@ pub fn write_memory_to(
 
 /// [`write_memory_to`], also hashing every page with [`pagedigest::digest_page`] under `seed`
 /// in the same pass (what [`PageDigests::of_memory`] computes, without reading memory twice).
-pub fn write_memory_digesting(
-    mem: &GuestMemory,
+pub fn write_memory_digesting<M: GuestMemoryBackend>(
+    mem: &M,
     file: &File,
     seed: u64,
     progress: impl FnMut(u64, u64),
@@ -154,7 +152,11 @@ pub(crate) fn nonzero_runs(chunk: &[u8], at: u64) -> Vec<(u64, usize, usize)> {
 /// The caller's VM must stay paused while the bytes are borrowed: they are hashed, checked for
 /// zeros and written as they are, and a change in between would make the digest disagree with
 /// the file (which a restore then refuses).
-fn guest_bytes(mem: &GuestMemory, addr: GuestAddress, len: usize) -> std::io::Result<&[u8]> {
+fn guest_bytes<M: GuestMemoryBackend>(
+    mem: &M,
+    addr: GuestAddress,
+    len: usize,
+) -> std::io::Result<&[u8]> {
     let slice = mem
         .get_slice(addr, len)
         .map_err(|e| std::io::Error::other(e.to_string()))?;
@@ -181,8 +183,8 @@ fn writer_error(done: &mpsc::Receiver<std::io::Result<Job<'_>>>) -> std::io::Err
 /// chunk before it from guest memory into the page cache and starts its writeback. (Reading
 /// guest memory three times, for the page digests, into a buffer and the kernel's copy, and
 /// leaving all writeback to the final fsync, ran at 0.62x of `dd conv=fsync`.)
-fn write_full(
-    mem: &GuestMemory,
+fn write_full<M: GuestMemoryBackend>(
+    mem: &M,
     file: &File,
     page_seed: Option<u64>,
     mut progress: impl FnMut(u64, u64),
@@ -286,8 +288,8 @@ fn write_full(
 
 /// Writes only the pages set in `dirty` (per region, a bit per page; zero pages included, as
 /// data) into a sparse file the size of all of guest RAM. Returns the number of pages written.
-pub fn write_dirty_memory(
-    mem: &GuestMemory,
+pub fn write_dirty_memory<M: GuestMemoryBackend>(
+    mem: &M,
     file: &File,
     dirty: &[Vec<u64>],
     progress: impl FnMut(u64, u64),
@@ -296,8 +298,8 @@ pub fn write_dirty_memory(
 }
 
 /// [`write_dirty_memory`], handing the pages written to `sink`, several runs to a chunk.
-pub fn write_dirty_memory_to(
-    mem: &GuestMemory,
+pub fn write_dirty_memory_to<M: GuestMemoryBackend>(
+    mem: &M,
     file: &File,
     dirty: &[Vec<u64>],
     mut progress: impl FnMut(u64, u64),
@@ -365,7 +367,7 @@ pub fn write_dirty_memory_to(
 
 /// The dirty bitmaps of all regions as one little-endian byte string, a bit per page, regions
 /// back to back (each region's pages start at the next bit after the previous region's).
-pub fn encode_dirty(mem: &GuestMemory, dirty: &[Vec<u64>]) -> Vec<u8> {
+pub fn encode_dirty<M: GuestMemoryBackend>(mem: &M, dirty: &[Vec<u64>]) -> Vec<u8> {
     let total_pages: u64 = mem.iter().map(|r| r.len() / PAGE as u64).sum();
     let mut words = vec![0u64; total_pages.div_ceil(64) as usize];
     let mut base = 0u64;
@@ -400,6 +402,7 @@ pub fn decode_dirty(bytes: &[u8]) -> Vec<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::GuestMemory;
     use std::os::unix::fs::MetadataExt;
     use vm_memory::GuestAddress;
 

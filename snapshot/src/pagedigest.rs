@@ -18,7 +18,6 @@ use vm_memory::{Address, Bytes, GuestMemoryBackend, GuestMemoryRegion};
 use xxhash_rust::xxh3::xxh3_128_with_seed;
 
 use crate::memfile::PAGE;
-use crate::GuestMemory;
 
 pub const FILE: &str = "pages.bin";
 const MAGIC: &[u8; 4] = b"MAPD";
@@ -65,7 +64,7 @@ pub fn digest_page(seed: u64, page: &[u8]) -> u128 {
 
 impl PageDigests {
     /// Hashes every page of `mem` now.
-    pub fn of_memory(mem: &GuestMemory, seed: u64) -> Result<Self, PageDigestError> {
+    pub fn of_memory<M: GuestMemoryBackend>(mem: &M, seed: u64) -> Result<Self, PageDigestError> {
         let total: u64 = mem.iter().map(|r| r.len() / PAGE as u64).sum();
         let mut pages = Vec::with_capacity(total as usize);
         let mut buf = vec![0u8; 4 << 20];
@@ -84,7 +83,11 @@ impl PageDigests {
 
     /// The pages whose digest differs from `parent`'s, as one bitmap per region (the form of
     /// KVM's dirty log). Pages beyond the parent's count are changed.
-    pub fn changed_since(&self, parent: &PageDigests, mem: &GuestMemory) -> Vec<Vec<u64>> {
+    pub fn changed_since<M: GuestMemoryBackend>(
+        &self,
+        parent: &PageDigests,
+        mem: &M,
+    ) -> Vec<Vec<u64>> {
         let mut out = Vec::new();
         let mut base = 0usize;
         for region in mem.iter() {
@@ -161,6 +164,7 @@ impl PageDigests {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::GuestMemory;
     use vm_memory::GuestAddress;
 
     #[test]

@@ -1,15 +1,20 @@
-//! The VMM's side of snapshots: `Vm` is `Snapshottable`, and a VM can be rebuilt from a
-//! `snapshot::Snapshot`. The directory layout stays the snapshot crate's business.
+//! The VMM's side of snapshots: `Vm` is `Snapshottable` (the engine captures it) and
+//! `Restorable` (the engine restores it: it rebuilds itself from a decoded state and the guest
+//! memory the engine built). Chains, verification, memory files, overlays and page servers
+//! stay the snapshot engine's business.
 
-use snapshot::{CpuidLeaf, SavedVm, Snapshot, SnapshotError, Snapshottable};
+use snapshot::restore::{RegionLayout, Restorable, RestoreOptions, RestoredMemory};
+use snapshot::{CpuidLeaf, SavedVm, Snapshot, Snapshottable};
 
 use crate::component_state::Persist;
-use crate::memory::{GuestMemory, RestoreMode};
+use crate::devices::DeviceConfig;
+use crate::memory::{self, DirtyBitmap, GuestMemory, RestoreMode};
 use crate::vm::{Console, RestoreConfig, Vm, VmError, VmState};
 
 impl Snapshottable for Vm {
     type State = VmState;
     type Error = VmError;
+    type Memory = GuestMemory;
 
     fn save(&self) -> Result<SavedVm<VmState>, VmError> {
         let state = Persist::save(self)?;
@@ -51,13 +56,43 @@ impl Snapshottable for Vm {
     }
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum RestoreError {
-    #[error(transparent)]
-    Snapshot(#[from] SnapshotError),
-    #[error("cannot restore the VM: {0}")]
-    Vm(#[from] VmError),
+/// What the host supplies to a restored VM besides its state and memory.
+pub struct RestoreArgs {
+    pub console: Console,
+    /// Leave the vCPUs parked after restore.
+    pub paused: bool,
+    /// A fork's own device host sides (see `RestoreConfig::devices`).
+    pub devices: Option<DeviceConfig>,
 }
+
+impl Restorable for Vm {
+    type State = VmState;
+    type Error = VmError;
+    type Args = RestoreArgs;
+    type Bitmap = DirtyBitmap;
+
+    fn memory_layout(state: &VmState) -> Result<Vec<RegionLayout>, VmError> {
+        Ok(memory::layout(state.mem_mib)?)
+    }
+
+    fn restore(
+        state: &VmState,
+        memory: RestoredMemory<DirtyBitmap>,
+        args: RestoreArgs,
+    ) -> Result<Vm, VmError> {
+        let config = RestoreConfig {
+            memory,
+            console: args.console,
+            paused: args.paused,
+            devices: args.devices,
+        };
+        Persist::restore(config, state)
+    }
+}
+
+/// A snapshot restore's error: the snapshot refused, its memory not restored, or the VM not
+/// rebuilt.
+pub type RestoreError = snapshot::restore::RestoreError<VmError>;
 
 /// How to bring a snapshot back.
 pub struct SnapshotRestore<'a> {
@@ -70,25 +105,29 @@ pub struct SnapshotRestore<'a> {
     pub console: Console,
     pub paused: bool,
     /// A fork's own device host sides (see `RestoreConfig::devices`).
-    pub devices: Option<crate::devices::DeviceConfig>,
-    /// Serve memory lazily from this page server socket (see `RestoreConfig::page_server`).
+    pub devices: Option<DeviceConfig>,
+    /// Serve memory lazily from this page server socket.
     pub page_server: Option<&'a std::path::Path>,
 }
 
 impl Vm {
-    /// Verifies a snapshot and rebuilds its VM.
+    /// The snapshot engine's restore (`snapshot::restore::restore`) of this VM type, for
+    /// callers that hold every option in one struct.
     pub fn restore_snapshot(r: SnapshotRestore<'_>) -> Result<Vm, RestoreError> {
-        let plan: snapshot::RestorePlan<VmState> =
-            snapshot::restore::plan(r.snapshot, r.kernel, r.verify_contents)?;
-        let config = RestoreConfig {
-            memory_file: plan.base_memory,
-            memory_overlays: plan.overlays,
-            page_server: r.page_server.map(std::path::Path::to_path_buf),
-            memory_mode: r.memory_mode,
-            console: r.console,
-            paused: r.paused,
-            devices: r.devices,
-        };
-        Ok(Vm::restore(config, &plan.state)?)
+        snapshot::restore::restore::<Vm>(
+            r.snapshot,
+            &RestoreOptions {
+                kernel: r.kernel,
+                verify_contents: r.verify_contents,
+                memory_mode: r.memory_mode,
+                page_server: r.page_server,
+                label: "vmm",
+            },
+            RestoreArgs {
+                console: r.console,
+                paused: r.paused,
+                devices: r.devices,
+            },
+        )
     }
 }

@@ -19,13 +19,14 @@ use crate::devices::bus::Bus;
 use crate::devices::legacy::serial;
 use crate::devices::manager::DevicesState;
 use crate::devices::{DeviceArgs, DeviceConfig, DeviceError, DeviceManager};
-use crate::memory::{self, GuestMemory, RestoreMode};
+use crate::memory::{self, DirtyBitmap, GuestMemory};
 use crate::vcpu::{BootVcpuConfig, Vcpu, VcpuArgs, VcpuError, VcpuHandle, VcpuState, VmEvent};
 
 pub mod kvm_state;
 
 pub use kvm_state::{KvmStateError, VmKvmState};
 use serde::{Deserialize, Serialize};
+use snapshot::restore::{KeepAlive, RestoredMemory};
 
 /// Where the guest's COM1 output goes.
 pub enum Console {
@@ -93,12 +94,6 @@ pub enum VmError {
     VcpusGone,
     #[error("the guest is still running")]
     WaitTimeout,
-    #[error("cannot restore lazily: {0}")]
-    PageServer(String),
-    #[error(
-        "lazy (userfaultfd) restore serves full snapshots only; restore a diff with mmap or eager"
-    )]
-    LazyDiff,
 }
 
 /// A VM whose vCPUs are running.
@@ -114,12 +109,10 @@ pub struct Vm {
     /// `Some` once dirty tracking is on: pages taken from the logs but not yet captured (a
     /// failed capture puts its pages back here, so no write is ever lost to the next diff).
     dirty: Mutex<Option<Vec<Vec<u64>>>>,
-    /// The lazy-restore connection; kept (never closed) for the life of the VM.
-    page_server: Option<snapshot::pageserver::client::Client>,
+    /// What a snapshot restore said to keep while guest memory is used (a lazy restore's
+    /// connection to the process that fills it); dropped after `memory`.
+    _restored: Option<KeepAlive>,
 }
-
-/// Exit status of a VMM process whose page server went away.
-pub const EXIT_PAGE_SERVER_GONE: i32 = 70;
 
 const REQUIRED_CAPS: [(Cap, &str); 6] = [
     (Cap::Irqchip, "KVM_CAP_IRQCHIP"),
@@ -179,14 +172,8 @@ pub struct VmState {
 
 /// What a VM is restored with besides its `VmState`.
 pub struct RestoreConfig {
-    /// Guest RAM as written by a capture: the regions back to back.
-    pub memory_file: PathBuf,
-    /// Diff snapshots to apply over `memory_file`, oldest first: (memory file, page bitmap).
-    pub memory_overlays: Vec<(PathBuf, Vec<u64>)>,
-    /// Serve memory lazily from the page server listening here (userfaultfd) instead of
-    /// `memory_mode`. A server that goes away ends this process with a clear error.
-    pub page_server: Option<PathBuf>,
-    pub memory_mode: RestoreMode,
+    /// Guest RAM as the snapshot engine restored it (laid out as `memory::layout` says).
+    pub memory: RestoredMemory<DirtyBitmap>,
     pub console: Console,
     /// Leave the vCPUs parked after restore.
     pub paused: bool,
@@ -298,7 +285,7 @@ impl Parts {
             memory,
             mem_mib: 0,
             dirty: Mutex::new(None),
-            page_server: None,
+            _restored: None,
         })
     }
 }
@@ -498,8 +485,8 @@ impl Vm {
 }
 
 /// A whole VM: KVM's VM-wide state, every vCPU and every device. Guest memory is not part of
-/// the state: the caller saves it beside, and a restore takes it as a memory file (or a page
-/// server) in its constructor arguments.
+/// the state: the caller saves it beside, and a restore takes it, as the snapshot engine
+/// rebuilt it, in its constructor arguments.
 impl Persist for Vm {
     type State = VmState;
     type ConstructorArgs<'a> = RestoreConfig;
@@ -521,40 +508,13 @@ impl Persist for Vm {
         })
     }
 
-    /// Rebuilds a VM from saved state and a memory file, then starts it (or leaves it paused).
+    /// Rebuilds a VM from saved state and restored memory, then starts it (or leaves it paused).
     fn restore(config: RestoreConfig, state: &VmState) -> Result<Self, VmError> {
         let vcpu_count = u8::try_from(state.vcpus.len())
             .ok()
             .filter(|n| (1..=MAX_VCPUS).contains(n))
             .ok_or(VmError::VcpuCount(state.vcpus.len() as u32))?;
-        let (memory, uffd) = match &config.page_server {
-            Some(sock) => {
-                if !config.memory_overlays.is_empty() {
-                    return Err(VmError::LazyDiff);
-                }
-                // Fresh, untouched memory: every first touch is the page server's to fill.
-                let memory = memory::create_unadvised(state.mem_mib)?;
-                let client = snapshot::pageserver::client::Client::connect_guest_memory(
-                    sock,
-                    &memory,
-                    &snapshot::pageserver::client::ClientOptions::labelled("vmm"),
-                )
-                .map_err(|e| VmError::PageServer(e.to_string()))?;
-                client.watchdog().on_gone(|gone| {
-                    // vCPUs blocked on a fault can never be joined, and closing the uffd would
-                    // hand them zero pages: stop the whole process, loudly.
-                    tracing::error!("the page server is gone ({gone}); stopping the VM");
-                    std::process::exit(EXIT_PAGE_SERVER_GONE);
-                });
-                (memory, Some(client))
-            }
-            None => {
-                let memory =
-                    memory::restore(state.mem_mib, &config.memory_file, config.memory_mode)?;
-                memory::apply_overlays(&memory, &config.memory_overlays)?;
-                (memory, None)
-            }
-        };
+        let (memory, keep) = memory::from_restored(config.memory, state.mem_mib)?;
         let parts = Parts::new(
             vcpu_count,
             &memory,
@@ -570,7 +530,7 @@ impl Persist for Vm {
         }
         let mut vm = parts.start(created, memory, config.paused)?;
         vm.mem_mib = state.mem_mib;
-        vm.page_server = uffd;
+        vm._restored = Some(keep);
         Ok(vm)
     }
 }
@@ -727,6 +687,7 @@ mod tests {
 mod restore_tests {
     use super::*;
     use crate::arch::boot::tests::tiny_elf;
+    use crate::memory::RestoreMode;
     use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
     const COUNTER: GuestAddress = GuestAddress(0x5000);
@@ -769,12 +730,14 @@ mod restore_tests {
     }
 
     /// Restores from the memory file `mem` in `mode`, left paused, console discarded.
-    pub(super) fn paused_config(mem: &std::path::Path, mode: RestoreMode) -> RestoreConfig {
+    pub(super) fn paused_config(
+        mem: &std::path::Path,
+        mode: RestoreMode,
+        state: &VmState,
+    ) -> RestoreConfig {
+        let layout = memory::layout(state.mem_mib).unwrap();
         RestoreConfig {
-            memory_file: mem.to_path_buf(),
-            memory_overlays: Vec::new(),
-            page_server: None,
-            memory_mode: mode,
+            memory: RestoredMemory::from_file(&layout, mem, mode).unwrap(),
             console: Console::Writer(Box::new(std::io::sink())),
             paused: true,
             devices: None,
@@ -812,7 +775,7 @@ mod restore_tests {
         for mode in [RestoreMode::Eager, RestoreMode::PrivateMap] {
             let state: VmState = snapshot::vmstate::decode(&encoded).unwrap();
             let rip = state.vcpus[0].regs.rip;
-            let restored = Vm::restore(paused_config(&mem, mode), &state).unwrap();
+            let restored = Vm::restore(paused_config(&mem, mode, &state), &state).unwrap();
             assert_eq!(count(&restored), saved_count, "{mode:?}: memory as saved");
             let again = restored.save().unwrap();
             assert_eq!(again.vcpus[0].regs.rip, rip, "{mode:?}: same instruction");
@@ -842,7 +805,8 @@ mod restore_tests {
         drop(vm);
         let encoded = snapshot::vmstate::encode(&first).unwrap();
         let state: VmState = snapshot::vmstate::decode(&encoded).unwrap();
-        let restored = Vm::restore(paused_config(&mem, RestoreMode::Eager), &state).unwrap();
+        let restored =
+            Vm::restore(paused_config(&mem, RestoreMode::Eager, &state), &state).unwrap();
         let second = restored.save().unwrap();
         for (a, b) in first.vcpus.iter().zip(&second.vcpus) {
             let enc = |v: &VcpuState| {
@@ -884,6 +848,7 @@ mod restore_tests {
 mod vcpu_order_tests {
     use super::restore_tests::{boot_counter, dump_memory, paused_config, tmp};
     use super::*;
+    use crate::memory::RestoreMode;
 
     #[test]
     fn vcpu_states_out_of_order_are_refused() {
@@ -899,7 +864,7 @@ mod vcpu_order_tests {
         drop(vm);
         state.vcpus.swap(0, 1);
         assert!(matches!(
-            Vm::restore(paused_config(&mem, RestoreMode::Eager), &state),
+            Vm::restore(paused_config(&mem, RestoreMode::Eager, &state), &state),
             Err(VmError::Vcpu(VcpuError::StateId { vcpu: 0, saved: 1 }))
         ));
         std::fs::remove_file(mem).unwrap();

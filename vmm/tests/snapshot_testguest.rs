@@ -377,11 +377,14 @@ fn a_snapshot_from_a_host_with_another_tsc_rate_continues_exactly() {
         v.tsc_khz = Some(khz - khz / 4);
     }
     let out = Output::default();
+    let layout = vmm::memory::layout(state.mem_mib).unwrap();
     let config = vmm::vm::RestoreConfig {
-        memory_file: snap.memory_path(),
-        memory_overlays: Vec::new(),
-        page_server: None,
-        memory_mode: RestoreMode::Eager,
+        memory: snapshot::restore::RestoredMemory::from_file(
+            &layout,
+            &snap.memory_path(),
+            RestoreMode::Eager,
+        )
+        .unwrap(),
         console: vmm::vm::Console::Writer(Box::new(out.clone())),
         paused: false,
         devices: None,

@@ -4,7 +4,7 @@
 //!
 //! ```no_run
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
-//! # let mem: snapshot::GuestMemory = unimplemented!();
+//! # let mem: vm_memory::GuestMemoryMmap = unimplemented!();
 //! use snapshot::pageserver::{Client, ClientOptions};
 //! // `mem`: fresh anonymous guest RAM (MAP_PRIVATE|MAP_ANONYMOUS|MAP_NORESERVE), never touched.
 //! let client = Client::connect_guest_memory(
@@ -347,9 +347,9 @@ impl std::fmt::Debug for Client {
 impl Client {
     /// [`Client::connect`] with the layout of `mem` restored from a memory file written by
     /// [`crate::memfile::write_memory`] (its regions back to back).
-    pub fn connect_guest_memory(
+    pub fn connect_guest_memory<M: vm_memory::GuestMemoryBackend>(
         socket: &Path,
-        mem: &crate::GuestMemory,
+        mem: &M,
         opts: &ClientOptions,
     ) -> Result<Self, ClientError> {
         Self::connect(socket, &Layout::from_guest_memory(mem), opts)

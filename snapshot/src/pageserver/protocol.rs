@@ -66,8 +66,8 @@ pub struct Layout {
 impl Layout {
     /// The layout of `mem` restored from a memory file written by
     /// [`crate::memfile::write_memory`]: its regions back to back, in address order.
-    pub fn from_guest_memory(mem: &crate::GuestMemory) -> Self {
-        use vm_memory::{GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
+    pub fn from_guest_memory<M: vm_memory::GuestMemoryBackend>(mem: &M) -> Self {
+        use vm_memory::{GuestMemoryRegion, MemoryRegionAddress};
         let mut off = 0u64;
         let mut regions = Vec::new();
         for r in mem.iter() {
