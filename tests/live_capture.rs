@@ -74,8 +74,15 @@ fn a_live_capture_of_a_writing_guest_restores_exactly() {
     assert_eq!(js["snapshot"]["kind"], "full", "{js}");
     let live = &js["live"];
     assert!(live["rounds"].as_u64().unwrap() >= 1, "{js}");
-    // The guest never stops writing: the stop always has pages to copy.
-    assert!(live["final_bytes"].as_u64().unwrap() > 0, "{js}");
+    // The guest never stops writing, so the stop nearly always has pages to copy; on a host so
+    // loaded that its vCPU did not run between the last round and the stop it has none, and the
+    // exactness check below is what proves the capture either way.
+    let final_bytes = live["final_bytes"].as_u64().expect("final_bytes");
+    if final_bytes == 0 {
+        eprintln!(
+            "note: the guest wrote nothing between the last round and the stop (a loaded host)"
+        );
+    }
     assert!(js["pause_ms"].as_f64().unwrap() > 0.0, "{js}");
     assert_eq!(js["pause_ms"], live["pause_ms"], "{js}");
     // The guest runs on after the capture.
