@@ -1,7 +1,7 @@
 //! Full-touch restore through the real binary against QEMU, side by side in one run: a test
 //! guest that writes and verifies almost all of its memory every round
 //! (`mode=counter mem=900 tick_ms=0` in 1 GiB) is paused right after a count line and captured
-//! once by each tool; then, per repetition (tool order alternating), it is restored by
+//! once by each tool; then, per repetition (tool order rotating), it is restored by
 //! `microagent start --from-snapshot` in each memory mode and by QEMU `-incoming exec:cat FILE`
 //! (migration bandwidth uncapped, `cont` once the incoming migration is done).
 //!
@@ -11,6 +11,11 @@
 //! after a count line, that line ends one whole guest round, the one that touches every page
 //! first: `first round` = first count - loaded, against the source's steady round (goal: within
 //! 10%) and the restored guest's own next rounds (the median of the five after it).
+//!
+//! With `MICROAGENT_BENCH_FIRECRACKER=/path/to/firecracker`, Firecracker too: its source boots
+//! the same ELF, is paused right after a count line (`PATCH /vm Paused`) and captured once
+//! (`PUT /snapshot/create`, Full); each restore is a new process whose `PUT /snapshot/load`
+//! (File back end: the memory file mapped MAP_PRIVATE, `resume_vm`) returned at `loaded`.
 //!
 //! `cargo bench -p microagent --bench restore`
 //!   `MICROAGENT_BENCH_REPS=N` (default 3)
@@ -379,6 +384,48 @@ fn qemu_restore(
 }
 
 // ---------------------------------------------------------------------------------------------
+// Firecracker
+
+fn fc_files(dir: &Path) -> (PathBuf, PathBuf) {
+    (dir.join("fc-state.bin"), dir.join("fc-mem.bin"))
+}
+
+fn fc_source(
+    dir: &Path,
+    bin: &Path,
+    elf: &Path,
+    mem: u64,
+    cmdline: &str,
+) -> Result<Source, String> {
+    let fc = firecracker::Firecracker::spawn(bin, dir, "fcsrc")?;
+    let r = (|| {
+        fc.boot(elf, cmdline, mem, 1)?;
+        let (steady, from) = steady(&fc.proc.out)?;
+        let (_, _, saved) = fc.proc.out.wait_count(from, 0, 0, Instant::now() + STEP)?;
+        fc.pause()?;
+        let (state, memf) = fc_files(dir);
+        fc.snapshot_full(&state, &memf)?;
+        Ok(Source { steady, saved })
+    })();
+    let r = r.map_err(|e: String| format!("{e}\n{}", fc.proc.tails()));
+    fc.kill();
+    r
+}
+
+fn fc_restore(dir: &Path, bin: &Path, mem: u64, saved: u64) -> Result<Restore, String> {
+    warm(mem + 256);
+    let fc = firecracker::Firecracker::spawn(bin, dir, "fcdst")?;
+    let t0 = fc.proc.started;
+    let (state, memf) = fc_files(dir);
+    let r = fc
+        .load(&state, &memf, true)
+        .and_then(|_| counts_after(&fc.proc.out, t0, Instant::now(), saved))
+        .map_err(|e| format!("{e}\n{}", fc.proc.tails()));
+    fc.kill();
+    r
+}
+
+// ---------------------------------------------------------------------------------------------
 
 fn main() {
     if !have_kvm() {
@@ -400,9 +447,10 @@ fn main() {
     let home = dir.join("home");
     let elf = testguest(&dir);
     let with_qemu = have_qemu();
+    let fc_bin = firecracker::binary_or_skip("restore");
     println!(
         "restore: {mem} MiB test guest, \"{cmdline}\", {reps} repetitions (tool order \
-         alternating), medians; modes {modes:?}{}",
+         rotating), medians; modes {modes:?}{}",
         if with_qemu { "" } else { "; QEMU not found" }
     );
 
@@ -412,6 +460,9 @@ fn main() {
     } else {
         None
     };
+    let fc_src = fc_bin
+        .as_deref()
+        .map(|bin| fc_source(&dir, bin, &elf, mem, &cmdline));
     let mut rows: Vec<(String, f64, Vec<Restore>)> = Vec::new();
     match &ma_src {
         Ok(s) => {
@@ -427,10 +478,34 @@ fn main() {
         Some(Err(e)) => eprintln!("qemu source: {e}"),
         None => {}
     }
+    let fc_row = rows.len();
+    match &fc_src {
+        Some(Ok(s)) => rows.push((
+            "firecracker snapshot/load (File)".into(),
+            s.steady,
+            Vec::new(),
+        )),
+        Some(Err(e)) => eprintln!("firecracker source: {e}"),
+        None => {}
+    }
     for rep in 0..reps {
-        let ma_first = rep % 2 == 0;
-        for is_ma in [ma_first, !ma_first] {
-            if is_ma {
+        // The tool order rotates: microagent, QEMU, Firecracker; then QEMU first, ...
+        for k in 0..3 {
+            let tool = (rep + k) % 3;
+            if tool == 2 {
+                if let (Some(bin), Some(Ok(s))) = (&fc_bin, &fc_src) {
+                    let r = fc_restore(&dir, bin, mem, s.saved).unwrap_or_else(|e| {
+                        eprintln!("firecracker rep {rep}: {e}");
+                        FAILED
+                    });
+                    println!(
+                        "  rep {rep} firecracker: first count {} s, first round {} s",
+                        f(r.first, 3),
+                        f(r.first - r.loaded, 3)
+                    );
+                    rows[fc_row].2.push(r);
+                }
+            } else if tool == 0 {
                 let Ok(s) = &ma_src else { continue };
                 for (k, m) in modes.iter().enumerate() {
                     let r = ma_restore(&home, mem, m, s.saved).unwrap_or_else(|e| {
@@ -460,9 +535,22 @@ fn main() {
     }
     let _ = ma(&home, &["delete", "w", "--yes"]);
 
-    let q_first = rows.get(q_row).map_or(f64::NAN, |(_, _, v)| {
-        median(&v.iter().map(|r| r.first).collect::<Vec<_>>())
-    });
+    let first_of = |row: usize| {
+        rows.get(row).map_or(f64::NAN, |(_, _, v)| {
+            median(&v.iter().map(|r| r.first).collect::<Vec<_>>())
+        })
+    };
+    let q_first = if matches!(q_src, Some(Ok(_))) {
+        first_of(q_row)
+    } else {
+        f64::NAN
+    };
+    let fc_first = if matches!(fc_src, Some(Ok(_))) {
+        first_of(fc_row)
+    } else {
+        f64::NAN
+    };
+    let best_first = min(&[q_first, fc_first]);
     let table: Vec<Vec<String>> = rows
         .iter()
         .map(|(name, steady, v)| {
@@ -476,6 +564,8 @@ fn main() {
                 f(m(&|r| r.loaded), 3),
                 f(first, 3),
                 ratio(first, q_first),
+                ratio(first, fc_first),
+                ratio(first, best_first),
                 f(round, 3),
                 f(*steady, 3),
                 ratio(round, *steady),
@@ -498,6 +588,8 @@ fn main() {
             "loaded s",
             "first count s",
             "vs qemu",
+            "vs firecracker",
+            "vs best peer",
             "first round s",
             "steady round s",
             "first / steady",
