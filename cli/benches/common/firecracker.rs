@@ -146,14 +146,27 @@ impl Firecracker {
         mem_mib: u64,
         vcpus: u8,
     ) -> Result<(), String> {
+        self.boot_initrd(kernel, None, boot_args, mem_mib, vcpus)
+    }
+
+    /// `boot` with an optional initramfs.
+    pub fn boot_initrd(
+        &self,
+        kernel: &Path,
+        initrd: Option<&Path>,
+        boot_args: &str,
+        mem_mib: u64,
+        vcpus: u8,
+    ) -> Result<(), String> {
         self.put(
             "/machine-config",
             serde_json::json!({ "vcpu_count": vcpus, "mem_size_mib": mem_mib }),
         )?;
-        self.put(
-            "/boot-source",
-            serde_json::json!({ "kernel_image_path": kernel, "boot_args": boot_args }),
-        )?;
+        let mut source = serde_json::json!({ "kernel_image_path": kernel, "boot_args": boot_args });
+        if let Some(i) = initrd {
+            source["initrd_path"] = serde_json::json!(i);
+        }
+        self.put("/boot-source", source)?;
         self.put(
             "/actions",
             serde_json::json!({ "action_type": "InstanceStart" }),
