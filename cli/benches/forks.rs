@@ -8,6 +8,12 @@
 //! (its vCPU never halts): time to the first fork reported ready, until the command returns
 //! with all of them running, until every one has printed a count, and PSS per fork. Every fork
 //! is deleted afterwards. `MICROAGENT_BENCH_FORKS=` (empty) skips the per-mode table.
+//!
+//! Then, with `MICROAGENT_BENCH_FIRECRACKER=/path/to/firecracker`, the same fan-out against
+//! Firecracker (`MICROAGENT_BENCH_PEER_FORKS`, default 10,50,100; empty to skip): N forks of a
+//! 256 MiB test guest (filled once, then touching 5%), microagent `create --count N` against N
+//! Firecracker processes each loading the same full snapshot (File back end, MAP_PRIVATE),
+//! their N loads issued by N parallel clients; time until every fork has printed a count, PSS.
 
 use std::io::BufRead;
 use std::path::{Path, PathBuf};
@@ -86,6 +92,7 @@ fn main() {
     if !fanout.is_empty() {
         fan_out(&home, &fanout);
     }
+    peer_fan_out(&home);
     let _ = std::fs::remove_dir_all(&home);
 }
 
@@ -320,4 +327,194 @@ fn fan_out(home: &Path, counts: &[usize]) {
         ma(home, &["delete", &src, "--yes"]);
     }
     println!("(idle: halts until its TSC-deadline timer between rounds; busy: never halts; the forks' vCPUs run only once every fork of the batch is set up)");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Fan-out against Firecracker.
+
+mod common;
+
+use common::firecracker::{self, Firecracker};
+
+struct PeerRun {
+    counting: Duration,
+    pss_mib: f64,
+}
+
+/// N Firecracker processes started and loaded from parallel clients, until each one printed a
+/// count; then their mean PSS. Every process is killed before returning.
+fn fc_fan_out(bin: &Path, dir: &Path, n: usize) -> Result<PeerRun, String> {
+    let (state, mem) = (dir.join("fc-state.bin"), dir.join("fc-mem.bin"));
+    let t0 = Instant::now();
+    let started: Vec<Result<Firecracker, String>> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..n)
+            .map(|i| {
+                let (state, mem) = (&state, &mem);
+                s.spawn(move || {
+                    let fc = Firecracker::spawn(bin, dir, &format!("fcf{i}"))?;
+                    match fc.load(state, mem, true) {
+                        Ok(()) => Ok(fc),
+                        Err(e) => {
+                            let e = format!("{e}\n{}", fc.proc.tails());
+                            fc.kill();
+                            Err(e)
+                        }
+                    }
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or_else(|_| Err("client panicked".into())))
+            .collect()
+    });
+    let mut forks = Vec::new();
+    let mut err = None;
+    for r in started {
+        match r {
+            Ok(fc) => forks.push(fc),
+            Err(e) => err = err.or(Some(e)),
+        }
+    }
+    let r = match err {
+        Some(e) => Err(e),
+        None => (|| {
+            let deadline = t0 + Duration::from_secs(1800);
+            for fc in &forks {
+                fc.proc
+                    .out
+                    .wait_count(0, 0, 0, deadline)
+                    .map_err(|e| format!("{e}\n{}", fc.proc.tails()))?;
+            }
+            let counting = t0.elapsed();
+            std::thread::sleep(Duration::from_millis(500));
+            let pss = forks.iter().map(|f| f.pss_mib()).sum::<f64>() / n as f64;
+            Ok(PeerRun {
+                counting,
+                pss_mib: pss,
+            })
+        })(),
+    };
+    for fc in forks {
+        fc.kill();
+    }
+    r
+}
+
+/// Boots the Firecracker source, waits until its BSP has counted to 3 and writes a full
+/// snapshot of it into `dir`.
+fn fc_source(bin: &Path, dir: &Path, mem: u64, cmdline: &str) -> Result<(), String> {
+    let elf = common::testguest(dir);
+    let fc = Firecracker::spawn(bin, dir, "fcsrc")?;
+    let r = (|| {
+        fc.boot(&elf, cmdline, mem, 1)?;
+        fc.proc
+            .out
+            .wait_all_counts(1, 3, Instant::now() + Duration::from_secs(600))?;
+        fc.pause()?;
+        fc.snapshot_full(&dir.join("fc-state.bin"), &dir.join("fc-mem.bin"))
+    })();
+    let r = r.map_err(|e| format!("{e}\n{}", fc.proc.tails()));
+    fc.kill();
+    r
+}
+
+fn peer_fan_out(home: &Path) {
+    const MEM: u64 = 256;
+    let counts: Vec<usize> = std::env::var("MICROAGENT_BENCH_PEER_FORKS")
+        .unwrap_or_else(|_| "10,50,100".into())
+        .split(',')
+        .filter_map(|v| v.trim().parse().ok())
+        .collect();
+    if counts.is_empty() {
+        return;
+    }
+    let Some(bin) = firecracker::binary_or_skip("forks") else {
+        return;
+    };
+    let cmdline = format!("mode=counter mem={} hot_pct=5 tick_ms=20", MEM - 24);
+    let dir = home.join("fc");
+    let _ = std::fs::create_dir_all(&dir);
+    source(home, "peer", MEM, &cmdline);
+    if let Err(e) = fc_source(&bin, &dir, MEM, &cmdline) {
+        println!("Firecracker source failed: {e}");
+        ma(home, &["delete", "peer", "--yes"]);
+        return;
+    }
+    let mut rows = Vec::new();
+    for &n in &counts {
+        let names: Vec<String> = (1..=n).map(|i| format!("pf-{i}")).collect();
+        let t0 = Instant::now();
+        ma(
+            home,
+            &[
+                "create",
+                "pf",
+                "--from-snapshot",
+                "peer:s",
+                "--count",
+                &n.to_string(),
+            ],
+        );
+        let mut pending: Vec<&String> = names.iter().collect();
+        while !pending.is_empty() {
+            pending.retain(|f| !counting(home, f));
+            assert!(
+                t0.elapsed() < Duration::from_secs(1800),
+                "peer fan-out x{n}: {} forks never counted",
+                pending.len()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let ma_all = t0.elapsed().as_secs_f64();
+        std::thread::sleep(Duration::from_millis(500));
+        let ma_pss = names.iter().map(|f| pss_mib(home, f)).sum::<f64>() / n as f64;
+        delete_all(home, &names);
+        let fc = fc_fan_out(&bin, &dir, n).unwrap_or_else(|e| {
+            eprintln!("firecracker x{n}: {e}");
+            PeerRun {
+                counting: Duration::MAX,
+                pss_mib: f64::NAN,
+            }
+        });
+        let fc_all = if fc.counting == Duration::MAX {
+            f64::NAN
+        } else {
+            fc.counting.as_secs_f64()
+        };
+        println!(
+            "  x{n}: microagent {ma_all:.2} s, {ma_pss:.1} MiB; firecracker {} s, {} MiB",
+            common::f(fc_all, 2),
+            common::f(fc.pss_mib, 1)
+        );
+        rows.push(vec![
+            n.to_string(),
+            common::f(ma_all, 2),
+            common::f(fc_all, 2),
+            common::ratio(ma_all, fc_all),
+            common::f(ma_pss, 1),
+            common::f(fc.pss_mib, 1),
+            common::ratio(ma_pss, fc.pss_mib),
+        ]);
+    }
+    println!();
+    println!(
+        "fork fan-out against Firecracker (the only peer that forks): {MEM} MiB test guest \
+         (filled once, then touching 5%), 1 vCPU each; microagent `create --count N` (default \
+         memory mode) vs N Firecracker processes loading one full snapshot (File back end) from \
+         N parallel clients; seconds from the command / the first spawn until every fork counted"
+    );
+    common::print_table(
+        &[
+            "forks",
+            "microagent all counting s",
+            "firecracker all counting s",
+            "vs firecracker (best peer)",
+            "microagent PSS per fork MiB",
+            "firecracker PSS per fork MiB",
+            "PSS vs firecracker",
+        ],
+        &rows,
+    );
+    ma(home, &["delete", "peer", "--yes"]);
 }

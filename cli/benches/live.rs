@@ -5,6 +5,10 @@
 //! stop + migrate + cont (stop to cont), same guest, side by side in one run. Repetitions
 //! alternate the order of the two microagent captures.
 //!
+//! With `MICROAGENT_BENCH_FIRECRACKER=/path/to/firecracker`, Firecracker too (it has no live
+//! capture): `PATCH /vm Paused`, `PUT /snapshot/create` (Full), an fsync of its memory file,
+//! `PATCH /vm Resumed`, timed from the pause request to the resume's answer.
+//!
 //! `cargo bench -p microagent --bench live`
 //!   `MICROAGENT_BENCH_REPS=N` (default 3), `MICROAGENT_BENCH_LIVE_MIB=M` (guest RAM, default 1024)
 //!   `MICROAGENT_BENCH_DIR=/path` (scratch space; default the temp dir)
@@ -226,6 +230,41 @@ fn qemu(dir: &Path, mib: u64, reps: usize) -> Result<(Runs, Runs, usize), String
     Ok((live, stop, unfinished))
 }
 
+/// Firecracker, one process: pause + full snapshot + fsync + resume per rep (pause ms, seconds).
+fn firecracker(dir: &Path, bin: &Path, mib: u64, reps: usize) -> Result<Runs, String> {
+    let elf = testguest(dir);
+    let fc = firecracker::Firecracker::spawn(bin, dir, "fclive")?;
+    let r = (|| {
+        fc.boot(&elf, &cmdline(mib), mib, 1)?;
+        fc.proc
+            .out
+            .wait_all_counts(1, 2, Instant::now() + Duration::from_secs(900))?;
+        let (state, mem) = (dir.join("fc-state.bin"), dir.join("fc-mem.bin"));
+        let mut stop = Runs::default();
+        for _ in 0..reps {
+            let _ = std::fs::remove_file(&mem);
+            let t = Instant::now();
+            fc.pause()?;
+            fc.snapshot_full(&state, &mem)?;
+            std::fs::File::open(&mem)
+                .and_then(|f| f.sync_all())
+                .map_err(|e| format!("fsync: {e}"))?;
+            fc.resume()?;
+            let stopped = secs(t.elapsed());
+            stop.add((stopped * 1000.0, stopped, 0, false));
+            // The guest runs on (a round) before the next capture.
+            let from = fc.proc.out.len();
+            fc.proc
+                .out
+                .wait_count(from, 0, 0, Instant::now() + Duration::from_secs(900))?;
+        }
+        Ok(stop)
+    })();
+    let r = r.map_err(|e: String| format!("{e}\n{}", fc.proc.tails()));
+    fc.kill();
+    r
+}
+
 fn main() {
     if std::env::args().any(|a| a == "--list") {
         return;
@@ -253,7 +292,16 @@ fn main() {
         println!("QEMU not found: its rows are empty");
         None
     };
+    let fc = firecracker::binary_or_skip("live").and_then(|bin| {
+        firecracker(&dir, &bin, mib, reps)
+            .map_err(|e| println!("Firecracker failed: {e}"))
+            .ok()
+    });
     let _ = std::fs::remove_dir_all(&dir);
+    let best_stop = min(&[
+        q.as_ref().map_or(f64::NAN, |q| median(&q.1.pause)),
+        fc.as_ref().map_or(f64::NAN, |r| median(&r.pause)),
+    ]);
     let q_live = q.as_ref().map_or(f64::NAN, |q| median(&q.0.pause));
     let row = |what: &str, r: &Runs, note: String| {
         let pause = median(&r.pause);
@@ -263,6 +311,7 @@ fn main() {
             f(min(&r.pause), 1),
             f(median(&r.wall), 2),
             ratio(pause, q_live),
+            ratio(pause, best_stop),
             note,
         ]
     };
@@ -294,6 +343,13 @@ fn main() {
             "incl. fsync".into(),
         ));
     }
+    if let Some(stop) = &fc {
+        rows.push(row(
+            "Firecracker pause + snapshot/create + resume",
+            stop,
+            "Full; incl. fsync of its memory file".into(),
+        ));
+    }
     println!(
         "\nGuest pause during capture, {mib} MiB test guest rewriting {} MiB continuously, 1 vCPU, {reps} reps\n",
         mib - 16
@@ -305,6 +361,7 @@ fn main() {
             "pause ms (min)",
             "command s (median)",
             "pause vs QEMU live",
+            "vs best peer stop-and-copy",
             "",
         ],
         &rows,

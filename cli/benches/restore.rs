@@ -1,7 +1,7 @@
 //! Full-touch restore through the real binary against QEMU, side by side in one run: a test
 //! guest that writes and verifies almost all of its memory every round
 //! (`mode=counter mem=900 tick_ms=0` in 1 GiB) is paused right after a count line and captured
-//! once by each tool; then, per repetition (tool order alternating), it is restored by
+//! once by each tool; then, per repetition (tool order rotating), it is restored by
 //! `microagent start --from-snapshot` in each memory mode and by QEMU `-incoming exec:cat FILE`
 //! (migration bandwidth uncapped, `cont` once the incoming migration is done).
 //!
@@ -12,6 +12,11 @@
 //! first: `first round` = first count - loaded, against the source's steady round (goal: within
 //! 10%) and the restored guest's own next rounds (the median of the five after it).
 //!
+//! With `MICROAGENT_BENCH_FIRECRACKER=/path/to/firecracker`, Firecracker too: its source boots
+//! the same ELF, is paused right after a count line (`PATCH /vm Paused`) and captured once
+//! (`PUT /snapshot/create`, Full); each restore is a new process whose `PUT /snapshot/load`
+//! (File back end: the memory file mapped MAP_PRIVATE, `resume_vm`) returned at `loaded`.
+//!
 //! `cargo bench -p microagent --bench restore`
 //!   `MICROAGENT_BENCH_REPS=N` (default 3)
 //!   `MICROAGENT_BENCH_MEM_MIB` (default 1024), `MICROAGENT_BENCH_REGION_MIB` (default 900)
@@ -19,6 +24,11 @@
 //!   the `uffd` restores recorded)
 //!   `MICROAGENT_BENCH_HOT_PCT=P` (default 100): after its first round the guest touches only
 //!   the first P% of its region
+//!
+//! Then, with `MICROAGENT_TEST_KERNEL` (the test-only kernel), a lightly used Linux guest
+//! (`MICROAGENT_BENCH_LINUX_MIB`, default 1024; a busybox initramfs printing `tick N` in a loop)
+//! booted and captured once per tool, restored per repetition to its first new tick line:
+//! `MICROAGENT_BENCH_LINUX=0` skips it, `MICROAGENT_BENCH_FULL=0` skips the full-touch table.
 
 mod common;
 
@@ -379,6 +389,424 @@ fn qemu_restore(
 }
 
 // ---------------------------------------------------------------------------------------------
+// Firecracker
+
+fn fc_files(dir: &Path) -> (PathBuf, PathBuf) {
+    (dir.join("fc-state.bin"), dir.join("fc-mem.bin"))
+}
+
+fn fc_source(
+    dir: &Path,
+    bin: &Path,
+    elf: &Path,
+    mem: u64,
+    cmdline: &str,
+) -> Result<Source, String> {
+    let fc = firecracker::Firecracker::spawn(bin, dir, "fcsrc")?;
+    let r = (|| {
+        fc.boot(elf, cmdline, mem, 1)?;
+        let (steady, from) = steady(&fc.proc.out)?;
+        let (_, _, saved) = fc.proc.out.wait_count(from, 0, 0, Instant::now() + STEP)?;
+        fc.pause()?;
+        let (state, memf) = fc_files(dir);
+        fc.snapshot_full(&state, &memf)?;
+        Ok(Source { steady, saved })
+    })();
+    let r = r.map_err(|e: String| format!("{e}\n{}", fc.proc.tails()));
+    fc.kill();
+    r
+}
+
+fn fc_restore(dir: &Path, bin: &Path, mem: u64, saved: u64) -> Result<Restore, String> {
+    warm(mem + 256);
+    let fc = firecracker::Firecracker::spawn(bin, dir, "fcdst")?;
+    let t0 = fc.proc.started;
+    let (state, memf) = fc_files(dir);
+    let r = fc
+        .load(&state, &memf, true)
+        .and_then(|_| counts_after(&fc.proc.out, t0, Instant::now(), saved))
+        .map_err(|e| format!("{e}\n{}", fc.proc.tails()));
+    fc.kill();
+    r
+}
+
+// ---------------------------------------------------------------------------------------------
+// A lightly used Linux guest (`MICROAGENT_TEST_KERNEL`): restore -> first progress.
+
+/// Mounts /proc and prints `tick N` as fast as a busybox shell can (each line is a few syscalls
+/// and a few serial port writes: one every few milliseconds here).
+const LINUX_INIT: &str =
+    "#!/bin/sh\nmount -t proc proc /proc\ni=0\nwhile :; do i=$((i+1)); echo \"tick $i\"; done\n";
+/// Ticks the guest prints before it is captured: userspace has been running for a while.
+const LINUX_TICKS: u64 = 200;
+
+fn tick_line(l: &str) -> Option<u64> {
+    l.strip_prefix("tick ")?.trim().parse().ok()
+}
+
+fn last_tick(log: &LineLog) -> u64 {
+    log.text().lines().filter_map(tick_line).max().unwrap_or(0)
+}
+
+/// The first complete `tick` line above `saved`.
+fn first_tick(log: &LineLog, saved: u64) -> Result<Instant, String> {
+    log.wait_from(0, Instant::now() + STEP, "a new tick", |l| {
+        tick_line(l).filter(|n| *n > saved)
+    })
+    .map(|(_, t, _)| t)
+}
+
+struct Linux {
+    kernel: PathBuf,
+    initrd: PathBuf,
+    mem: u64,
+}
+
+impl Linux {
+    fn new(dir: &Path, kernel: PathBuf, mem: u64) -> Result<Self, String> {
+        let init = dir.join("linux-init");
+        let initrd = dir.join("linux-initramfs.cpio");
+        std::fs::write(&init, LINUX_INIT).map_err(|e| e.to_string())?;
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/build-initramfs.sh");
+        let st = Command::new(script)
+            .arg(&initrd)
+            .arg("--init")
+            .arg(&init)
+            .stdout(std::process::Stdio::null())
+            .status()
+            .map_err(|e| format!("{script}: {e}"))?;
+        if !st.success() {
+            return Err(format!("{script} failed ({st})"));
+        }
+        Ok(Self {
+            kernel,
+            initrd,
+            mem,
+        })
+    }
+}
+
+/// (loaded, first progress) in seconds from launch.
+type Progress = (f64, f64);
+
+fn ma_linux_source(home: &Path, lx: &Linux) -> Result<u64, String> {
+    let ws = home.join("workspaces/lx");
+    ma(
+        home,
+        &[
+            "create",
+            "lx",
+            "--kernel",
+            &lx.kernel.to_string_lossy(),
+            "--initrd",
+            &lx.initrd.to_string_lossy(),
+            "--mem",
+            &lx.mem.to_string(),
+            "--net",
+            "none",
+            "--cmdline",
+            firecracker::LINUX_BOOT_ARGS,
+        ],
+    )?;
+    let tail = Tail::new(ws.join("console.log"));
+    ma(home, &["start", "lx"])?;
+    tail.log
+        .wait_from(0, Instant::now() + STEP, "the guest's ticks", |l| {
+            tick_line(l).filter(|n| *n >= LINUX_TICKS)
+        })
+        .map_err(|e| format!("{e}\n{}", tail.log.tail(10)))?;
+    api(&ws.join("api.sock"), "pause")?;
+    ma(home, &["snapshot", "create", "lx", "--tag", "base"])?;
+    ma(home, &["halt", "lx"])?;
+    std::thread::sleep(Duration::from_millis(50));
+    Ok(last_tick(&tail.log))
+}
+
+fn ma_linux_restore(home: &Path, lx: &Linux, mode: &str, saved: u64) -> Result<Progress, String> {
+    let ws = home.join("workspaces/lx");
+    warm(lx.mem + 256);
+    let _ = std::fs::remove_file(ws.join("console.log"));
+    let tail = Tail::new(ws.join("console.log"));
+    let (t0, sys0) = (Instant::now(), SystemTime::now());
+    let r = ma(
+        home,
+        &["start", "lx", "--from-snapshot", "base", "--memory", mode],
+    );
+    let returned = Instant::now();
+    let r = r.and_then(|_| {
+        let loaded = restored_at(&ws.join("vmm.log"), t0, sys0).unwrap_or(returned);
+        let t1 = first_tick(&tail.log, saved)?;
+        Ok((secs(loaded - t0), secs(t1 - t0)))
+    });
+    ma(home, &["halt", "lx"])?;
+    r.map_err(|e| format!("{e}\n{}", tail.log.tail(5)))
+}
+
+fn qemu_linux(lx: &Linux, qmp: &Path, incoming: Option<&Path>) -> Result<Proc, String> {
+    let mut c = qemu_command(&lx.kernel, lx.mem, 1, firecracker::LINUX_BOOT_ARGS);
+    c.arg("-initrd").arg(&lx.initrd);
+    c.arg("-qmp")
+        .arg(format!("unix:{},server=on,wait=off", qmp.display()));
+    if let Some(f) = incoming {
+        c.arg("-incoming").arg(format!("exec:cat {}", f.display()));
+    }
+    let _ = std::fs::remove_file(qmp);
+    Proc::spawn(&mut c)
+}
+
+fn qemu_linux_source(dir: &Path, lx: &Linux) -> Result<u64, String> {
+    let sock = dir.join("q.sock");
+    let file = dir.join("qemu-linux.bin");
+    let src = qemu_linux(lx, &sock, None)?;
+    let r = (|| {
+        let mut qmp = Qmp::connect(&sock, Instant::now() + Duration::from_secs(30))?;
+        qmp.cmd(
+            "migrate-set-parameters",
+            Some(serde_json::json!({ "max-bandwidth": 1u64 << 40 })),
+        )?;
+        src.out
+            .wait_from(0, Instant::now() + STEP, "the guest's ticks", |l| {
+                tick_line(l).filter(|n| *n >= LINUX_TICKS)
+            })?;
+        qmp.cmd("stop", None)?;
+        qmp.cmd(
+            "migrate",
+            Some(serde_json::json!({ "uri": format!("exec:cat > {}", file.display()) })),
+        )?;
+        loop {
+            let r = qmp.cmd("query-migrate", None)?;
+            match r.get("status").and_then(|s| s.as_str()) {
+                Some("completed") => break,
+                Some("failed") | Some("cancelled") => return Err(format!("migration failed: {r}")),
+                _ => std::thread::sleep(Duration::from_millis(2)),
+            }
+        }
+        Ok(qmp)
+    })();
+    match r {
+        Ok(q) => {
+            let saved = last_tick(&src.out);
+            quit(src, Some(q));
+            Ok(saved)
+        }
+        Err(e) => {
+            let msg = format!("{e}\n{}", src.tails());
+            quit(src, None);
+            Err(msg)
+        }
+    }
+}
+
+fn qemu_linux_restore(dir: &Path, lx: &Linux, saved: u64) -> Result<Progress, String> {
+    let sock = dir.join("q.sock");
+    let file = dir.join("qemu-linux.bin");
+    warm(lx.mem + 256);
+    let dst = qemu_linux(lx, &sock, Some(&file))?;
+    let t0 = dst.started;
+    let r = (|| {
+        let mut qmp = Qmp::connect(&sock, t0 + Duration::from_secs(30))?;
+        let deadline = Instant::now() + STEP;
+        loop {
+            let r = qmp.cmd("query-status", None)?;
+            match r.get("status").and_then(|s| s.as_str()).unwrap_or("") {
+                "inmigrate" if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(1))
+                }
+                "paused" => break,
+                s => return Err(format!("after the incoming migration the VM is {s:?}")),
+            }
+        }
+        qmp.cmd("cont", None)?;
+        let loaded = Instant::now();
+        let t1 = first_tick(&dst.out, saved)?;
+        Ok((qmp, (secs(loaded - t0), secs(t1 - t0))))
+    })();
+    match r {
+        Ok((q, r)) => {
+            quit(dst, Some(q));
+            Ok(r)
+        }
+        Err(e) => {
+            let msg = format!("{e}\n{}", dst.tails());
+            quit(dst, None);
+            Err(msg)
+        }
+    }
+}
+
+fn fc_linux_files(dir: &Path) -> (PathBuf, PathBuf) {
+    (dir.join("fc-linux-state.bin"), dir.join("fc-linux-mem.bin"))
+}
+
+fn fc_linux_source(dir: &Path, bin: &Path, lx: &Linux) -> Result<u64, String> {
+    let fc = firecracker::Firecracker::spawn(bin, dir, "fclxsrc")?;
+    let r = (|| {
+        fc.boot_initrd(
+            &lx.kernel,
+            Some(&lx.initrd),
+            firecracker::LINUX_BOOT_ARGS,
+            lx.mem,
+            1,
+        )?;
+        fc.proc
+            .out
+            .wait_from(0, Instant::now() + STEP, "the guest's ticks", |l| {
+                tick_line(l).filter(|n| *n >= LINUX_TICKS)
+            })?;
+        fc.pause()?;
+        let (state, memf) = fc_linux_files(dir);
+        fc.snapshot_full(&state, &memf)?;
+        std::thread::sleep(Duration::from_millis(50));
+        Ok(last_tick(&fc.proc.out))
+    })();
+    let r = r.map_err(|e: String| format!("{e}\n{}", fc.proc.tails()));
+    fc.kill();
+    r
+}
+
+fn fc_linux_restore(dir: &Path, bin: &Path, lx: &Linux, saved: u64) -> Result<Progress, String> {
+    warm(lx.mem + 256);
+    let fc = firecracker::Firecracker::spawn(bin, dir, "fclxdst")?;
+    let t0 = fc.proc.started;
+    let (state, memf) = fc_linux_files(dir);
+    let r = fc
+        .load(&state, &memf, true)
+        .and_then(|_| {
+            let loaded = Instant::now();
+            let t1 = first_tick(&fc.proc.out, saved)?;
+            Ok((secs(loaded - t0), secs(t1 - t0)))
+        })
+        .map_err(|e| format!("{e}\n{}", fc.proc.tails()));
+    fc.kill();
+    r
+}
+
+/// The Linux table: each tool boots the guest once, captures it after `LINUX_TICKS` ticks, and
+/// restores it `reps` times (tool order rotating).
+fn linux(dir: &Path, home: &Path, reps: usize, modes: &[String], fc_bin: Option<&Path>) {
+    if std::env::var("MICROAGENT_BENCH_LINUX").is_ok_and(|v| v.trim() == "0") {
+        return;
+    }
+    let Some(kernel) = std::env::var_os("MICROAGENT_TEST_KERNEL").map(PathBuf::from) else {
+        println!(
+            "restore: Linux guest rows skipped: MICROAGENT_TEST_KERNEL is not set (the test-only \
+             kernel; MICROAGENT_BENCH_LINUX=0 skips them quietly)"
+        );
+        return;
+    };
+    let mem = env_usize("MICROAGENT_BENCH_LINUX_MIB", 1024) as u64;
+    let lx = match Linux::new(dir, kernel, mem) {
+        Ok(l) => l,
+        Err(e) => {
+            println!("restore: Linux guest rows skipped: {e}");
+            return;
+        }
+    };
+    println!(
+        "\nrestore, Linux: {mem} MiB guest (the test kernel, a busybox initramfs printing `tick N` \
+         in a loop, 1 vCPU), captured after {LINUX_TICKS} ticks; {reps} restores per tool"
+    );
+    // One guest at a time: Linux guests stall under CPU contention here.
+    let ma_src = ma_linux_source(home, &lx).map_err(|e| eprintln!("microagent Linux source: {e}"));
+    let q_src = if have_qemu() {
+        qemu_linux_source(dir, &lx).map_err(|e| eprintln!("qemu Linux source: {e}"))
+    } else {
+        Err(())
+    };
+    let fc_src = match fc_bin {
+        Some(bin) => {
+            fc_linux_source(dir, bin, &lx).map_err(|e| eprintln!("firecracker Linux source: {e}"))
+        }
+        None => Err(()),
+    };
+    let mut rows: Vec<(String, Vec<Progress>)> = modes
+        .iter()
+        .map(|m| (format!("microagent --memory {m}"), Vec::new()))
+        .collect();
+    let (q_row, fc_row) = (rows.len(), rows.len() + 1);
+    rows.push(("qemu -incoming".into(), Vec::new()));
+    rows.push(("firecracker snapshot/load (File)".into(), Vec::new()));
+    let failed = (f64::NAN, f64::NAN);
+    for rep in 0..reps {
+        for k in 0..3 {
+            match (rep + k) % 3 {
+                0 => {
+                    let Ok(saved) = ma_src else { continue };
+                    for (i, m) in modes.iter().enumerate() {
+                        let r = ma_linux_restore(home, &lx, m, saved).unwrap_or_else(|e| {
+                            eprintln!("microagent Linux {m} rep {rep}: {e}");
+                            failed
+                        });
+                        println!("  rep {rep} microagent {m}: first progress {} s", f(r.1, 3));
+                        rows[i].1.push(r);
+                    }
+                }
+                1 => {
+                    let Ok(saved) = q_src else { continue };
+                    let r = qemu_linux_restore(dir, &lx, saved).unwrap_or_else(|e| {
+                        eprintln!("qemu Linux rep {rep}: {e}");
+                        failed
+                    });
+                    println!("  rep {rep} qemu: first progress {} s", f(r.1, 3));
+                    rows[q_row].1.push(r);
+                }
+                _ => {
+                    let (Some(bin), Ok(saved)) = (fc_bin, fc_src) else {
+                        continue;
+                    };
+                    let r = fc_linux_restore(dir, bin, &lx, saved).unwrap_or_else(|e| {
+                        eprintln!("firecracker Linux rep {rep}: {e}");
+                        failed
+                    });
+                    println!("  rep {rep} firecracker: first progress {} s", f(r.1, 3));
+                    rows[fc_row].1.push(r);
+                }
+            }
+        }
+    }
+    let _ = ma(home, &["delete", "lx", "--yes"]);
+    let first = |i: usize| median(&rows[i].1.iter().map(|r| r.1).collect::<Vec<_>>());
+    let (q, fc) = (first(q_row), first(fc_row));
+    let best = min(&[q, fc]);
+    let table: Vec<Vec<String>> = rows
+        .iter()
+        .enumerate()
+        .filter(|(_, (_, v))| !v.is_empty())
+        .map(|(i, (name, v))| {
+            let ok = v.iter().filter(|r| r.1.is_finite()).count();
+            let p = first(i);
+            vec![
+                name.clone(),
+                format!("{ok}/{}", v.len()),
+                f(median(&v.iter().map(|r| r.0).collect::<Vec<_>>()), 3),
+                f(p, 3),
+                ratio(p, q),
+                ratio(p, fc),
+                ratio(p, best),
+            ]
+        })
+        .collect();
+    println!(
+        "\nLightly used Linux guest restore, medians, seconds from the command's / the VMM's \
+         launch; loaded = vCPUs started (microagent: `VM restored` in vmm.log; QEMU: `cont` \
+         returned; Firecracker: `PUT /snapshot/load` with `resume_vm` returned); first progress \
+         = the first new `tick` line:"
+    );
+    print_table(
+        &[
+            "restore",
+            "ok",
+            "loaded s",
+            "first progress s",
+            "vs qemu",
+            "vs firecracker",
+            "vs best peer",
+        ],
+        &table,
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
 
 fn main() {
     if !have_kvm() {
@@ -400,9 +828,15 @@ fn main() {
     let home = dir.join("home");
     let elf = testguest(&dir);
     let with_qemu = have_qemu();
+    let fc_bin = firecracker::binary_or_skip("restore");
+    if std::env::var("MICROAGENT_BENCH_FULL").is_ok_and(|v| v.trim() == "0") {
+        linux(&dir, &home, reps, &modes, fc_bin.as_deref());
+        let _ = std::fs::remove_dir_all(&dir);
+        return;
+    }
     println!(
         "restore: {mem} MiB test guest, \"{cmdline}\", {reps} repetitions (tool order \
-         alternating), medians; modes {modes:?}{}",
+         rotating), medians; modes {modes:?}{}",
         if with_qemu { "" } else { "; QEMU not found" }
     );
 
@@ -412,6 +846,9 @@ fn main() {
     } else {
         None
     };
+    let fc_src = fc_bin
+        .as_deref()
+        .map(|bin| fc_source(&dir, bin, &elf, mem, &cmdline));
     let mut rows: Vec<(String, f64, Vec<Restore>)> = Vec::new();
     match &ma_src {
         Ok(s) => {
@@ -427,10 +864,34 @@ fn main() {
         Some(Err(e)) => eprintln!("qemu source: {e}"),
         None => {}
     }
+    let fc_row = rows.len();
+    match &fc_src {
+        Some(Ok(s)) => rows.push((
+            "firecracker snapshot/load (File)".into(),
+            s.steady,
+            Vec::new(),
+        )),
+        Some(Err(e)) => eprintln!("firecracker source: {e}"),
+        None => {}
+    }
     for rep in 0..reps {
-        let ma_first = rep % 2 == 0;
-        for is_ma in [ma_first, !ma_first] {
-            if is_ma {
+        // The tool order rotates: microagent, QEMU, Firecracker; then QEMU first, ...
+        for k in 0..3 {
+            let tool = (rep + k) % 3;
+            if tool == 2 {
+                if let (Some(bin), Some(Ok(s))) = (&fc_bin, &fc_src) {
+                    let r = fc_restore(&dir, bin, mem, s.saved).unwrap_or_else(|e| {
+                        eprintln!("firecracker rep {rep}: {e}");
+                        FAILED
+                    });
+                    println!(
+                        "  rep {rep} firecracker: first count {} s, first round {} s",
+                        f(r.first, 3),
+                        f(r.first - r.loaded, 3)
+                    );
+                    rows[fc_row].2.push(r);
+                }
+            } else if tool == 0 {
                 let Ok(s) = &ma_src else { continue };
                 for (k, m) in modes.iter().enumerate() {
                     let r = ma_restore(&home, mem, m, s.saved).unwrap_or_else(|e| {
@@ -460,9 +921,22 @@ fn main() {
     }
     let _ = ma(&home, &["delete", "w", "--yes"]);
 
-    let q_first = rows.get(q_row).map_or(f64::NAN, |(_, _, v)| {
-        median(&v.iter().map(|r| r.first).collect::<Vec<_>>())
-    });
+    let first_of = |row: usize| {
+        rows.get(row).map_or(f64::NAN, |(_, _, v)| {
+            median(&v.iter().map(|r| r.first).collect::<Vec<_>>())
+        })
+    };
+    let q_first = if matches!(q_src, Some(Ok(_))) {
+        first_of(q_row)
+    } else {
+        f64::NAN
+    };
+    let fc_first = if matches!(fc_src, Some(Ok(_))) {
+        first_of(fc_row)
+    } else {
+        f64::NAN
+    };
+    let best_first = min(&[q_first, fc_first]);
     let table: Vec<Vec<String>> = rows
         .iter()
         .map(|(name, steady, v)| {
@@ -476,6 +950,8 @@ fn main() {
                 f(m(&|r| r.loaded), 3),
                 f(first, 3),
                 ratio(first, q_first),
+                ratio(first, fc_first),
+                ratio(first, best_first),
                 f(round, 3),
                 f(*steady, 3),
                 ratio(round, *steady),
@@ -498,6 +974,8 @@ fn main() {
             "loaded s",
             "first count s",
             "vs qemu",
+            "vs firecracker",
+            "vs best peer",
             "first round s",
             "steady round s",
             "first / steady",
@@ -506,5 +984,6 @@ fn main() {
         ],
         &table,
     );
+    linux(&dir, &home, reps, &modes, fc_bin.as_deref());
     let _ = std::fs::remove_dir_all(&dir);
 }

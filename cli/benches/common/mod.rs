@@ -496,3 +496,6 @@ pub fn print_table(header: &[&str], rows: &[Vec<String>]) {
     }
     println!();
 }
+
+/// Firecracker as a peer (`MICROAGENT_BENCH_FIRECRACKER`).
+pub mod firecracker;
