@@ -249,7 +249,10 @@ fn waiter(child: libc::pid_t, rd: OwnedFd, spec: &Spec, cgroup: cgroup::Outcome)
     if let Some(dir) = &spec.record_dir {
         let _ = std::fs::remove_file(dir.join(FAILED));
         if let Ok(bytes) = serde_json::to_vec_pretty(&record) {
-            let _ = snapshot::atomic_file::write(&dir.join(RECORD), &bytes);
+            // A record of a live process: nothing to keep across a host crash, so no fsyncs.
+            let _ = snapshot::atomic_file::Options::default()
+                .durable(false)
+                .write(&dir.join(RECORD), &bytes);
         }
     }
     copy_bounded(rd, spec.log_max);
