@@ -465,8 +465,10 @@ fn fork(root: &Path, args: &CreateArgs, src: &str, out: Out) -> Result<(), Failu
         };
         // Restored forks are set up with their vCPUs paused: readiness must not wait on guest
         // CPU, and the running guests of a large batch would starve the set-up of the rest.
-        // Launched one after another; a few threads wait for each to answer meanwhile, so the
-        // batch is set up when its last VMM is, not a round trip per fork later.
+        // Launched from a few threads while a few more wait for each to answer: one launcher
+        // kept only a couple of VMMs in set-up at a time, which on a shared host got the batch
+        // a small share of the CPU (each launch waits for its exec), and the batch is set up
+        // when its last VMM is, not a round trip per fork later.
         let total = created.len() as u64;
         let slots: Vec<Mutex<Option<std::process::Child>>> =
             created.iter().map(|_| Mutex::new(None)).collect();
@@ -481,51 +483,56 @@ fn fork(root: &Path, args: &CreateArgs, src: &str, out: Out) -> Result<(), Failu
         };
         let has_failed = || failed.lock().unwrap_or_else(|e| e.into_inner()).is_some();
         let set_up = std::sync::atomic::AtomicU64::new(0);
-        let (tx, rx) = std::sync::mpsc::channel::<usize>();
-        let rx = Mutex::new(rx);
-        std::thread::scope(|s| {
-            let wait = || loop {
-                let next = rx.lock().unwrap_or_else(|e| e.into_inner()).recv();
-                let Ok(i) = next else { break };
-                if has_failed() {
-                    continue;
-                }
-                let ws = &created[i];
-                let mut slot = slots[i].lock().unwrap_or_else(|e| e.into_inner());
-                let Some(child) = slot.as_mut() else { continue };
-                match process::wait_ready(ws, child) {
-                    Ok(pid) => {
-                        let _ = ready[i].set(pid);
-                        let n = set_up.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
-                        out.progress_items("forks set up", n, total);
-                    }
-                    Err(f) => fail(named(ws, f)),
-                }
-            };
-            let mut waiters = 0;
-            for _ in 0..READY_WAITERS.min(created.len()) {
-                if std::thread::Builder::new().spawn_scoped(s, wait).is_ok() {
-                    waiters += 1;
-                }
+        let next_launch = std::sync::atomic::AtomicUsize::new(0);
+        let next_wait = std::sync::atomic::AtomicUsize::new(0);
+        let launch = || loop {
+            if has_failed() {
+                break;
             }
-            for (i, ws) in created.iter().enumerate() {
+            let i = next_launch.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let Some(ws) = created.get(i) else { break };
+            let launched = crate::testhooks::fail_point(&format!("fork-spawn-{}", ws.name()))
+                .and_then(|()| match restore {
+                    Some(snap) => process::spawn_paused(ws, snap, memory),
+                    None => process::spawn(ws, None, memory),
+                });
+            match launched {
+                Ok(c) => *slots[i].lock().unwrap_or_else(|e| e.into_inner()) = Some(c),
+                Err(f) => fail(named(ws, f)),
+            }
+        };
+        let wait = || loop {
+            let i = next_wait.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let Some(ws) = created.get(i) else { break };
+            // Until a launcher has started it (or the batch failed).
+            loop {
                 if has_failed() {
+                    return;
+                }
+                let mut slot = slots[i].lock().unwrap_or_else(|e| e.into_inner());
+                if let Some(child) = slot.as_mut() {
+                    match process::wait_ready(ws, child) {
+                        Ok(pid) => {
+                            let _ = ready[i].set(pid);
+                            let n = set_up.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+                            out.progress_items("forks set up", n, total);
+                        }
+                        Err(f) => fail(named(ws, f)),
+                    }
                     break;
                 }
-                let launched = crate::testhooks::fail_point(&format!("fork-spawn-{}", ws.name()))
-                    .and_then(|()| match restore {
-                        Some(snap) => process::spawn_paused(ws, snap, memory),
-                        None => process::spawn(ws, None, memory),
-                    });
-                match launched {
-                    Ok(c) => {
-                        *slots[i].lock().unwrap_or_else(|e| e.into_inner()) = Some(c);
-                        let _ = tx.send(i);
-                    }
-                    Err(f) => fail(named(ws, f)),
-                }
+                drop(slot);
+                std::thread::sleep(std::time::Duration::from_millis(1));
             }
-            drop(tx);
+        };
+        std::thread::scope(|s| {
+            let waiters = (0..READY_WAITERS.min(created.len()))
+                .filter(|_| std::thread::Builder::new().spawn_scoped(s, wait).is_ok())
+                .count();
+            for _ in 1..LAUNCHERS.min(created.len()) {
+                let _ = std::thread::Builder::new().spawn_scoped(s, launch);
+            }
+            launch();
             // No thread to wait in: this one does it.
             if waiters == 0 {
                 wait();
@@ -554,12 +561,22 @@ fn fork(root: &Path, args: &CreateArgs, src: &str, out: Out) -> Result<(), Failu
         // taken its own identity and entropy and got the secrets back, which needs it running.
         if restore.is_some() {
             let forks: Vec<(&Workspace, u32)> = created.iter().zip(pids.iter().copied()).collect();
-            resume_batch(&forks, |ws, pid| {
+            // While the batch resumes, each running fork's vCPUs get the lowest priority: with
+            // a thousand busy guests on two cores, the control thread of every VMM still to
+            // answer would otherwise wait about one scheduling round behind all of them.
+            let lowered = Mutex::new(Vec::new());
+            let lower = priority::can_restore();
+            let resumed = resume_batch(&forks, |ws, pid| {
+                if lower {
+                    let mut l = lowered.lock().unwrap_or_else(|e| e.into_inner());
+                    l.extend(priority::lower_vcpus(pid));
+                }
                 if !ws.config.agent {
                     ready(ws, pid)
                 }
-            })
-            .map_err(|(ws, f)| named(ws, f))?;
+            });
+            priority::restore(&lowered.into_inner().unwrap_or_else(|e| e.into_inner()));
+            resumed.map_err(|(ws, f)| named(ws, f))?;
         }
         for (ws, pid) in created.iter().zip(&pids) {
             match restore {
@@ -623,6 +640,8 @@ fn fork(root: &Path, args: &CreateArgs, src: &str, out: Out) -> Result<(), Failu
 
 /// Threads creating a batch's workspace directories.
 const DIR_THREADS: usize = 8;
+/// Threads launching a batch's VMMs.
+const LAUNCHERS: usize = 4;
 /// Threads waiting for a batch's VMMs to answer while the rest are launched.
 const READY_WAITERS: usize = 4;
 
@@ -723,6 +742,55 @@ fn answer_of_resume(stream: std::os::unix::net::UnixStream) -> Result<(), Failur
             "its VMM closed the connection before resuming",
         )),
         Err(e) => Err(Failure::new(Code::Error, format!("cannot resume it: {e}"))),
+    }
+}
+
+/// The vCPU threads of a batch's running forks at the lowest priority until every fork runs
+/// (set from here, outside their jails: a VMM without capabilities could lower its own threads
+/// but not bring them back).
+mod priority {
+    /// Lowest priority.
+    const LOW: libc::c_int = 19;
+
+    /// Whether this process may bring a thread back from nice 19 to 0 (root with
+    /// CAP_SYS_NICE, or an RLIMIT_NICE of 20): tried on this thread, so that nothing is
+    /// lowered that could not be restored.
+    pub fn can_restore() -> bool {
+        // SAFETY: gettid takes no arguments and cannot fail.
+        let me = unsafe { libc::gettid() } as libc::id_t;
+        // SAFETY: getpriority/setpriority on this very thread.
+        unsafe {
+            let before = libc::getpriority(libc::PRIO_PROCESS, me);
+            if before != 0 || libc::setpriority(libc::PRIO_PROCESS, me, 1) != 0 {
+                return false;
+            }
+            libc::setpriority(libc::PRIO_PROCESS, me, 0) == 0
+        }
+    }
+
+    /// Lowers the vCPU threads (named `vcpuN`) of VMM `pid`; returns their thread ids.
+    pub fn lower_vcpus(pid: u32) -> Vec<libc::id_t> {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+            return Vec::new();
+        };
+        tasks
+            .flatten()
+            .filter_map(|t| {
+                let tid: libc::id_t = t.file_name().to_str()?.parse().ok()?;
+                let comm = std::fs::read_to_string(t.path().join("comm")).ok()?;
+                comm.starts_with("vcpu").then_some(tid)
+            })
+            // SAFETY: setpriority on a thread of a VMM this command started.
+            .filter(|&tid| unsafe { libc::setpriority(libc::PRIO_PROCESS, tid, LOW) } == 0)
+            .collect()
+    }
+
+    /// Normal priority again for every thread `lower_vcpus` lowered.
+    pub fn restore(tids: &[libc::id_t]) {
+        for &tid in tids {
+            // SAFETY: as above; a thread that has gone since just fails.
+            unsafe { libc::setpriority(libc::PRIO_PROCESS, tid, 0) };
+        }
     }
 }
 
