@@ -336,7 +336,7 @@ fn fan_out(home: &Path, counts: &[usize]) {
                 bins.push(("baseline", b.clone()));
                 // Alternate which goes first: the first of a pair runs closest to the deletion
                 // of the pair before it.
-                if turn % 2 == 0 {
+                if turn % 2 == 1 {
                     bins.reverse();
                 }
                 turn += 1;
