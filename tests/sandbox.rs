@@ -72,12 +72,40 @@ fn assert_confined(h: &Home, name: &str) -> u32 {
     assert_eq!(s["sandbox"]["seccomp"], true, "{s}");
     assert_eq!(s["sandbox"]["uid"], uid, "{s}");
     let jail = s["sandbox"]["jail_root"].as_str().expect("jail_root");
+    // Its root is a tmpfs of its own mount namespace, mounted on the jail directory the CLI
+    // reports: the host sees that directory empty (no mount point or device node of the jail
+    // is made on the host's filesystem) and the VMM sees its jail there.
+    let mounts = std::fs::read_to_string(format!("/proc/{pid}/mountinfo")).unwrap();
+    let root_mount = mounts
+        .lines()
+        .find(|l| l.split(' ').nth(4) == Some("/"))
+        .unwrap_or_else(|| panic!("{name}: no root in its mountinfo:\n{mounts}"));
+    assert!(
+        root_mount.contains(" - tmpfs "),
+        "{name}: its root is not a tmpfs of its own: {root_mount}"
+    );
+    assert!(
+        root_mount
+            .split(' ')
+            .nth(5)
+            .is_some_and(|o| o.split(',').any(|o| o == "ro")),
+        "{name}: its root is writable: {root_mount}"
+    );
+    let host_root = std::fs::metadata("/").unwrap();
     let root = std::fs::metadata(format!("/proc/{pid}/root/")).unwrap();
-    let host = std::fs::metadata(jail).unwrap();
-    assert_eq!(
-        (root.dev(), root.ino()),
-        (host.dev(), host.ino()),
-        "{name}: /proc/{pid}/root is not {jail}"
+    assert_ne!(
+        root.dev(),
+        host_root.dev(),
+        "{name}: runs on the host's root"
+    );
+    let on_host: Vec<_> = std::fs::read_dir(jail)
+        .unwrap_or_else(|e| panic!("{name}: {jail}: {e}"))
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert!(
+        on_host.is_empty(),
+        "{name}: the jail left {on_host:?} on the host in {jail}"
     );
     let inside =
         |p: &Path| Path::new(&format!("/proc/{pid}/root")).join(p.strip_prefix("/").unwrap());

@@ -486,6 +486,19 @@ fn a_busy_fork_batch_reports_each_fork_running_then_the_summary() {
     want.sort();
     reported.sort();
     assert_eq!(reported, want);
+    // While the batch resumed, running forks' vCPUs were at the lowest priority; once the
+    // command has returned, every one is back at normal priority.
+    for (name, pid) in &reported {
+        let vcpus = vcpu_nice(*pid);
+        assert!(
+            !vcpus.is_empty(),
+            "{name}: no vCPU thread in /proc/{pid}/task"
+        );
+        assert!(
+            vcpus.iter().all(|&n| n == 0),
+            "{name}: vCPU nice values {vcpus:?} after the batch returned"
+        );
+    }
     // Every fork runs on from the captured count.
     for i in 1..=N {
         let f = format!("f-{i}");
@@ -508,6 +521,26 @@ fn a_busy_fork_batch_reports_each_fork_running_then_the_summary() {
         h.ok(&["delete", &format!("f-{i}"), "--yes"]);
     }
     h.ok(&["delete", "w", "--yes"]);
+}
+
+/// The nice value of each vCPU thread (`vcpuN`) of process `pid`.
+fn vcpu_nice(pid: u64) -> Vec<i64> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|d| {
+            d.flatten()
+                .filter(|t| {
+                    std::fs::read_to_string(t.path().join("comm"))
+                        .is_ok_and(|c| c.starts_with("vcpu"))
+                })
+                .filter_map(|t| {
+                    let stat = std::fs::read_to_string(t.path().join("stat")).ok()?;
+                    // Fields after the command name (which ends with ')'): nice is the 17th.
+                    let rest = &stat[stat.rfind(')')? + 2..];
+                    rest.split(' ').nth(16)?.parse().ok()
+                })
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// `MICROAGENT_LOG` reaches the VMM (started by `start`, which inherits it): its debug lines

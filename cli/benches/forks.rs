@@ -14,6 +14,12 @@
 //! 256 MiB test guest (filled once, then touching 5%), microagent `create --count N` against N
 //! Firecracker processes each loading the same full snapshot (File back end, MAP_PRIVATE),
 //! their N loads issued by N parallel clients; time until every fork has printed a count, PSS.
+//!
+//! `MICROAGENT_BENCH_BASELINE=/path/to/an/older/microagent` runs each fan-out with that binary
+//! too, side by side in the same run (the same source snapshot, alternating which goes first).
+//! A run's forks are stopped (SIGSTOP), not deleted, until its pair has run: on a filesystem
+//! without a journal (ext4 here) every inode created within a minute or more of a mass deletion
+//! scans past the deleted ones, so the run after a deletion of 1000 workspaces pays for it.
 
 use std::io::BufRead;
 use std::path::{Path, PathBuf};
@@ -237,14 +243,27 @@ struct FanOut {
     host_mib: f64,
 }
 
-/// `create PREFIX --from-snapshot SRC:s --count N --json`, reading its per-fork lines as they
-/// come; then waits until every fork has printed a count, reads PSS, deletes them all.
-fn fan_out_once(home: &Path, src: &str, prefix: &str, n: usize) -> FanOut {
+/// Stops every VMM in `names` (SIGSTOP): they keep their memory but take no CPU from the runs
+/// after them.
+fn stop_all(home: &Path, names: &[String]) {
+    for f in names {
+        let pid = std::fs::read_to_string(ws(home, f).join("vmm.pid")).unwrap_or_default();
+        if let Ok(pid) = pid.trim().parse::<i32>() {
+            // SAFETY: a plain signal to a VMM this benchmark started.
+            unsafe { libc::kill(pid, libc::SIGSTOP) };
+        }
+    }
+}
+
+/// `create PREFIX --from-snapshot SRC:s --count N --json` with `bin`, reading its per-fork lines
+/// as they come; then waits until every fork has printed a count, reads PSS, stops them all
+/// (the caller deletes them).
+fn fan_out_once(home: &Path, bin: &Path, src: &str, prefix: &str, n: usize) -> FanOut {
     let n_s = n.to_string();
     let from = format!("{src}:s");
     let avail_before = available_mib();
     let t0 = Instant::now();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_microagent"))
+    let mut child = Command::new(bin)
         .env("MICROAGENT_HOME", home)
         .args([
             "--json",
@@ -288,7 +307,7 @@ fn fan_out_once(home: &Path, src: &str, prefix: &str, n: usize) -> FanOut {
     std::thread::sleep(Duration::from_secs(3));
     let pss = names.iter().map(|f| pss_mib(home, f)).sum::<f64>() / n as f64;
     let host = avail_before.saturating_sub(available_mib()) as f64 / n as f64;
-    delete_all(home, &names);
+    stop_all(home, &names);
     FanOut {
         first_ready: first_ready.unwrap_or(returned),
         returned,
@@ -306,27 +325,63 @@ fn fan_out(home: &Path, counts: &[usize]) {
         ("idle", "mode=counter mem=1 hot_pct=1 tick_ms=0 idle=1000"),
         ("busy", "mode=counter mem=1 hot_pct=1 tick_ms=1000"),
     ];
+    let this = PathBuf::from(env!("CARGO_BIN_EXE_microagent"));
+    let baseline = std::env::var_os("MICROAGENT_BENCH_BASELINE")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from);
     println!();
     println!("fork fan-out: {MEM} MiB test guest, 1 vCPU, memory mmap (MAP_PRIVATE)");
-    println!("| guest | forks | first ready s | create returns (all running) s | all counted s | PSS per fork MiB | host MiB per fork |");
-    println!("|-------|------:|--------------:|-------------------------------:|--------------:|-----------------:|------------------:|");
+    println!("| guest | forks | binary   | first ready s | create returns (all running) s | all counted s | PSS per fork MiB | host MiB per fork |");
+    println!("|-------|------:|----------|--------------:|-------------------------------:|--------------:|-----------------:|------------------:|");
+    let mut turn = 0;
     for (label, cmdline) in guests {
         let src = format!("src{label}");
         source(home, &src, MEM, cmdline);
         for &n in counts {
-            let r = fan_out_once(home, &src, &format!("{label}f"), n);
-            println!(
-                "| {label:<5} | {n:>5} | {:>13.2} | {:>30.2} | {:>13.2} | {:>16.2} | {:>17.2} |",
-                r.first_ready.as_secs_f64(),
-                r.returned.as_secs_f64(),
-                r.counting.as_secs_f64(),
-                r.pss_mib,
-                r.host_mib
-            );
+            let mut bins = vec![("this", this.clone())];
+            if let Some(b) = &baseline {
+                bins.push(("baseline", b.clone()));
+                // Alternate which goes first: the first of a pair runs closest to the deletion
+                // of the pair before it.
+                if turn % 2 == 1 {
+                    bins.reverse();
+                }
+                turn += 1;
+            }
+            let mut made = Vec::new();
+            let mut rows = Vec::new();
+            for (i, (which, bin)) in bins.iter().enumerate() {
+                let prefix = format!("{label}{i}f");
+                let r = fan_out_once(home, bin, &src, &prefix, n);
+                made.extend((1..=n).map(|k| format!("{prefix}-{k}")));
+                rows.push((*which, r));
+            }
+            rows.sort_by_key(|(w, _)| *w != "baseline");
+            for (which, r) in &rows {
+                println!(
+                    "| {label:<5} | {n:>5} | {which:<8} | {:>13.2} | {:>30.2} | {:>13.2} | {:>16.2} | {:>17.2} |",
+                    r.first_ready.as_secs_f64(),
+                    r.returned.as_secs_f64(),
+                    r.counting.as_secs_f64(),
+                    r.pss_mib,
+                    r.host_mib
+                );
+            }
+            if let [(_, a), (_, b)] = rows.as_slice() {
+                println!(
+                    "|       |       | ratio    | {:>13.2} | {:>30.2} | {:>13.2} | {:>16.2} | {:>17.2} |",
+                    b.first_ready.as_secs_f64() / a.first_ready.as_secs_f64(),
+                    b.returned.as_secs_f64() / a.returned.as_secs_f64(),
+                    b.counting.as_secs_f64() / a.counting.as_secs_f64(),
+                    b.pss_mib / a.pss_mib,
+                    b.host_mib / a.host_mib
+                );
+            }
+            delete_all(home, &made);
         }
         ma(home, &["delete", &src, "--yes"]);
     }
-    println!("(idle: halts until its TSC-deadline timer between rounds; busy: never halts; the forks' vCPUs run only once every fork of the batch is set up)");
+    println!("(idle: halts until its TSC-deadline timer between rounds; busy: never halts; the forks' vCPUs run only once every fork of the batch is set up; ratio: this / baseline)");
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -234,11 +234,15 @@ pub fn run(args: VmmArgs) -> Result<(), Failure> {
             format!("cannot listen on {}: {e}", sock.display()),
         )
     })?;
-    snapshot::atomic_file::write(
-        &ws.path(workspace::PID),
-        format!("{}\n", crate::sandbox::host_pid()).as_bytes(),
-    )
-    .map_err(|e| Failure::new(Code::Error, format!("cannot write pid file: {e}")))?;
+    // Atomic but not durable: a pid means nothing after a host crash (a stale one is cleared),
+    // and two fsyncs per VMM were a visible share of a large fork batch's set-up.
+    snapshot::atomic_file::Options::default()
+        .durable(false)
+        .write(
+            &ws.path(workspace::PID),
+            format!("{}\n", crate::sandbox::host_pid()).as_bytes(),
+        )
+        .map_err(|e| Failure::new(Code::Error, format!("cannot write pid file: {e}")))?;
 
     // No dirty log: it would make every first write after each capture a write-protection
     // fault (seconds of a busy guest's time on nested KVM). Diffs compare page digests instead.

@@ -3,9 +3,10 @@
 //! [`enter`] forks. The parent stays on the host as a small *waiter*: it copies the child's
 //! output into a bounded log, waits for it, reports a seccomp kill (SIGSYS) with the syscall
 //! number, and cleans up (cgroup, jail directory). The child is PID 1 of new PID, mount, IPC,
-//! UTS and network namespaces, `pivot_root`ed into a per-process jail directory that holds only
-//! the host paths it needs, bind-mounted at the same absolute paths (so no path in a config or a
-//! manifest changes). It then takes an unprivileged uid/gid (when started as root), drops every
+//! UTS and network namespaces, `pivot_root`ed into a per-process jail: a small tmpfs of its own
+//! mount namespace, mounted on an empty per-process directory, that holds only the host paths it
+//! needs, bind-mounted at the same absolute paths (so no path in a config or a manifest changes),
+//! and its device nodes; nothing of it is made on the host's filesystem. It then takes an unprivileged uid/gid (when started as root), drops every
 //! capability, sets no_new_privs and rlimits, and joins a per-process cgroup where one is
 //! writable. The caller then applies the seccomp filters ([`seccomp`]).
 
@@ -249,7 +250,10 @@ fn waiter(child: libc::pid_t, rd: OwnedFd, spec: &Spec, cgroup: cgroup::Outcome)
     if let Some(dir) = &spec.record_dir {
         let _ = std::fs::remove_file(dir.join(FAILED));
         if let Ok(bytes) = serde_json::to_vec_pretty(&record) {
-            let _ = snapshot::atomic_file::write(&dir.join(RECORD), &bytes);
+            // A record of a live process: nothing to keep across a host crash, so no fsyncs.
+            let _ = snapshot::atomic_file::Options::default()
+                .durable(false)
+                .write(&dir.join(RECORD), &bytes);
         }
     }
     copy_bounded(rd, spec.log_max);
