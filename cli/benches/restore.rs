@@ -357,21 +357,9 @@ fn qemu_restore(
     warm(mem + 256);
     let dst = qemu(elf, mem, cmdline, &sock, Some(&file))?;
     let t0 = dst.started;
-    let r = (|| {
+    let r = (|| -> Result<_, String> {
         let mut qmp = Qmp::connect(&sock, t0 + Duration::from_secs(30))?;
-        let deadline = Instant::now() + STEP;
-        loop {
-            let r = qmp.cmd("query-status", None)?;
-            match r.get("status").and_then(|s| s.as_str()).unwrap_or("") {
-                "inmigrate" if Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(1))
-                }
-                "paused" => break,
-                s => return Err(format!("after the incoming migration the VM is {s:?}")),
-            }
-        }
-        qmp.cmd("cont", None)?;
-        let loaded = Instant::now();
+        let loaded = incoming_then_cont(&mut qmp)?;
         let r = counts_after(&dst.out, t0, loaded, saved)?;
         Ok((qmp, r))
     })();
@@ -597,27 +585,33 @@ fn qemu_linux_source(dir: &Path, lx: &Linux) -> Result<u64, String> {
     }
 }
 
+/// Waits until QEMU's incoming migration has loaded (the VM paused, as it was saved), resumes
+/// it and returns when it was resumed.
+fn incoming_then_cont(qmp: &mut Qmp) -> Result<Instant, String> {
+    let deadline = Instant::now() + STEP;
+    loop {
+        let r = qmp.cmd("query-status", None)?;
+        match r.get("status").and_then(|s| s.as_str()).unwrap_or("") {
+            "inmigrate" if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(1))
+            }
+            "paused" => break,
+            s => return Err(format!("after the incoming migration the VM is {s:?}")),
+        }
+    }
+    qmp.cmd("cont", None)?;
+    Ok(Instant::now())
+}
+
 fn qemu_linux_restore(dir: &Path, lx: &Linux, saved: u64) -> Result<Progress, String> {
     let sock = dir.join("q.sock");
     let file = dir.join("qemu-linux.bin");
     warm(lx.mem + 256);
     let dst = qemu_linux(lx, &sock, Some(&file))?;
     let t0 = dst.started;
-    let r = (|| {
+    let r = (|| -> Result<_, String> {
         let mut qmp = Qmp::connect(&sock, t0 + Duration::from_secs(30))?;
-        let deadline = Instant::now() + STEP;
-        loop {
-            let r = qmp.cmd("query-status", None)?;
-            match r.get("status").and_then(|s| s.as_str()).unwrap_or("") {
-                "inmigrate" if Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(1))
-                }
-                "paused" => break,
-                s => return Err(format!("after the incoming migration the VM is {s:?}")),
-            }
-        }
-        qmp.cmd("cont", None)?;
-        let loaded = Instant::now();
+        let loaded = incoming_then_cont(&mut qmp)?;
         let t1 = first_tick(&dst.out, saved)?;
         Ok((qmp, (secs(loaded - t0), secs(t1 - t0))))
     })();
