@@ -297,3 +297,35 @@ fn a_flipped_byte_in_memory_is_refused_after_stamps() {
     let out = h.run(&["snapshot", "inspect", "w", "s", "--verify"]);
     assert_eq!(out.status.code(), Some(5), "{}", stderr(&out));
 }
+
+/// A snapshot names the kernel it was captured under: once the workspace's kernel file differs,
+/// rolling back and forking are both refused (exit 5, the kernel named), no fork workspace is
+/// left, and the source keeps its snapshot.
+#[test]
+fn a_changed_kernel_refuses_rollback_and_fork_and_leaves_nothing() {
+    if !kvm_or_skip("a_changed_kernel_refuses_rollback_and_fork_and_leaves_nothing") {
+        return;
+    }
+    let h = Home::new("aon-kernel");
+    boot(&h, "w");
+    h.ok(&["snapshot", "create", "w", "--tag", "base"]);
+    h.ok(&["halt", "w"]);
+    let before = entries(&h);
+    let kernel = h.ws("w").join("kernel.elf");
+    let mut bytes = std::fs::read(&kernel).expect("the workspace's copy of the built-in kernel");
+    bytes.push(0);
+    std::fs::write(&kernel, &bytes).unwrap();
+
+    let o = h.run(&["start", "w", "--from-snapshot", "base"]);
+    assert_eq!(o.status.code(), Some(5), "rollback: {}", stderr(&o));
+    assert!(stderr(&o).contains("kernel"), "{}", stderr(&o));
+    let o = h.run(&["create", "f", "--from-snapshot", "w:base", "--count", "2"]);
+    assert_eq!(o.status.code(), Some(5), "fork: {}", stderr(&o));
+    assert!(stderr(&o).contains("kernel"), "{}", stderr(&o));
+    assert_eq!(entries(&h), before, "a refused fork left something behind");
+    assert!(h.ok(&["snapshot", "list", "w"]).contains("base"));
+    assert!(
+        h.pid("w").is_none_or(|p| !alive(p)),
+        "w runs after a refused rollback"
+    );
+}

@@ -190,11 +190,14 @@ pub fn run(args: VmmArgs) -> Result<(), Failure> {
             let snap = Snapshot::open(dir).map_err(crate::snapshot_failure)?;
             let page_server =
                 (args.memory == MemoryArg::Uffd).then(|| crate::pageserver::socket_for(&snap.dir));
-            // The CLI verified the contents once before starting us (forks share that work).
+            // The CLI verified the contents and the kernel once before starting us (forks share
+            // that work). The kernel is not checked again here: a restore never reads it, and in
+            // the jail the host's verified stamps are out of reach, so every VMM hashed the
+            // whole kernel again (17 MB for the test Linux kernel).
             snapshot::restore::restore::<Vm>(
                 &snap,
                 &snapshot::restore::RestoreOptions {
-                    kernel: Some(&cfg.kernel),
+                    kernel: None,
                     verify_contents: false,
                     memory_mode: args.memory.into(),
                     page_server: page_server.as_deref(),
