@@ -127,13 +127,8 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
                     .next()
                     .is_some_and(|m| m.trim().eq_ignore_ascii_case("application/json"))
             });
-        let bytes = Bytes::from_request(req, state).await.map_err(|e| {
-            if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                security::too_large()
-            } else {
-                ApiError::usage(e.body_text())
-            }
-        })?;
+        let _ = state;
+        let bytes = security::read_bounded(req.into_body()).await?;
         let bytes: &[u8] = if bytes.is_empty() { b"{}" } else { &bytes };
         if bytes != b"{}" && !is_json {
             return Err(ApiError::new(

@@ -81,18 +81,48 @@ fn check_origin(h: &HeaderMap) -> Result<(), ApiError> {
     Ok(())
 }
 
-/// Refuses a declared body above [`MAX_BODY`] before anything reads it; a chunked body is cut
-/// by axum's `DefaultBodyLimit` at the same size.
+/// Refuses a declared body above [`MAX_BODY`] before a handler reads it; a chunked body is cut
+/// by [`read_bounded`] at the same size.
 pub async fn body_limit(req: Request, next: Next) -> Response {
     let declared = req
         .headers()
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > MAX_BODY as u64) {
+    if let Some(n) = declared.filter(|n| *n > MAX_BODY as u64) {
+        if n <= DRAIN_MAX as u64 {
+            let _ = read_bounded(req.into_body()).await;
+        }
         return too_large().into_response();
     }
     next.run(req).await
+}
+
+/// Bytes of a refused body still read (and dropped) before the answer: a server that answers
+/// and closes while the client is still sending resets the connection, and the client can lose
+/// the 413 to that reset (hyper has no lingering close). Beyond this the client is cut off.
+const DRAIN_MAX: usize = 1 << 20;
+
+/// The request body, at most [`MAX_BODY`] bytes (else `too-large`, after draining up to
+/// [`DRAIN_MAX`] so the answer reaches the client).
+pub async fn read_bounded(body: axum::body::Body) -> Result<axum::body::Bytes, ApiError> {
+    use futures_util::StreamExt;
+    let mut stream = body.into_data_stream();
+    let mut buf = Vec::new();
+    let mut seen = 0usize;
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| ApiError::usage(e.to_string()))?;
+        seen = seen.saturating_add(chunk.len());
+        if seen <= MAX_BODY {
+            buf.extend_from_slice(&chunk);
+        } else if seen > DRAIN_MAX {
+            break;
+        }
+    }
+    if seen > MAX_BODY {
+        return Err(too_large());
+    }
+    Ok(buf.into())
 }
 
 pub fn too_large() -> ApiError {

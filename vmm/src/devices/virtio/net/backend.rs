@@ -18,6 +18,9 @@ const MAX_PENDING_OUT: usize = 1 << 20;
 /// Input bytes we read ahead from passt.
 const READ_CHUNK: usize = 128 * 1024;
 
+/// How long a refused or missing passt socket is retried before the connection fails.
+const DIAL_PATIENCE: std::time::Duration = std::time::Duration::from_secs(5);
+
 #[derive(Debug, thiserror::Error)]
 pub enum BackendError {
     #[error("passt is not installed (Debian package `passt`): no `passt` in PATH")]
@@ -179,7 +182,24 @@ impl Passt {
             path: path.to_path_buf(),
             source,
         };
-        let stream = UnixStream::connect(path).map_err(connect)?;
+        // passt binds its socket before it listens (and its supervisor restarts a passt that
+        // died): on a loaded host a VMM started right after can find the socket bound but not yet
+        // accepting. Refused or missing is retried for a few seconds; anything else is final.
+        let deadline = std::time::Instant::now() + DIAL_PATIENCE;
+        let stream = loop {
+            match UnixStream::connect(path) {
+                Ok(s) => break s,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::NotFound
+                    ) && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                }
+                Err(e) => return Err(connect(e)),
+            }
+        };
         stream.set_nonblocking(true).map_err(connect)?;
         Ok(stream)
     }
