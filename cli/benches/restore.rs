@@ -356,24 +356,9 @@ fn qemu_restore(
     let file = dir.join("qemu-state.bin");
     warm(mem + 256);
     let dst = qemu(elf, mem, cmdline, &sock, Some(&file))?;
-    let t0 = dst.started;
-    let r = (|| -> Result<_, String> {
-        let mut qmp = Qmp::connect(&sock, t0 + Duration::from_secs(30))?;
-        let loaded = incoming_then_cont(&mut qmp)?;
-        let r = counts_after(&dst.out, t0, loaded, saved)?;
-        Ok((qmp, r))
-    })();
-    match r {
-        Ok((q, r)) => {
-            quit(dst, Some(q));
-            Ok(r)
-        }
-        Err(e) => {
-            let msg = format!("{e}\n{}", dst.tails());
-            quit(dst, None);
-            Err(msg)
-        }
-    }
+    incoming(dst, &sock, |dst, t0, loaded| {
+        counts_after(&dst.out, t0, loaded, saved)
+    })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -585,6 +570,32 @@ fn qemu_linux_source(dir: &Path, lx: &Linux) -> Result<u64, String> {
     }
 }
 
+/// A QEMU started with `-incoming`: waits until the migration has loaded, resumes the VM,
+/// measures with (process, launched, resumed) and quits QEMU whatever the outcome.
+fn incoming<T>(
+    dst: Proc,
+    sock: &Path,
+    measure: impl FnOnce(&Proc, Instant, Instant) -> Result<T, String>,
+) -> Result<T, String> {
+    let t0 = dst.started;
+    let r = (|| -> Result<_, String> {
+        let mut qmp = Qmp::connect(sock, t0 + Duration::from_secs(30))?;
+        let loaded = incoming_then_cont(&mut qmp)?;
+        Ok((measure(&dst, t0, loaded)?, qmp))
+    })();
+    match r {
+        Ok((r, q)) => {
+            quit(dst, Some(q));
+            Ok(r)
+        }
+        Err(e) => {
+            let msg = format!("{e}\n{}", dst.tails());
+            quit(dst, None);
+            Err(msg)
+        }
+    }
+}
+
 /// Waits until QEMU's incoming migration has loaded (the VM paused, as it was saved), resumes
 /// it and returns when it was resumed.
 fn incoming_then_cont(qmp: &mut Qmp) -> Result<Instant, String> {
@@ -608,24 +619,10 @@ fn qemu_linux_restore(dir: &Path, lx: &Linux, saved: u64) -> Result<Progress, St
     let file = dir.join("qemu-linux.bin");
     warm(lx.mem + 256);
     let dst = qemu_linux(lx, &sock, Some(&file))?;
-    let t0 = dst.started;
-    let r = (|| -> Result<_, String> {
-        let mut qmp = Qmp::connect(&sock, t0 + Duration::from_secs(30))?;
-        let loaded = incoming_then_cont(&mut qmp)?;
+    incoming(dst, &sock, |dst, t0, loaded| {
         let t1 = first_tick(&dst.out, saved)?;
-        Ok((qmp, (secs(loaded - t0), secs(t1 - t0))))
-    })();
-    match r {
-        Ok((q, r)) => {
-            quit(dst, Some(q));
-            Ok(r)
-        }
-        Err(e) => {
-            let msg = format!("{e}\n{}", dst.tails());
-            quit(dst, None);
-            Err(msg)
-        }
-    }
+        Ok((secs(loaded - t0), secs(t1 - t0)))
+    })
 }
 
 fn fc_linux_files(dir: &Path) -> (PathBuf, PathBuf) {
