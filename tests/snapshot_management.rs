@@ -173,6 +173,46 @@ fn hibernate_then_start_continues_with_no_vmm_in_between() {
     h.ok(&["delete", "w", "--yes"]);
 }
 
+/// The VMM stops itself after a hibernation capture; it must not stop before its answer is out. The VMM here waits 400 ms before each answer (longer than its main loop's
+/// 100 ms poll), which lost the answer every time while the stop flag was set before writing it
+/// (seen once in CI, through the API, as "VMM closed the connection without an answer").
+#[test]
+fn hibernate_answers_before_the_vmm_stops() {
+    if !kvm_or_skip("hibernate_answers_before_the_vmm_stops") {
+        return;
+    }
+    let h = Home::new("hibernate-answer");
+    h.ok(&[
+        "create",
+        "w",
+        "--kernel",
+        "builtin:testguest",
+        "--mem",
+        "64",
+        "--cmdline",
+        "mode=counter mem=2 tick_ms=5 layout=1",
+    ]);
+    let slow = [(
+        "MICROAGENT_TEST_SLOW_AT".to_string(),
+        "vmm-answer:400".to_string(),
+    )];
+    let run = |args: &[&str]| {
+        let o = microagent_env(Some(&h.dir), args, &slow, Duration::from_secs(600));
+        assert!(o.status.success(), "{args:?}: {}{}", stdout(&o), stderr(&o));
+        stdout(&o)
+    };
+    run(&["start", "w"]);
+    h.wait_counts("w", &[10]);
+    run(&["hibernate", "w"]);
+    assert_eq!(
+        json(&h.ok(&["--json", "list"]))["workspaces"][0]["state"],
+        "hibernated"
+    );
+    assert!(run(&["start", "w"]).contains("resumed from hibernation"));
+    run(&["halt", "w"]);
+    assert_eq!(json(&h.ok(&["--json", "status", "w"]))["state"], "stopped");
+}
+
 #[test]
 fn forks_with_a_ttl_vanish_with_their_process() {
     if !kvm_or_skip("forks_with_a_ttl_vanish_with_their_process") {

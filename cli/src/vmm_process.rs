@@ -338,6 +338,9 @@ fn handle(d: &Daemon, conn: UnixStream) {
     };
     tracing::debug!(request = ?req, "API request");
     let _busy = d.busy.lock().unwrap_or_else(|e| e.into_inner());
+    // Set only once the answer is written: the main loop exits the process as soon as it sees
+    // the flag, and a client must never lose the answer to a stop it asked for.
+    let mut stop_after = false;
     let resp = match req {
         Request::Status => status(d),
         Request::Pause => set_paused(d, true),
@@ -363,7 +366,7 @@ fn handle(d: &Daemon, conn: UnixStream) {
             },
         ),
         Request::Shutdown => {
-            d.shutdown.store(true, Ordering::SeqCst);
+            stop_after = true;
             Response::Ok
         }
         Request::Hibernate => {
@@ -382,10 +385,8 @@ fn handle(d: &Daemon, conn: UnixStream) {
                     let _ = api::write_msg(&mut w, &Response::Progress { done, total });
                 },
             );
-            if matches!(r, Response::Snapshot { .. }) {
-                // Stop with the VM still paused: nothing runs after the capture.
-                d.shutdown.store(true, Ordering::SeqCst);
-            }
+            // Stop with the VM still paused: nothing runs after the capture.
+            stop_after = matches!(r, Response::Snapshot { .. });
             r
         }
         #[cfg(feature = "test-hooks")]
@@ -410,7 +411,11 @@ fn handle(d: &Daemon, conn: UnixStream) {
             },
         },
     };
+    crate::testhooks::slow_point("vmm-answer");
     let _ = api::write_msg(&mut w, &resp);
+    if stop_after {
+        d.shutdown.store(true, Ordering::SeqCst);
+    }
 }
 
 fn status(d: &Daemon) -> Response {
