@@ -390,3 +390,66 @@ fn a_jailed_vmm_dies_with_its_waiter() {
     );
     let _ = h.run(&["delete", "w", "--yes"]);
 }
+
+/// `kill PID` stops a workspace as `halt` does, whether it reaches the VMM (PID 1 of its
+/// namespace, which ignored it when it had no handler) or its waiter (which died at once, left
+/// its cgroups and jail directory behind and took the VMM down by SIGKILL): the workspace ends
+/// stopped with no failure recorded, and nothing of the sandbox is left on the host.
+#[test]
+fn a_stop_signal_to_the_vmm_or_its_waiter_stops_the_workspace_cleanly() {
+    if !kvm_or_skip("a_stop_signal_to_the_vmm_or_its_waiter_stops_the_workspace_cleanly") {
+        return;
+    }
+    let h = Home::new("sandbox-sigterm");
+    h.ok(&[
+        "create",
+        "w",
+        "--kernel",
+        "builtin:testguest",
+        "--cmdline",
+        CMDLINE,
+    ]);
+    for to_waiter in [false, true] {
+        h.ok(&["start", "w"]);
+        h.wait_counts("w", &[1]);
+        let pid = h.pid("w").expect("vmm.pid");
+        assert_confined(&h, "w");
+        let s = status_json(&h, "w");
+        let jail = s["sandbox"]["jail_root"].as_str().unwrap().to_string();
+        let cgroups: Vec<String> = s["sandbox"]["cgroups"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c.as_str().unwrap().to_string())
+            .collect();
+        let waiter: i32 = proc_status(pid, "PPid").parse().unwrap();
+        let target = if to_waiter { waiter } else { pid };
+        // SAFETY: SIGTERM to a process this test's workspace started.
+        assert_eq!(unsafe { libc::kill(target, libc::SIGTERM) }, 0);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while (alive(pid) || alive(waiter)) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let who = if to_waiter { "waiter" } else { "VMM" };
+        assert!(
+            !alive(pid) && !alive(waiter),
+            "30 s after SIGTERM to the {who}: VMM {pid} alive {}, waiter {waiter} alive {}",
+            alive(pid),
+            alive(waiter)
+        );
+        let s = status_json(&h, "w");
+        assert_eq!(s["state"], "stopped", "after SIGTERM to the {who}: {s}");
+        assert!(s["failure"].is_null(), "after SIGTERM to the {who}: {s}");
+        assert!(
+            !Path::new(&jail).exists(),
+            "after SIGTERM to the {who}: jail {jail} left behind"
+        );
+        for c in &cgroups {
+            assert!(
+                !Path::new(c).exists(),
+                "after SIGTERM to the {who}: cgroup {c} left behind"
+            );
+        }
+    }
+    h.ok(&["delete", "w", "--yes"]);
+}

@@ -16,6 +16,7 @@ pub mod seccomp;
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::OnceLock;
 
 use serde::{Deserialize, Serialize};
@@ -223,8 +224,28 @@ pub fn ids(spec: &Spec, pid: u32) -> Option<(u32, u32)> {
     Some((uid, gid))
 }
 
+static WAITED_CHILD: AtomicI32 = AtomicI32::new(0);
+
+/// Passed on as SIGTERM, the one stop signal the VMM handles.
+extern "C" fn forward_stop_signal(_: libc::c_int) {
+    let child = WAITED_CHILD.load(Ordering::SeqCst);
+    if child > 0 {
+        // SAFETY: kill is async-signal-safe; the child is ours and not yet reaped.
+        unsafe { libc::kill(child, libc::SIGTERM) };
+    }
+}
+
 /// The parent side: copy the log, wait, report, clean up, exit with the child's status.
 fn waiter(child: libc::pid_t, rd: OwnedFd, spec: &Spec, cgroup: cgroup::Outcome) -> ! {
+    // A stop signal to the waiter is passed on, and the waiter stays to clean up after the
+    // child (cgroups, jail root): dying at once would leave those behind and SIGKILL the VMM
+    // through its death signal.
+    WAITED_CHILD.store(child, Ordering::SeqCst);
+    for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
+        // SAFETY: installs a handler that only loads an atomic and calls kill (both
+        // async-signal-safe); signal() gives SA_RESTART, so the log copy and waitpid go on.
+        unsafe { libc::signal(sig, forward_stop_signal as *const () as libc::sighandler_t) };
+    }
     let jail_root = spec
         .flags
         .jail
