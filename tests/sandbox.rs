@@ -451,5 +451,59 @@ fn a_stop_signal_to_the_vmm_or_its_waiter_stops_the_workspace_cleanly() {
             );
         }
     }
+    // A jailed page server stops on it too, through its waiter, and its fork says why it stops.
+    h.ok(&["start", "w"]);
+    h.wait_counts("w", &[1]);
+    h.ok(&["snapshot", "create", "w", "--tag", "s"]);
+    h.ok(&["create", "f", "--from-snapshot", "w:s", "--memory", "uffd"]);
+    let snap = h.ws("w").join("snapshots/s");
+    let servers = processes_with_args(&["__pageserver", "--snapshot", snap.to_str().unwrap()]);
+    let waiter = *servers
+        .iter()
+        .find(|p| proc_status(**p, "NSpid").split_whitespace().count() == 1)
+        .unwrap_or_else(|| panic!("no page server waiter among {servers:?}"));
+    // SAFETY: SIGTERM to the page server's waiter this test started.
+    assert_eq!(unsafe { libc::kill(waiter, libc::SIGTERM) }, 0);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while servers.iter().any(|p| alive(*p)) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        !servers.iter().any(|p| alive(*p)),
+        "page server {servers:?} still there 30 s after SIGTERM to its waiter"
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while status_json(&h, "f")["state"] == "running" && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let f = status_json(&h, "f");
+    assert!(
+        f["failure"]
+            .as_str()
+            .is_some_and(|m| m.contains("page server is gone")),
+        "{f}"
+    );
+    h.ok(&["delete", "f", "--yes"]);
     h.ok(&["delete", "w", "--yes"]);
+}
+
+/// Live processes whose command line contains `args` in a row.
+fn processes_with_args(args: &[&str]) -> Vec<i32> {
+    let mut want = Vec::new();
+    for a in args {
+        want.extend_from_slice(a.as_bytes());
+        want.push(0);
+    }
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| {
+            let pid: i32 = e.file_name().to_str()?.parse().ok()?;
+            let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
+            cmdline
+                .windows(want.len())
+                .any(|w| w == want.as_slice())
+                .then_some(pid)
+        })
+        .collect()
 }

@@ -72,6 +72,7 @@ pub fn run(args: PageServerArgs) -> Result<(), Failure> {
         ),
     };
     crate::sandbox::enter(spec)?;
+    crate::sandbox::on_stop_signals();
     if flags.seccomp {
         crate::sandbox::seccomp::apply(kind)?;
     }
@@ -108,15 +109,21 @@ pub fn run(args: PageServerArgs) -> Result<(), Failure> {
     let mut idle_since = Some(Instant::now());
     loop {
         std::thread::sleep(Duration::from_millis(500));
+        if crate::sandbox::stop_requested() {
+            tracing::info!("stop signal: stopping");
+            break;
+        }
         let active = !server.stats().clients.is_empty();
         match (active, idle_since) {
             (true, _) => idle_since = None,
             (false, None) => idle_since = Some(Instant::now()),
-            (false, Some(t)) if t.elapsed() > IDLE => break,
+            (false, Some(t)) if t.elapsed() > IDLE => {
+                tracing::info!("no VMM for {IDLE:?}: stopping");
+                break;
+            }
             _ => {}
         }
     }
-    tracing::info!("no VMM for {IDLE:?}: stopping");
     server.shutdown();
     let _ = std::fs::remove_file(&sock);
     Ok(())

@@ -164,7 +164,7 @@ pub fn run(args: VmmArgs) -> Result<(), Failure> {
         args.memory,
         flags,
     ))?;
-    on_stop_signals();
+    crate::sandbox::on_stop_signals();
     if flags.seccomp {
         vmm::thread_hook::set(crate::sandbox::seccomp::vmm_thread_hook);
         crate::sandbox::seccomp::apply(crate::sandbox::seccomp::Kind::VmmProcess)?;
@@ -285,7 +285,7 @@ pub fn run(args: VmmArgs) -> Result<(), Failure> {
         if daemon.shutdown.load(Ordering::SeqCst) {
             break Ok(());
         }
-        if STOP_SIGNAL.load(Ordering::SeqCst) {
+        if crate::sandbox::stop_requested() {
             // As `halt`, but an operation under way (a capture) ends first, answer and all.
             let _busy = daemon.busy.lock().unwrap_or_else(|e| e.into_inner());
             tracing::info!("stop signal");
@@ -316,22 +316,6 @@ pub fn run(args: VmmArgs) -> Result<(), Failure> {
         Ok(()) => 0,
         Err(f) => f.code as i32,
     })
-}
-
-static STOP_SIGNAL: AtomicBool = AtomicBool::new(false);
-
-extern "C" fn on_stop_signal(_: libc::c_int) {
-    STOP_SIGNAL.store(true, Ordering::SeqCst);
-}
-
-/// SIGTERM and SIGINT stop the VM as `halt` does. Without a handler they would do nothing to a
-/// jailed VMM: it is PID 1 of its namespace, and the kernel drops signals from outside it that
-/// such a process has not asked for (only SIGKILL gets through).
-fn on_stop_signals() {
-    for sig in [libc::SIGTERM, libc::SIGINT] {
-        // SAFETY: installs a handler that only stores to an atomic (async-signal-safe).
-        unsafe { libc::signal(sig, on_stop_signal as *const () as libc::sighandler_t) };
-    }
 }
 
 fn serve(d: &Daemon, listener: UnixListener) {

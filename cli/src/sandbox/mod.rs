@@ -16,7 +16,7 @@ pub mod seccomp;
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::sync::OnceLock;
 
 use serde::{Deserialize, Serialize};
@@ -222,6 +222,28 @@ pub fn ids(spec: &Spec, pid: u32) -> Option<(u32, u32)> {
     let uid = spec.uid.unwrap_or(UID_BASE.saturating_add(pid));
     let gid = spec.gid.unwrap_or(uid);
     Some((uid, gid))
+}
+
+static STOP_SIGNAL: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_stop_signal(_: libc::c_int) {
+    STOP_SIGNAL.store(true, Ordering::SeqCst);
+}
+
+/// Makes SIGTERM and SIGINT a request to stop (`stop_requested`), for a sandboxed process to
+/// end cleanly. Without a handler they would do nothing to a jailed one: it is PID 1 of its
+/// namespace, and the kernel drops signals from outside it that such a process has not asked
+/// for (only SIGKILL gets through).
+pub fn on_stop_signals() {
+    for sig in [libc::SIGTERM, libc::SIGINT] {
+        // SAFETY: installs a handler that only stores to an atomic (async-signal-safe).
+        unsafe { libc::signal(sig, on_stop_signal as *const () as libc::sighandler_t) };
+    }
+}
+
+/// Whether SIGTERM or SIGINT came since `on_stop_signals`.
+pub fn stop_requested() -> bool {
+    STOP_SIGNAL.load(Ordering::SeqCst)
 }
 
 static WAITED_CHILD: AtomicI32 = AtomicI32::new(0);
