@@ -386,3 +386,90 @@ impl Tap {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    use std::os::unix::ffi::OsStrExt;
+    use std::time::{Duration, Instant};
+
+    fn temp_sock(name: &str) -> PathBuf {
+        let p = std::env::temp_dir().join(format!("passt-dial-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_file(&p);
+        p
+    }
+
+    /// A Unix stream socket bound to `path` and not listening: what a VMM finds between
+    /// passt's bind and its listen.
+    fn bound_not_listening(path: &Path) -> OwnedFd {
+        // SAFETY: a plain socket call; the descriptor is owned at once.
+        let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+        assert!(fd >= 0);
+        // SAFETY: just created, owned here.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        // SAFETY: sockaddr_un is plain data; zeroed is a valid value.
+        let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+        addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+        let bytes = path.as_os_str().as_bytes();
+        assert!(bytes.len() < addr.sun_path.len());
+        for (d, s) in addr.sun_path.iter_mut().zip(bytes) {
+            *d = *s as libc::c_char;
+        }
+        // SAFETY: addr is a valid sockaddr_un of the given size.
+        let r = unsafe {
+            libc::bind(
+                fd.as_raw_fd(),
+                &addr as *const libc::sockaddr_un as *const libc::sockaddr,
+                std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(r, 0, "bind: {}", std::io::Error::last_os_error());
+        fd
+    }
+
+    #[test]
+    fn a_socket_that_appears_late_is_dialed() {
+        let path = temp_sock("late");
+        let p = path.clone();
+        let server = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            let l = std::os::unix::net::UnixListener::bind(&p).unwrap();
+            l.accept().map(|_| ())
+        });
+        let started = Instant::now();
+        Passt::connect(&path).expect("dial a socket made 300 ms later");
+        assert!(started.elapsed() >= Duration::from_millis(300));
+        server.join().unwrap().unwrap();
+        let _ = std::fs::remove_file(&path);
+    }
+
+    #[test]
+    fn a_socket_bound_before_it_listens_is_dialed() {
+        let path = temp_sock("bound");
+        let fd = bound_not_listening(&path);
+        // Refused now: the case the retry is for.
+        let refused = std::os::unix::net::UnixStream::connect(&path).unwrap_err();
+        assert_eq!(refused.kind(), std::io::ErrorKind::ConnectionRefused);
+        let server = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            // SAFETY: listen on the socket this test bound.
+            assert_eq!(unsafe { libc::listen(fd.as_raw_fd(), 4) }, 0);
+            fd
+        });
+        Passt::connect(&path).expect("dial a socket that listens 300 ms after its bind");
+        drop(server.join().unwrap());
+        let _ = std::fs::remove_file(&path);
+    }
+
+    #[test]
+    fn a_socket_that_never_comes_is_an_error_after_the_patience() {
+        let path = temp_sock("never");
+        let started = Instant::now();
+        let err = Passt::connect(&path)
+            .err()
+            .expect("no socket, no connection");
+        assert!(matches!(err, BackendError::PasstConnect { .. }), "{err}");
+        assert!(started.elapsed() >= DIAL_PATIENCE);
+    }
+}
