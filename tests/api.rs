@@ -181,6 +181,67 @@ fn token_origin_limits_and_errors() {
     });
 }
 
+/// A client that is still sending an oversized body when the server decides gets the 413, not
+/// a reset: the server reads (up to 1 MiB) what it refuses before it answers and closes. Here
+/// the client stops for 300 ms past the bound, then sends the rest: a server that answered and
+/// closed at once would have the kernel reset the connection on those late bytes, the upload
+/// would fail, and a client such as Python's requests never reads the answer then. Once with
+/// the length declared, once chunked.
+#[test]
+fn an_oversized_body_sent_slowly_still_gets_its_413() {
+    use std::io::{Read, Write};
+    let h = Home::new("api-slow-413");
+    let s = Server::start(&h);
+    let addr = s.base.trim_start_matches("http://").trim_end_matches('/');
+    let body = format!("{{\"name\": \"{}\"}}", "a".repeat(70 * 1024));
+    for chunked in [false, true] {
+        let mut c = std::net::TcpStream::connect(addr).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let framing = if chunked {
+            "Transfer-Encoding: chunked".to_string()
+        } else {
+            format!("Content-Length: {}", body.len())
+        };
+        let head = format!(
+            "POST /api/workspaces HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {}\r\n\
+             Content-Type: application/json\r\nConnection: close\r\n{framing}\r\n\r\n",
+            s.token
+        );
+        c.write_all(head.as_bytes()).unwrap();
+        let (first, rest) = body.as_bytes().split_at(66 * 1024);
+        let frame = |part: &[u8]| {
+            if chunked {
+                let mut v = format!("{:x}\r\n", part.len()).into_bytes();
+                v.extend_from_slice(part);
+                v.extend_from_slice(b"\r\n");
+                v
+            } else {
+                part.to_vec()
+            }
+        };
+        c.write_all(&frame(first)).unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        // The rest in small pieces: were the connection closed, the first piece would draw a
+        // reset and a later write would fail, as a client's upload does (and then it never
+        // reads the answer).
+        for piece in rest.chunks(1024) {
+            std::thread::sleep(Duration::from_millis(20));
+            c.write_all(&frame(piece))
+                .unwrap_or_else(|e| panic!("chunked {chunked}: the server cut the upload: {e}"));
+        }
+        if chunked {
+            c.write_all(b"0\r\n\r\n").unwrap();
+        }
+        let mut answer = Vec::new();
+        let read = c.read_to_end(&mut answer);
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(
+            answer.starts_with("HTTP/1.1 413") && answer.contains("too-large"),
+            "chunked {chunked}: {read:?}, answer {answer:?}"
+        );
+    }
+}
+
 #[test]
 fn openapi_document_matches_the_routes_served() {
     let h = Home::new("api-openapi");
