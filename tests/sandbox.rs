@@ -31,6 +31,18 @@ fn proc_status(pid: i32, key: &str) -> String {
         .to_string()
 }
 
+/// A stopped test-guest workspace that counts once started.
+fn create_counter(h: &Home, name: &str) {
+    h.ok(&[
+        "create",
+        name,
+        "--kernel",
+        "builtin:testguest",
+        "--cmdline",
+        CMDLINE,
+    ]);
+}
+
 fn status_json(h: &Home, name: &str) -> serde_json::Value {
     serde_json::from_str(&h.ok(&["--json", "status", name])).unwrap()
 }
@@ -171,14 +183,7 @@ fn a_running_workspace_and_its_fork_are_jailed_and_filtered() {
         return;
     }
     let h = Home::new("sandbox-jail");
-    h.ok(&[
-        "create",
-        "w",
-        "--kernel",
-        "builtin:testguest",
-        "--cmdline",
-        CMDLINE,
-    ]);
+    create_counter(&h, "w");
     h.ok(&["start", "w"]);
     h.wait_counts("w", &[3]);
     let uid_w = assert_confined(&h, "w");
@@ -242,14 +247,7 @@ fn a_forbidden_system_call_kills_the_vmm_and_the_cli_says_so() {
         return;
     }
     let h = Home::new("sandbox-sigsys");
-    h.ok(&[
-        "create",
-        "w",
-        "--kernel",
-        "builtin:testguest",
-        "--cmdline",
-        CMDLINE,
-    ]);
+    create_counter(&h, "w");
     h.ok(&["start", "w"]);
     h.wait_counts("w", &[2]);
     let pid = h.pid("w").unwrap();
@@ -360,14 +358,7 @@ fn a_jailed_vmm_dies_with_its_waiter() {
         return;
     }
     let h = Home::new("sandbox-pdeath");
-    h.ok(&[
-        "create",
-        "w",
-        "--kernel",
-        "builtin:testguest",
-        "--cmdline",
-        CMDLINE,
-    ]);
+    create_counter(&h, "w");
     h.ok(&["start", "w"]);
     h.wait_counts("w", &[1]);
     let pid = h.pid("w").expect("vmm.pid");
@@ -401,14 +392,7 @@ fn a_stop_signal_to_the_vmm_or_its_waiter_stops_the_workspace_cleanly() {
         return;
     }
     let h = Home::new("sandbox-sigterm");
-    h.ok(&[
-        "create",
-        "w",
-        "--kernel",
-        "builtin:testguest",
-        "--cmdline",
-        CMDLINE,
-    ]);
+    create_counter(&h, "w");
     for to_waiter in [false, true] {
         h.ok(&["start", "w"]);
         h.wait_counts("w", &[1]);

@@ -6,7 +6,7 @@ use common::*;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-fn boot(h: &Home, name: &str) {
+fn create(h: &Home, name: &str) {
     h.ok(&[
         "create",
         name,
@@ -17,6 +17,10 @@ fn boot(h: &Home, name: &str) {
         "--cmdline",
         "mode=counter mem=2 tick_ms=5 layout=1",
     ]);
+}
+
+fn boot(h: &Home, name: &str) {
+    create(h, name);
     h.ok(&["start", name]);
     h.wait_counts(name, &[10]);
 }
@@ -182,16 +186,7 @@ fn hibernate_answers_before_the_vmm_stops() {
         return;
     }
     let h = Home::new("hibernate-answer");
-    h.ok(&[
-        "create",
-        "w",
-        "--kernel",
-        "builtin:testguest",
-        "--mem",
-        "64",
-        "--cmdline",
-        "mode=counter mem=2 tick_ms=5 layout=1",
-    ]);
+    create(&h, "w");
     let slow = [(
         "MICROAGENT_TEST_SLOW_AT".to_string(),
         "vmm-answer:400".to_string(),
