@@ -491,3 +491,106 @@ fn processes_with_args(args: &[&str]) -> Vec<i32> {
         })
         .collect()
 }
+
+/// A jailed VMM writes entries of its workspace directory (its pid file, its sockets, its
+/// console log, its snapshots), so a guest that took it over controls them. The test (root) does
+/// what such a VMM could do as its own uid, and each time the CLI, which runs as root, must not
+/// be turned against the host: a pid file naming another process, an API socket linked to
+/// another workspace's, a console log or snapshot file linked to a host secret, and a link left
+/// where the next start hands a path over to the new VMM's uid.
+#[test]
+fn a_compromised_vmms_files_do_not_turn_the_cli_against_the_host() {
+    use std::os::unix::fs::symlink;
+    if !kvm_or_skip("a_compromised_vmms_files_do_not_turn_the_cli_against_the_host") {
+        return;
+    }
+    let h = Home::new("sandbox-hostile-files");
+    let secret = h.dir.join("host-secret");
+    std::fs::write(&secret, "host secret 7f3a9c").unwrap();
+    create_counter(&h, "w");
+    create_counter(&h, "v");
+    for n in ["w", "v"] {
+        h.ok(&["start", n]);
+        h.wait_counts(n, &[1]);
+    }
+    let ws = h.ws("w");
+
+    // The pid file names a bystander: `halt` stops the VMM and leaves the bystander alone.
+    let mut bystander = std::process::Command::new("sleep")
+        .arg("120")
+        .spawn()
+        .unwrap();
+    let vmm = h.pid("w").unwrap();
+    std::fs::write(ws.join("vmm.pid"), format!("{}\n", bystander.id())).unwrap();
+    h.ok(&["halt", "w"]);
+    assert!(
+        bystander.try_wait().unwrap().is_none(),
+        "halt killed the process the pid file named"
+    );
+    assert!(!alive(vmm), "halt left the VMM {vmm} running");
+    let _ = bystander.kill();
+    let _ = bystander.wait();
+
+    // The API socket links to another workspace's: `halt w` must not stop v.
+    h.ok(&["start", "w"]);
+    h.wait_counts("w", &[1]);
+    let vmm = h.pid("w").unwrap();
+    std::fs::remove_file(ws.join("api.sock")).unwrap();
+    symlink(h.ws("v").join("api.sock"), ws.join("api.sock")).unwrap();
+    let _ = h.run(&["halt", "w"]);
+    assert!(!alive(vmm), "halt left the VMM {vmm} running");
+    assert_eq!(
+        status_json(&h, "v")["state"],
+        "running",
+        "halting w stopped v through a linked socket"
+    );
+
+    // The console log links to a host file: `console` does not print it.
+    h.ok(&["start", "w"]);
+    h.wait_counts("w", &[1]);
+    std::fs::remove_file(ws.join("console.log")).unwrap();
+    symlink(&secret, ws.join("console.log")).unwrap();
+    let o = h.run(&["console", "w"]);
+    assert!(
+        !stdout(&o).contains("7f3a9c") && !stderr(&o).contains("7f3a9c"),
+        "console printed the host file: {}",
+        stdout(&o)
+    );
+
+    // A snapshot's memory file swapped for a link: verify and export refuse it, the archive
+    // holds no host file.
+    h.ok(&["snapshot", "create", "w", "--tag", "s"]);
+    let mem = ws.join("snapshots/s/memory.bin");
+    let size = std::fs::metadata(&mem).unwrap().len();
+    std::fs::remove_file(&mem).unwrap();
+    let big = h.dir.join("host-secret-big");
+    std::fs::write(&big, vec![b'7'; size as usize]).unwrap();
+    symlink(&big, &mem).unwrap();
+    let o = h.run(&["snapshot", "inspect", "w", "s", "--verify"]);
+    assert!(!o.status.success(), "verify accepted a linked memory file");
+    assert!(stderr(&o).contains("not a regular file"), "{}", stderr(&o));
+    let archive = h.dir.join("out.tar.zst");
+    let o = h.run(&["snapshot", "export", "w", "s", archive.to_str().unwrap()]);
+    assert!(!o.status.success(), "export followed a linked memory file");
+    assert!(!archive.exists());
+    h.ok(&["halt", "w"]);
+
+    // A link left where the next start hands a path to the new VMM: refused, target untouched.
+    let victim = h.dir.join("victim");
+    std::fs::create_dir(&victim).unwrap();
+    std::fs::rename(ws.join("snapshots"), h.dir.join("snapshots-moved")).unwrap();
+    symlink(&victim, ws.join("snapshots")).unwrap();
+    let o = h.run(&["start", "w"]);
+    assert!(
+        !o.status.success(),
+        "started through a linked snapshots directory"
+    );
+    assert!(stderr(&o).contains("symbolic link"), "{}", stderr(&o));
+    let owner = std::fs::metadata(&victim).unwrap().uid();
+    assert_eq!(
+        owner,
+        unsafe { libc::geteuid() },
+        "the link's target changed hands"
+    );
+    h.ok(&["halt", "v"]);
+}

@@ -150,6 +150,26 @@ pub fn read_msg<T: for<'de> Deserialize<'de>>(r: &mut impl BufRead) -> Result<Op
         .map_err(|e| ApiError::Protocol(e.to_string()))
 }
 
+/// Connects to the VMM socket `sock` in a workspace directory, and makes sure the listener is
+/// that workspace's VMM: the process its waiter recorded. The VMM is jailed because its guest may
+/// take it over, and the directory is the VMM's to write: it could put a link to another
+/// workspace's socket in place of its own, and a `halt` of it would stop another tenant's VM.
+pub fn connect_vmm(sock: &Path) -> std::io::Result<UnixStream> {
+    let stream = UnixStream::connect(sock)?;
+    let peer = rustix::net::sockopt::socket_peercred(&stream)?
+        .pid
+        .as_raw_nonzero()
+        .get();
+    let dir = sock.parent().unwrap_or(Path::new("."));
+    match crate::sandbox::record(dir) {
+        Some(r) if i64::from(r.pid) == i64::from(peer) => Ok(stream),
+        _ => Err(std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            format!("the process listening there (pid {peer}) is not this workspace's VMM"),
+        )),
+    }
+}
+
 /// Sends `req` and returns the final response, passing progress to `on_progress`.
 pub fn request_with_progress(
     sock: &Path,
@@ -157,7 +177,7 @@ pub fn request_with_progress(
     timeout: Option<Duration>,
     on_progress: &mut dyn FnMut(u64, u64),
 ) -> Result<Response, ApiError> {
-    let stream = UnixStream::connect(sock).map_err(|source| ApiError::Connect {
+    let stream = connect_vmm(sock).map_err(|source| ApiError::Connect {
         path: sock.display().to_string(),
         source,
     })?;

@@ -1201,7 +1201,9 @@ fn net_line(s: &serde_json::Value) -> String {
 pub fn console(root: &Path, name: &str) -> Result<(), Failure> {
     let ws = Workspace::open(root, name)?;
     let p = ws.path(workspace::CONSOLE);
-    match read_settled(&p) {
+    // The VMM keeps its log under this bound; a larger file is not its log.
+    let max = ws.config.sandbox.console_max.saturating_add(1 << 20);
+    match read_settled(&p, max) {
         Ok(b) => {
             use std::io::Write;
             let _ = std::io::stdout().write_all(&b);
@@ -1215,15 +1217,16 @@ pub fn console(root: &Path, name: &str) -> Result<(), Failure> {
 /// A bounded log is compacted in place while the guest prints (its newest half moved to the
 /// front, then the file cut): a read that overlaps a compaction sees the new front followed by
 /// the old tail. Such a read finds the file shorter afterwards than what it read, and is repeated.
-fn read_settled(p: &Path) -> std::io::Result<Vec<u8>> {
-    let mut bytes = std::fs::read(p)?;
+/// The log is the jailed VMM's file: read as [`workspace::read_untrusted`] does.
+fn read_settled(p: &Path, max: u64) -> std::io::Result<Vec<u8>> {
+    let mut bytes = workspace::read_untrusted(p, max)?;
     for _ in 0..10 {
-        let now = std::fs::metadata(p)?.len();
+        let now = std::fs::symlink_metadata(p)?.len();
         if now >= bytes.len() as u64 {
             break;
         }
         std::thread::sleep(std::time::Duration::from_millis(5));
-        bytes = std::fs::read(p)?;
+        bytes = workspace::read_untrusted(p, max)?;
     }
     Ok(bytes)
 }

@@ -22,7 +22,7 @@ use clap::Args;
 use serde::{Deserialize, Serialize};
 
 use crate::exit::{Code, Failure};
-use crate::workspace::{self, process_alive, Workspace};
+use crate::workspace::{process_alive, Workspace};
 
 /// passt's socket, in a directory of its own that passt (dropped to nobody) can write.
 const SOCKET: &str = "passt.sock";
@@ -608,11 +608,9 @@ pub fn supervise(a: NetdArgs) -> Result<(), Failure> {
             if TERM.load(std::sync::atomic::Ordering::SeqCst) {
                 break true;
             }
-            match std::fs::read_to_string(dir.join(workspace::PID))
-                .ok()
-                .and_then(|s| s.trim().parse::<i32>().ok())
-            {
-                Some(pid) if process_alive(pid) => vmm_seen = true,
+            // The waiter's record, not the VMM's own pid file (see `Workspace::pid`).
+            match crate::sandbox::record(dir).filter(|r| r.running() && r.start_time.is_some()) {
+                Some(r) if process_alive(r.pid as i32) => vmm_seen = true,
                 _ if vmm_seen || started.elapsed() > Duration::from_secs(120) => break true,
                 _ => {}
             }

@@ -128,10 +128,20 @@ pub fn wait_ready(ws: &Workspace, child: &mut Child) -> Result<u32, Failure> {
             ));
         }
         if sock.exists() {
-            if let Ok(Response::Status { pid, .. }) =
+            if let Ok(Response::Status { .. }) =
                 api::request(&sock, &Request::Status, Duration::from_secs(2))
             {
-                return Ok(pid);
+                // The pid its waiter recorded, not the one the VMM says (see `Workspace::pid`).
+                return ws.pid().map(|p| p as u32).ok_or_else(|| {
+                    Failure::new(
+                        Code::Error,
+                        format!(
+                            "workspace {}: its VMM's pid file does not name the process its \
+                             waiter started",
+                            ws.name()
+                        ),
+                    )
+                });
             }
         }
         if Instant::now() > deadline {
@@ -177,6 +187,7 @@ pub fn set_running(ws: &Workspace, running: bool) -> Result<(), Failure> {
 pub fn halt(ws: &Workspace) -> Result<(), Failure> {
     let Some(pid) = ws.pid() else {
         crate::net::stop(ws);
+        ws.clear_stale_process();
         return Ok(());
     };
     if process_alive(pid) {

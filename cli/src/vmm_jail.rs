@@ -77,6 +77,8 @@ pub fn spec(ws: &Workspace, restore: Option<&Path>, memory: MemoryArg, flags: Ru
         mounts: m,
         owned,
         shared_dir: Some(ws.dir.clone()),
+        // A fork's source workspace: its VMM wrote the snapshot directory bound here.
+        untrusted: restore.into_iter().filter_map(workspace_of).collect(),
         uid: cfg.sandbox.uid,
         gid: cfg.sandbox.gid,
         limits: Limits {
@@ -91,6 +93,14 @@ pub fn spec(ws: &Workspace, restore: Option<&Path>, memory: MemoryArg, flags: Ru
         log_max: VMM_LOG_MAX,
         leftovers: Vec::new(),
     }
+}
+
+/// The workspace directory holding a snapshot (`<workspace>/snapshots/<tag>`).
+fn workspace_of(snapshot_dir: &Path) -> Option<PathBuf> {
+    let parent = snapshot_dir.parent()?;
+    (parent.file_name()? == crate::workspace::SNAPSHOTS)
+        .then(|| parent.parent().map(Path::to_path_buf))
+        .flatten()
 }
 
 /// The page server's jail: only its snapshot directory, which it owns while it runs (it creates
@@ -112,6 +122,7 @@ pub fn pageserver_spec(snapshot_dir: &Path, flags: RunFlags) -> Spec {
         mounts: m,
         owned: vec![snapshot_dir.to_path_buf()],
         shared_dir: None,
+        untrusted: workspace_of(snapshot_dir).into_iter().collect(),
         uid: None,
         gid: None,
         limits: Limits {

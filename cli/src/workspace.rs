@@ -154,10 +154,23 @@ impl Workspace {
         out
     }
 
+    /// The pid of the workspace's running VMM. The VMM is jailed because its guest may take it
+    /// over, and its pid file is its own to write: the pid is the one its waiter (root, outside
+    /// the jail, in a file the VMM cannot replace) recorded, and only while that very process
+    /// runs (its start time too), never what the pid file says. Else `halt` would SIGKILL
+    /// whatever process a hostile VMM named, or one that took over a dead VMM's pid.
     pub fn pid(&self) -> Option<i32> {
-        std::fs::read_to_string(self.path(PID))
-            .ok()
-            .and_then(|s| s.trim().parse().ok())
+        let recorded = crate::sandbox::record(&self.dir)?;
+        // A record without a start time (an older version's) is believed only beside a pid file.
+        if !recorded.running() || (recorded.start_time.is_none() && !self.pid_file_left()) {
+            return None;
+        }
+        i32::try_from(recorded.pid).ok()
+    }
+
+    /// Whether a VMM's pid file is there: a VMM removes it when it exits cleanly.
+    fn pid_file_left(&self) -> bool {
+        std::fs::symlink_metadata(self.path(PID)).is_ok()
     }
 
     /// The VMM's state: asks it over the API socket when its process is alive.
@@ -168,18 +181,19 @@ impl Workspace {
     }
 
     pub fn state(&self) -> State {
-        let Some(pid) = self.pid() else {
-            if self.hibernation_slot().is_some() {
-                return State::Hibernated;
+        let pid = self.pid().filter(|&p| process_alive(p));
+        let Some(_) = pid else {
+            if !self.pid_file_left() {
+                if self.hibernation_slot().is_some() {
+                    return State::Hibernated;
+                }
+                return State::Stopped;
             }
-            return State::Stopped;
-        };
-        if !process_alive(pid) {
             if crate::sandbox::failure(&self.dir).is_some() {
                 return State::Failed;
             }
             return State::Crashed;
-        }
+        };
         match api::request(
             &self.path(API_SOCK),
             &api::Request::Status,
@@ -243,4 +257,30 @@ pub fn save_config(dir: &Path, config: &Config) -> Result<(), Failure> {
     bytes.push(b'\n');
     snapshot::atomic_file::write(&dir.join(CONFIG), &bytes)
         .map_err(|e| Failure::new(Code::Error, format!("cannot write config: {e}")))
+}
+
+/// Opens a file the jailed VMM may have written (its pid file, its console log) for reading:
+/// never through a link (a hostile VMM could point one at any host file, and the reader is
+/// root), and only a regular file (not a FIFO that would block the reader).
+pub fn open_untrusted(p: &Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(p)?;
+    if !f.metadata()?.is_file() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("{} is not a regular file", p.display()),
+        ));
+    }
+    Ok(f)
+}
+
+/// Reads at most `max` bytes of a file the jailed VMM may have written ([`open_untrusted`]).
+pub fn read_untrusted(p: &Path, max: u64) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let mut bytes = Vec::new();
+    open_untrusted(p)?.take(max).read_to_end(&mut bytes)?;
+    Ok(bytes)
 }

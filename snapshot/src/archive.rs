@@ -27,7 +27,7 @@ pub fn export(snap: &Snapshot, out: &Path) -> Result<u64, SnapshotError> {
     names.extend(snap.manifest.files.iter().map(|f| f.name.clone()));
     for name in &names {
         let p = snap.path(name);
-        let mut f = File::open(&p).map_err(io("cannot read", &p))?;
+        let mut f = snap.open_member(name).map_err(io("cannot read", &p))?;
         tar.append_file(name, &mut f)
             .map_err(io("cannot archive", &p))?;
     }

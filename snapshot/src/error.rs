@@ -31,6 +31,10 @@ pub enum Refusal {
     },
     #[error("{0} is missing")]
     MissingFile(String),
+    /// A link or a special file where the manifest names a file: never followed or read (a
+    /// jailed VMM writes its snapshots, and a link could lead a root reader to any host file).
+    #[error("{0} is not a regular file")]
+    NotRegular(String),
     #[error(transparent)]
     Manifest(ManifestError),
     #[error(transparent)]
@@ -46,6 +50,7 @@ impl Refusal {
             Refusal::Digest { .. } => "digest-mismatch",
             Refusal::Size { .. } => "size-mismatch",
             Refusal::MissingFile(_) => "missing-file",
+            Refusal::NotRegular(_) => "not-a-regular-file",
             Refusal::Manifest(ManifestError::UnknownVersion { .. }) => "unknown-format-version",
             Refusal::Manifest(_) => "corrupt-manifest",
             Refusal::State(StateError::UnknownVersion { .. }) => "unknown-format-version",

@@ -51,6 +51,24 @@ impl Snapshot {
         self.dir.join(name)
     }
 
+    /// Opens one of the snapshot's files (or its manifest) to read it whole: never through a
+    /// link, only a regular file. A jailed VMM writes its snapshots; what reads them whole to
+    /// send elsewhere (export, push) runs as root and must not be led to another host file.
+    pub fn open_member(&self, name: &str) -> std::io::Result<std::fs::File> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+            .open(self.path(name))?;
+        if !f.metadata()?.is_file() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("{name} is not a regular file"),
+            ));
+        }
+        Ok(f)
+    }
+
     pub fn memory_path(&self) -> PathBuf {
         self.path(MEMORY)
     }
@@ -98,13 +116,16 @@ impl Snapshot {
         }
         for f in &self.manifest.files {
             let p = self.path(&f.name);
-            let meta = match std::fs::metadata(&p) {
+            let meta = match std::fs::symlink_metadata(&p) {
                 Ok(m) => m,
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                     return Err(Refusal::MissingFile(f.name.clone()).into())
                 }
                 Err(e) => return Err(io("cannot stat", &p)(e)),
             };
+            if !meta.is_file() {
+                return Err(Refusal::NotRegular(f.name.clone()).into());
+            }
             if meta.len() != f.size {
                 return Err(Refusal::Size {
                     file: f.name.clone(),

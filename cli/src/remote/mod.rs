@@ -306,11 +306,25 @@ struct Source {
     len: u64,
 }
 
-fn read_at(path: &Path, offset: u64, len: u64) -> Result<Vec<u8>, RemoteError> {
-    let f = File::open(path).map_err(io_err("cannot open", path))?;
+/// One chunk of a snapshot's file, which must still have the digest the index gives it: the
+/// remote keys chunks by digest, and a file changed (or swapped for a link, see
+/// `Snapshot::open_member`) since the index was made must not put other bytes under that name.
+fn read_at(path: &Path, offset: u64, len: u64, digest: &str) -> Result<Vec<u8>, RemoteError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
+        .map_err(io_err("cannot open", path))?;
     let mut buf = vec![0u8; len.min(CHUNK_SIZE) as usize];
     f.read_exact_at(&mut buf, offset)
         .map_err(io_err("cannot read", path))?;
+    if index::sha256_hex(&buf) != digest {
+        return Err(io_err("changed while pushing", path)(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("the chunk at {offset} no longer has digest {digest}"),
+        )));
+    }
     Ok(buf)
 }
 
@@ -326,7 +340,7 @@ fn build_index(
     let mut buf = vec![0u8; CHUNK_SIZE as usize];
     for n in names {
         let p = snap.path(&n);
-        let f = File::open(&p).map_err(io_err("cannot open", &p))?;
+        let f = snap.open_member(&n).map_err(io_err("cannot open", &p))?;
         let size = f.metadata().map_err(io_err("cannot stat", &p))?.len();
         let mut chunks = Vec::new();
         for i in 0..index::chunk_count(size) {
@@ -430,7 +444,7 @@ fn push_one(
         let todo_bytes: u64 = todo.iter().map(|(_, s)| s.len).sum();
         let mut done_bytes = 0u64;
         let mut uploads = futures_util::stream::iter(todo.into_iter().map(|(d, src)| async move {
-            let raw = read_at(&src.path, src.offset, src.len)?;
+            let raw = read_at(&src.path, src.offset, src.len, d)?;
             let z = index::encode_chunk(&raw).map_err(io_err("cannot compress", &src.path))?;
             let n = z.len() as u64;
             store.put(&store.key(&chunk_rel(d)), z).await?;

@@ -142,6 +142,11 @@ pub fn setup(spec: &Spec, pid: u32, ids: Option<(u32, u32)>) -> Result<(), Failu
         libc::MS_NOSUID | libc::MS_NOEXEC,
         Some(JAIL_TMPFS),
     )?;
+    for dir in spec.untrusted.iter().chain(&spec.shared_dir) {
+        for p in spec.mounts.binds.iter().map(|b| &b.path).chain(&spec.owned) {
+            no_links_below(dir, p)?;
+        }
+    }
     for b in &spec.mounts.binds {
         let meta = std::fs::metadata(&b.path).map_err(|e| {
             Failure::new(Code::Error, format!("sandbox: {}: {e}", b.path.display()))
@@ -249,11 +254,40 @@ fn make_mount_point(target: &Path, dir: bool) -> Result<(), Failure> {
     Ok(())
 }
 
+/// Never through a link: what is handed over is the entry itself.
 fn chown(p: &Path, uid: u32, gid: u32) {
-    if let Ok(c) = cstr(p) {
-        // SAFETY: chown of a path we were told to hand over.
-        unsafe { libc::chown(c.as_ptr(), uid, gid) };
+    let _ = std::os::unix::fs::lchown(p, Some(uid), Some(gid));
+}
+
+/// Refuses `path` if it lies in `shared` (a directory the jailed process writes) and any of its
+/// components there is a symbolic link. A VMM whose guest took it over could leave, say,
+/// `rootfs.ext4 -> /etc/shadow` or `snapshots -> /etc` behind, and the next start (as root)
+/// would bind that file into the jail and hand it to the new VMM's uid. Checked with no VMM
+/// of this workspace running, so nothing can swap the entries between this check and the use
+/// (a fork's source may be running: its snapshot is bound read-only).
+fn no_links_below(shared: &Path, path: &Path) -> Result<(), Failure> {
+    let Ok(rest) = path.strip_prefix(shared) else {
+        return Ok(());
+    };
+    let mut at = shared.to_path_buf();
+    for c in rest.components() {
+        at.push(c);
+        match std::fs::symlink_metadata(&at) {
+            Ok(m) if m.file_type().is_symlink() => {
+                return Err(Failure::new(
+                    Code::Error,
+                    format!(
+                        "sandbox: {} is a symbolic link, which the workspace's own files never \
+                         are (a compromised VMM may have left it): refusing to start; remove it",
+                        at.display()
+                    ),
+                ))
+            }
+            // Absent: made later as a plain directory or file.
+            _ => {}
+        }
     }
+    Ok(())
 }
 
 fn set_limits(spec: &Spec) -> Result<(), Failure> {

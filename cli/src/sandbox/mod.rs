@@ -93,6 +93,30 @@ pub struct Record {
     /// Why there is no cgroup, when there is none.
     #[serde(default)]
     pub cgroup_note: Option<String>,
+    /// The process's start time (clock ticks after boot, `/proc/PID/stat`): with the pid, which
+    /// process this is, even after the pid has gone to another.
+    #[serde(default)]
+    pub start_time: Option<u64>,
+}
+
+/// The start time of process `pid` (field 22 of `/proc/PID/stat`), if it exists.
+pub fn start_time(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The name (field 2) is in parentheses and may hold anything: count from its end.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+impl Record {
+    /// Whether the recorded process still runs (a zombie not yet reaped counts).
+    pub fn running(&self) -> bool {
+        match (self.start_time, start_time(self.pid)) {
+            (Some(want), Some(have)) => want == have,
+            // Recorded by an older version: the pid alone.
+            (None, Some(_)) => true,
+            (_, None) => false,
+        }
+    }
 }
 
 pub const RECORD: &str = "sandbox.json";
@@ -121,6 +145,9 @@ pub struct Spec {
     /// A directory shared with root-owned files: the process gets its group, with the sticky
     /// bit, so it can create (and remove) only its own files there.
     pub shared_dir: Option<PathBuf>,
+    /// Directories a jailed process writes or wrote (workspace directories): no bind or owned
+    /// path may pass through a symbolic link below one of them (the shared directory counts).
+    pub untrusted: Vec<PathBuf>,
     pub uid: Option<u32>,
     pub gid: Option<u32>,
     pub limits: Limits,
@@ -289,6 +316,7 @@ fn waiter(child: libc::pid_t, rd: OwnedFd, spec: &Spec, cgroup: cgroup::Outcome)
         jail_root: jail_root.clone(),
         cgroups: cgroup.dirs.clone(),
         cgroup_note: cgroup.note.clone(),
+        start_time: start_time(child as u32),
     };
     if let Some(dir) = &spec.record_dir {
         let _ = std::fs::remove_file(dir.join(FAILED));

@@ -547,12 +547,12 @@ async fn console(State(st): State<Shared>, Path(name): Path<String>) -> Result<R
     let path = blocking(move || Ok(Workspace::open(&root, &n)?.path(workspace::CONSOLE))).await?;
     let (tx, rx) = mpsc::channel::<Event>(16);
     tokio::spawn(async move {
-        let mut offset = tokio::fs::metadata(&path)
+        let mut offset = tokio::fs::symlink_metadata(&path)
             .await
             .map(|m| m.len().saturating_sub(BACKLOG))
             .unwrap_or(0);
         loop {
-            let len = tokio::fs::metadata(&path)
+            let len = tokio::fs::symlink_metadata(&path)
                 .await
                 .map(|m| m.len())
                 .unwrap_or(0);
@@ -590,9 +590,14 @@ async fn console(State(st): State<Shared>, Path(name): Path<String>) -> Result<R
     Ok(events::sse_from(rx).into_response())
 }
 
+/// The log is the jailed VMM's file: opened as [`workspace::open_untrusted`] does.
 async fn read_at(path: &std::path::Path, offset: u64, len: u64) -> std::io::Result<Vec<u8>> {
     use tokio::io::AsyncSeekExt;
-    let mut f = tokio::fs::File::open(path).await?;
+    let p = path.to_path_buf();
+    let f = tokio::task::spawn_blocking(move || workspace::open_untrusted(&p))
+        .await
+        .map_err(std::io::Error::other)??;
+    let mut f = tokio::fs::File::from_std(f);
     f.seek(std::io::SeekFrom::Start(offset)).await?;
     let mut buf = Vec::new();
     f.take(len).read_to_end(&mut buf).await?;
