@@ -587,10 +587,13 @@ fn a_compromised_vmms_files_do_not_turn_the_cli_against_the_host() {
     );
     assert!(stderr(&o).contains("symbolic link"), "{}", stderr(&o));
     let owner = std::fs::metadata(&victim).unwrap().uid();
-    assert_eq!(
-        owner,
-        unsafe { libc::geteuid() },
-        "the link's target changed hands"
-    );
+    let mine = std::fs::metadata(&h.dir).unwrap().uid();
+    assert_eq!(owner, mine, "the link's target changed hands");
+
+    // A failure note of its own, linked to a host file: `status` does not show the file.
+    std::fs::write(ws.join("vmm.pid"), "1\n").unwrap();
+    symlink(&secret, ws.join("vmm.failed")).unwrap();
+    let st = h.ok(&["--json", "status", "w"]);
+    assert!(!st.contains("7f3a9c"), "status showed the host file: {st}");
     h.ok(&["halt", "v"]);
 }

@@ -173,18 +173,39 @@ fn raw_checksum(bytes: &[u8]) -> String {
 
 impl Manifest {
     pub fn load(dir: &Path) -> Result<Self, ManifestError> {
+        use std::io::Read;
+        use std::os::unix::fs::OpenOptionsExt;
         let path = dir.join(MANIFEST);
-        let meta = match std::fs::metadata(&path) {
-            Ok(m) => m,
+        // A jailed VMM writes its snapshots: never through a link, never a FIFO (which would
+        // hold `snapshot list` forever), never more than a manifest's bound.
+        let file = match std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+            .open(&path)
+        {
+            Ok(f) => f,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 return Err(ManifestError::Missing)
             }
             Err(e) => return Err(ManifestError::Read(e)),
         };
+        let meta = file.metadata().map_err(ManifestError::Read)?;
+        if !meta.is_file() {
+            return Err(ManifestError::Read(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "manifest.json is not a regular file",
+            )));
+        }
         if meta.len() > MAX_MANIFEST_BYTES {
             return Err(ManifestError::TooLarge(meta.len()));
         }
-        let bytes = std::fs::read(&path).map_err(ManifestError::Read)?;
+        let mut bytes = Vec::new();
+        file.take(MAX_MANIFEST_BYTES + 1)
+            .read_to_end(&mut bytes)
+            .map_err(ManifestError::Read)?;
+        if bytes.len() as u64 > MAX_MANIFEST_BYTES {
+            return Err(ManifestError::TooLarge(bytes.len() as u64));
+        }
         Self::parse(&bytes)
     }
 
@@ -359,6 +380,30 @@ pub(crate) mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    /// A manifest.json that is a link (to a valid manifest) or a FIFO is refused, at once.
+    #[test]
+    fn load_reads_only_a_regular_file() {
+        let dir = std::env::temp_dir().join(format!("manifest-load-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let (real, linked, fifo) = (dir.join("real"), dir.join("linked"), dir.join("fifo"));
+        for d in [&real, &linked, &fifo] {
+            std::fs::create_dir_all(d).unwrap();
+        }
+        std::fs::write(real.join(MANIFEST), sample().to_json()).unwrap();
+        assert!(Manifest::load(&real).is_ok());
+        std::os::unix::fs::symlink(real.join(MANIFEST), linked.join(MANIFEST)).unwrap();
+        assert!(matches!(
+            Manifest::load(&linked),
+            Err(ManifestError::Read(_))
+        ));
+        let c = std::ffi::CString::new(fifo.join(MANIFEST).into_os_string().into_encoded_bytes())
+            .unwrap();
+        // SAFETY: mkfifo with a valid path string.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        assert!(matches!(Manifest::load(&fifo), Err(ManifestError::Read(_))));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -427,15 +427,16 @@ fn remove_expired(dir: &Path) {
 
 /// The running sandbox's record, if its process is alive.
 pub fn record(dir: &Path) -> Option<Record> {
-    let bytes = std::fs::read(dir.join(RECORD)).ok()?;
+    // Root's file in a directory the jailed process writes: read as an untrusted one anyway.
+    let bytes = crate::workspace::read_untrusted(&dir.join(RECORD), 64 << 10).ok()?;
     serde_json::from_slice(&bytes).ok()
 }
 
-/// Why the workspace's VMM failed, if its waiter said so.
+/// Why the workspace's VMM failed, if its waiter said so. (The file is the waiter's, but the VMM
+/// could put one there when there is none: never followed through a link, and bounded.)
 pub fn failure(dir: &Path) -> Option<String> {
-    std::fs::read_to_string(dir.join(FAILED))
-        .ok()
-        .map(|s| s.trim().to_string())
+    let bytes = crate::workspace::read_untrusted(&dir.join(FAILED), 4096).ok()?;
+    Some(String::from_utf8_lossy(&bytes).trim().to_string())
 }
 
 /// One line for `status`.
