@@ -614,7 +614,11 @@ impl<'a> Reader<'a> {
         if n > max {
             return Err(ProtocolError::TooLarge(format!("a {n}-byte text")));
         }
-        Ok(String::from_utf8_lossy(self.bytes(n)?).into_owned())
+        // Strict: a lossy decode would accept (and re-encode differently, up to three times
+        // longer) bytes that `encode`, which writes only `String`s, never sends.
+        std::str::from_utf8(self.bytes(n)?)
+            .map(str::to_string)
+            .map_err(|_| ProtocolError::Malformed("text is not UTF-8".into()))
     }
 }
 
@@ -759,6 +763,22 @@ mod tests {
         assert!(Message::decode(&Message::Hello(h).encode()).is_err());
         // Unknown kind.
         assert!(Message::decode(&reframe(99, &[])).is_err());
+    }
+
+    /// Found by the `pageserver_protocol` fuzz target (its input, length and CRC made right):
+    /// a `Refuse` whose reason is not UTF-8 was accepted with U+FFFD in place of the bytes, a
+    /// message `encode` cannot have written.
+    #[test]
+    fn text_that_is_not_utf8_is_refused() {
+        let body = [0, 0, 8, 0, 0, 0, 0, 0, 0xff, 0, 0x30, 0x8d];
+        assert_eq!(
+            Message::decode(&reframe(KIND_REFUSE, &body))
+                .unwrap_err()
+                .code(),
+            RefuseCode::Malformed
+        );
+        let body = [2, 0, 0xc3, 0x28];
+        assert!(Message::decode(&reframe(KIND_FATAL, &body)).is_err());
     }
 
     #[test]
