@@ -484,9 +484,14 @@ impl Message {
                 let chunk_bytes = r.u64()?;
                 let prefetch_pages = r.u64()?;
                 let flags = r.u32()?;
-                let _reserved = r.u32()?;
+                let reserved = r.u32()?;
                 if flags > 1 {
                     return malformed("unknown accept flags");
+                }
+                // Zero as `encode` writes it, so that a later version can give it a meaning
+                // without this one misreading it.
+                if reserved != 0 {
+                    return malformed("reserved accept field is not zero");
                 }
                 Message::Accept(Accept {
                     client_id,
@@ -779,6 +784,22 @@ mod tests {
         );
         let body = [2, 0, 0xc3, 0x28];
         assert!(Message::decode(&reframe(KIND_FATAL, &body)).is_err());
+    }
+
+    /// Found by the `pageserver_protocol` fuzz target (its input, CRC made right): an `Accept`
+    /// with its reserved word set was accepted, though `encode` always writes it zero.
+    #[test]
+    fn accept_with_a_reserved_word_set_is_refused() {
+        let body = [
+            0x7, 0x0, 0x30, 0x31, 0x0, 0x20, 0x0, 0x0, 0x0, 0x0, 0x0, 0x0, 0x0, 0x0, 0x0, 0x0, 0x0,
+            0x0, 0x1, 0x0, 0x0, 0x0, 0x0, 0x40, 0x0, 0x0, 0x0, 0x0, 0x0, 0x0, 0x0, 0x31,
+        ];
+        assert_eq!(
+            Message::decode(&reframe(KIND_ACCEPT, &body))
+                .unwrap_err()
+                .code(),
+            RefuseCode::Malformed
+        );
     }
 
     #[test]
