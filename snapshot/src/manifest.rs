@@ -242,9 +242,14 @@ impl Manifest {
         if self.files.len() > MAX_FILES {
             return bad(format!("{} files listed", self.files.len()));
         }
-        for f in &self.files {
+        for (i, f) in self.files.iter().enumerate() {
             if !is_safe_name(&f.name) {
                 return bad(format!("file name {:?} is not a plain name", f.name));
+            }
+            // `file()` finds the first entry of a name and export archives every entry: a name
+            // listed twice would be checked against one entry and archived twice.
+            if self.files[..i].iter().any(|g| g.name == f.name) {
+                return bad(format!("file {:?} is listed twice", f.name));
             }
         }
         let needed: &[&str] = match self.kind {
@@ -431,6 +436,33 @@ pub(crate) mod tests {
         let mut parsed = Manifest::parse(&m.to_json()).unwrap();
         parsed.checksum.clear();
         assert_eq!(parsed, m);
+    }
+
+    /// Found by the `manifest` fuzz target (minimized): a diff listing memory.bin twice, with
+    /// a valid checksum, was accepted.
+    #[test]
+    fn a_file_listed_twice_is_refused() {
+        let blank = br#"{"format_version": 1, "tag": "t1", "kind": "diff", "parent": "base",
+"created": "2026-06-1", "created_unix": 17810000000, "vcpus": 2, "mem_mib": 512,
+"kernel": {"path": "/k", "sha256": "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa"},
+"cmdline": "console=tt", "host_cpu": {"vendor": "GenuineIntel", "model": "x"}, "cpuid": [],
+"files": [{"name": "vmstate.bin", "size": 1, "digest": "d"},
+  {"name": "memory.bin", "size": 1, "digest": "d"},
+  {"name": "dirty.bin", "size": 1, "digest": "d"},
+  {"name": "memory.bin", "size": 1, "digest": "e"}],
+"checksum": ""}"#;
+        let text = String::from_utf8(blank.to_vec()).unwrap();
+        let json = text.replace(
+            "\"checksum\": \"\"",
+            &format!("\"checksum\": \"{}\"", raw_checksum(blank)),
+        );
+        match Manifest::parse(json.as_bytes()) {
+            Err(ManifestError::Invalid(why)) => assert!(why.contains("twice"), "{why}"),
+            other => panic!("{other:?}"),
+        }
+        let mut m = sample();
+        m.files.push(m.files[0].clone());
+        assert!(Manifest::parse(&m.to_json()).is_err());
     }
 
     #[test]

@@ -114,7 +114,9 @@ impl ExitStatus {
     pub fn shell_code(&self) -> i32 {
         match (self.code, self.signal) {
             (Some(code), _) => code,
-            (None, Some(signal)) => 128 + signal,
+            // The agent (a guest) chose the number: no real signal is near i32::MAX, but an
+            // overflow must not panic the host.
+            (None, Some(signal)) => signal.saturating_add(128),
             (None, None) => 255,
         }
     }
@@ -451,6 +453,25 @@ mod tests {
         });
         assert_eq!(round_trip(&restore), restore);
         assert!(!format!("{restore:?}").contains("s3cret"));
+    }
+
+    /// The frame a hostile agent sends (crafted against the `agent_protocol` fuzz target): a
+    /// process "killed by signal i32::MAX", which overflowed `128 + signal`.
+    #[test]
+    fn exit_status_with_a_huge_signal_does_not_overflow() {
+        let payload = [1, 4, 0, 1, 0xfe, 0xff, 0xff, 0xff, 0x0f, 0];
+        let frame: ServerFrame = decode(&payload).unwrap();
+        let ServerMsg::Exited(status) = frame.msg else {
+            panic!("{frame:?}");
+        };
+        assert_eq!(status.signal, Some(i32::MAX));
+        assert_eq!(status.shell_code(), i32::MAX);
+        let low = ExitStatus {
+            code: None,
+            signal: Some(i32::MIN),
+            timed_out: false,
+        };
+        assert_eq!(low.shell_code(), i32::MIN + 128);
     }
 
     #[test]

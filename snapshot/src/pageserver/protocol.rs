@@ -484,9 +484,14 @@ impl Message {
                 let chunk_bytes = r.u64()?;
                 let prefetch_pages = r.u64()?;
                 let flags = r.u32()?;
-                let _reserved = r.u32()?;
+                let reserved = r.u32()?;
                 if flags > 1 {
                     return malformed("unknown accept flags");
+                }
+                // Zero as `encode` writes it, so that a later version can give it a meaning
+                // without this one misreading it.
+                if reserved != 0 {
+                    return malformed("reserved accept field is not zero");
                 }
                 Message::Accept(Accept {
                     client_id,
@@ -614,7 +619,11 @@ impl<'a> Reader<'a> {
         if n > max {
             return Err(ProtocolError::TooLarge(format!("a {n}-byte text")));
         }
-        Ok(String::from_utf8_lossy(self.bytes(n)?).into_owned())
+        // Strict: a lossy decode would accept (and re-encode differently, up to three times
+        // longer) bytes that `encode`, which writes only `String`s, never sends.
+        std::str::from_utf8(self.bytes(n)?)
+            .map(str::to_string)
+            .map_err(|_| ProtocolError::Malformed("text is not UTF-8".into()))
     }
 }
 
@@ -759,6 +768,38 @@ mod tests {
         assert!(Message::decode(&Message::Hello(h).encode()).is_err());
         // Unknown kind.
         assert!(Message::decode(&reframe(99, &[])).is_err());
+    }
+
+    /// Found by the `pageserver_protocol` fuzz target (its input, length and CRC made right):
+    /// a `Refuse` whose reason is not UTF-8 was accepted with U+FFFD in place of the bytes, a
+    /// message `encode` cannot have written.
+    #[test]
+    fn text_that_is_not_utf8_is_refused() {
+        let body = [0, 0, 8, 0, 0, 0, 0, 0, 0xff, 0, 0x30, 0x8d];
+        assert_eq!(
+            Message::decode(&reframe(KIND_REFUSE, &body))
+                .unwrap_err()
+                .code(),
+            RefuseCode::Malformed
+        );
+        let body = [2, 0, 0xc3, 0x28];
+        assert!(Message::decode(&reframe(KIND_FATAL, &body)).is_err());
+    }
+
+    /// Found by the `pageserver_protocol` fuzz target (its input, CRC made right): an `Accept`
+    /// with its reserved word set was accepted, though `encode` always writes it zero.
+    #[test]
+    fn accept_with_a_reserved_word_set_is_refused() {
+        let body = [
+            0x7, 0x0, 0x30, 0x31, 0x0, 0x20, 0x0, 0x0, 0x0, 0x0, 0x0, 0x0, 0x0, 0x0, 0x0, 0x0, 0x0,
+            0x0, 0x1, 0x0, 0x0, 0x0, 0x0, 0x40, 0x0, 0x0, 0x0, 0x0, 0x0, 0x0, 0x0, 0x31,
+        ];
+        assert_eq!(
+            Message::decode(&reframe(KIND_ACCEPT, &body))
+                .unwrap_err()
+                .code(),
+            RefuseCode::Malformed
+        );
     }
 
     #[test]
