@@ -1,5 +1,5 @@
 //! Snapshot benchmark: capture and restore of a test guest that has touched all of its memory,
-//! microagent (in-process `snapshot::capture` / `Vm::restore_snapshot`, eager and MAP_PRIVATE)
+//! microagent (in-process `snapshot::capture` / `snapshot::restore::restore::<Vm>`, eager and MAP_PRIVATE)
 //! against QEMU (`migrate` to `exec:cat > FILE`, `-incoming "exec:cat FILE"`), same guest, same
 //! memory size, side by side in one run.
 //!
@@ -23,9 +23,9 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::*;
+use snapshot::restore::{RestoreMode, RestoreOptions};
 use snapshot::{capture, CaptureRequest, Progress, Snapshot, VerifyOptions};
-use vmm::memory::RestoreMode;
-use vmm::snapshots::SnapshotRestore;
+use vmm::snapshots::RestoreArgs;
 use vmm::{Console, Vm, VmConfig};
 
 const MIB: u64 = 1 << 20;
@@ -52,7 +52,7 @@ fn cmdline(per_vcpu: u64) -> String {
 /// How a restore went, in seconds from the restore call (or QEMU's launch).
 #[derive(Clone, Copy)]
 struct Restore {
-    /// microagent: `restore_snapshot` returned (memory loaded, vCPUs started);
+    /// microagent: the engine's restore returned (memory loaded, vCPUs started);
     /// QEMU: the incoming migration finished (run state `paused`).
     ready: f64,
     /// The first new `cpu0 count=` line.
@@ -329,16 +329,21 @@ fn restore_once(
     warm(size);
     let t0 = Instant::now();
     let snap = Snapshot::open(snap_dir).map_err(|e| format!("open: {e}"))?;
-    let vm = Vm::restore_snapshot(SnapshotRestore {
-        snapshot: &snap,
-        kernel: Some(elf),
-        verify_contents: false,
-        memory_mode: mode,
-        console: Console::Writer(Box::new(log.clone())),
-        paused: false,
-        devices: None,
-        page_server: None,
-    })
+    let vm = snapshot::restore::restore::<Vm>(
+        &snap,
+        &RestoreOptions {
+            kernel: Some(elf),
+            verify_contents: false,
+            memory_mode: mode,
+            page_server: None,
+            label: "bench",
+        },
+        RestoreArgs {
+            console: Console::Writer(Box::new(log.clone())),
+            paused: false,
+            devices: None,
+        },
+    )
     .map_err(|e| e.to_string())?;
     let ready = secs(t0.elapsed());
     let r = after_restore(&log, t0, saved).map_err(|e| format!("{e}\n{}", log.tail(10)));
@@ -993,7 +998,7 @@ fn main() {
     );
     println!(
         "Restore details, medians, seconds from the restore call / QEMU launch. loaded = \
-         restore_snapshot returned / incoming migration done; first round = first count - \
+         the restore returned / incoming migration done; first round = first count - \
          loaded (one whole round of guest work plus every first touch); touch = (first round - \
          steady round) / pages of cpu0's region:"
     );

@@ -10,9 +10,9 @@ use std::time::{Duration, Instant};
 
 use clap::Args;
 use snapshot::live::{Controls, LiveOptions};
+use snapshot::restore::RestoreMode;
 use snapshot::{CaptureRequest, Progress, Snapshot};
 use vmm::devices::config::{BlockConfig, DeviceConfig, NetBackendConfig, NetConfig, VsockConfig};
-use vmm::memory::RestoreMode;
 use vmm::{Console, Vm, VmConfig};
 
 use crate::api::{self, Request, Response};

@@ -38,16 +38,8 @@ pub struct KernelRef {
     pub sha256: String,
 }
 
-/// One CPUID leaf as the guest saw it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct CpuidLeaf {
-    pub function: u32,
-    pub index: u32,
-    pub eax: u32,
-    pub ebx: u32,
-    pub ecx: u32,
-    pub edx: u32,
-}
+/// One CPUID leaf as the guest saw it (the boundary's type: the VM reports it).
+pub use snapshot_boundary::CpuidLeaf;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FileEntry {

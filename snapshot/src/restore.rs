@@ -12,34 +12,8 @@ use serde::de::DeserializeOwned;
 use crate::error::SnapshotError;
 use crate::open::{Snapshot, VerifyOptions};
 
-pub use memory::{
-    HostRegion, KeepAlive, MemoryError, RegionLayout, RestoreMode, RestoredMemory,
-    EXIT_PAGE_SERVER_GONE,
-};
-
-/// The restore half of the boundary between the engine and a VM: the VM rebuilds itself from a
-/// decoded state and guest RAM the engine built.
-pub trait Restorable: Sized {
-    type State: DeserializeOwned;
-    type Error: std::error::Error + Send + Sync + 'static;
-    /// What only the host supplies now (a console, the devices' host sides, start paused).
-    type Args;
-    /// The dirty bitmap the VM keeps over guest memory (device writes), in the mappings the
-    /// engine builds for it.
-    type Bitmap: vm_memory::bitmap::NewBitmap;
-
-    /// Where `state`'s guest RAM lies, region by region in the order a memory file holds them.
-    /// Refuses a size this VM cannot have (the state comes from a file).
-    fn memory_layout(state: &Self::State) -> Result<Vec<RegionLayout>, Self::Error>;
-
-    /// Rebuilds the VM from `state` over `memory` (laid out as `memory_layout` said), which it
-    /// keeps (its [`KeepAlive`] included) for as long as it uses the mappings.
-    fn restore(
-        state: &Self::State,
-        memory: RestoredMemory<Self::Bitmap>,
-        args: Self::Args,
-    ) -> Result<Self, Self::Error>;
-}
+pub use memory::{GuestRam, MemoryError, RestoreMode, EXIT_PAGE_SERVER_GONE};
+pub use snapshot_boundary::{HostRegion, KeepAlive, RegionLayout, Restorable, RestoredMemory};
 
 /// How the engine brings a snapshot back.
 #[derive(Debug, Clone, Copy)]
@@ -80,16 +54,15 @@ pub fn restore<V: Restorable>(
             if !plan.overlays.is_empty() {
                 return Err(MemoryError::LazyDiff.into());
             }
-            RestoredMemory::lazy(&layout, socket, options.label)?
+            GuestRam::lazy(&layout, socket, options.label)?
         }
         None => {
-            let mut memory =
-                RestoredMemory::from_file(&layout, &plan.base_memory, options.memory_mode)?;
+            let mut memory = GuestRam::from_file(&layout, &plan.base_memory, options.memory_mode)?;
             memory.apply_overlays(&plan.overlays)?;
             memory
         }
     };
-    V::restore(&plan.state, memory, args).map_err(RestoreError::Vm)
+    V::restore(&plan.state, memory.into_restored(), args).map_err(RestoreError::Vm)
 }
 
 /// A verified snapshot chain resolved into what rebuilds a VM.

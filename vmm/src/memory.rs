@@ -3,7 +3,7 @@
 
 use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::VmFd;
-use snapshot::restore::{RegionLayout, RestoredMemory};
+use snapshot_boundary::{KeepAlive, RegionLayout, RestoredMemory};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion, GuestRegionMmap};
 
 use crate::arch::layout::{MAX_MEM_MIB, MMIO_GAP_END, MMIO_GAP_START};
@@ -16,9 +16,6 @@ pub type DirtyBitmap = vm_memory::bitmap::AtomicBitmap;
 /// snapshot engine captures it through vm-memory's interface and builds its mappings on
 /// restore, without naming it.
 pub type GuestMemory = vm_memory::GuestMemoryMmap<DirtyBitmap>;
-
-/// How guest RAM comes back from a snapshot (the snapshot engine builds it).
-pub use snapshot::restore::RestoreMode;
 
 const MIB: u64 = 1 << 20;
 
@@ -131,7 +128,7 @@ pub fn layout(mem_mib: u64) -> Result<Vec<RegionLayout>, MemoryError> {
 pub fn from_restored(
     mem: RestoredMemory<DirtyBitmap>,
     mem_mib: u64,
-) -> Result<(GuestMemory, snapshot::restore::KeepAlive), MemoryError> {
+) -> Result<(GuestMemory, KeepAlive), MemoryError> {
     let want = layout(mem_mib)?;
     let got: Vec<RegionLayout> = mem
         .regions()
@@ -223,12 +220,18 @@ mod tests {
     #[test]
     fn restored_memory_of_another_layout_is_refused() {
         use vm_memory::Bytes;
-        let mem = RestoredMemory::<DirtyBitmap>::anonymous(&layout(16).unwrap(), false).unwrap();
+        let mem =
+            snapshot::restore::GuestRam::<DirtyBitmap>::anonymous(&layout(16).unwrap(), false)
+                .unwrap()
+                .into_restored();
         assert!(matches!(
             from_restored(mem, 32),
             Err(MemoryError::Restored(_))
         ));
-        let mem = RestoredMemory::<DirtyBitmap>::anonymous(&layout(16).unwrap(), false).unwrap();
+        let mem =
+            snapshot::restore::GuestRam::<DirtyBitmap>::anonymous(&layout(16).unwrap(), false)
+                .unwrap()
+                .into_restored();
         let host = mem.regions()[0].host_addr;
         let (guest, _keep) = from_restored(mem, 16).unwrap();
         guest

@@ -1,14 +1,16 @@
 //! The VMM's side of snapshots: `Vm` is `Snapshottable` (the engine captures it) and
 //! `Restorable` (the engine restores it: it rebuilds itself from a decoded state and the guest
-//! memory the engine built). Chains, verification, memory files, overlays and page servers
-//! stay the snapshot engine's business.
+//! memory the engine built), both traits of the `snapshot-boundary` crate. Chains,
+//! verification, memory files, overlays and page servers stay the snapshot engine's business:
+//! this crate does not link it (the CLI calls `snapshot::restore::restore::<Vm>`).
 
-use snapshot::restore::{RegionLayout, Restorable, RestoreOptions, RestoredMemory};
-use snapshot::{CpuidLeaf, SavedVm, Snapshot, Snapshottable};
+use snapshot_boundary::{
+    CpuidLeaf, RegionLayout, Restorable, RestoredMemory, SavedVm, Snapshottable,
+};
 
 use crate::component_state::Persist;
 use crate::devices::DeviceConfig;
-use crate::memory::{self, DirtyBitmap, GuestMemory, RestoreMode};
+use crate::memory::{self, DirtyBitmap, GuestMemory};
 use crate::vm::{Console, RestoreConfig, Vm, VmError, VmState};
 
 impl Snapshottable for Vm {
@@ -87,47 +89,5 @@ impl Restorable for Vm {
             devices: args.devices,
         };
         Persist::restore(config, state)
-    }
-}
-
-/// A snapshot restore's error: the snapshot refused, its memory not restored, or the VM not
-/// rebuilt.
-pub type RestoreError = snapshot::restore::RestoreError<VmError>;
-
-/// How to bring a snapshot back.
-pub struct SnapshotRestore<'a> {
-    pub snapshot: &'a Snapshot,
-    /// The kernel the workspace is configured with; refused if its sha256 differs.
-    pub kernel: Option<&'a std::path::Path>,
-    /// Re-read every file and compare digests before restoring.
-    pub verify_contents: bool,
-    pub memory_mode: RestoreMode,
-    pub console: Console,
-    pub paused: bool,
-    /// A fork's own device host sides (see `RestoreConfig::devices`).
-    pub devices: Option<DeviceConfig>,
-    /// Serve memory lazily from this page server socket.
-    pub page_server: Option<&'a std::path::Path>,
-}
-
-impl Vm {
-    /// The snapshot engine's restore (`snapshot::restore::restore`) of this VM type, for
-    /// callers that hold every option in one struct.
-    pub fn restore_snapshot(r: SnapshotRestore<'_>) -> Result<Vm, RestoreError> {
-        snapshot::restore::restore::<Vm>(
-            r.snapshot,
-            &RestoreOptions {
-                kernel: r.kernel,
-                verify_contents: r.verify_contents,
-                memory_mode: r.memory_mode,
-                page_server: r.page_server,
-                label: "vmm",
-            },
-            RestoreArgs {
-                console: r.console,
-                paused: r.paused,
-                devices: r.devices,
-            },
-        )
     }
 }

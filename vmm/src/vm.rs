@@ -26,7 +26,7 @@ pub mod kvm_state;
 
 pub use kvm_state::{KvmStateError, VmKvmState};
 use serde::{Deserialize, Serialize};
-use snapshot::restore::{KeepAlive, RestoredMemory};
+use snapshot_boundary::{KeepAlive, RestoredMemory};
 
 /// Where the guest's COM1 output goes.
 pub enum Console {
@@ -687,7 +687,7 @@ mod tests {
 mod restore_tests {
     use super::*;
     use crate::arch::boot::tests::tiny_elf;
-    use crate::memory::RestoreMode;
+    use snapshot::restore::RestoreMode;
     use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
     const COUNTER: GuestAddress = GuestAddress(0x5000);
@@ -737,7 +737,9 @@ mod restore_tests {
     ) -> RestoreConfig {
         let layout = memory::layout(state.mem_mib).unwrap();
         RestoreConfig {
-            memory: RestoredMemory::from_file(&layout, mem, mode).unwrap(),
+            memory: snapshot::restore::GuestRam::from_file(&layout, mem, mode)
+                .unwrap()
+                .into_restored(),
             console: Console::Writer(Box::new(std::io::sink())),
             paused: true,
             devices: None,
@@ -848,7 +850,7 @@ mod restore_tests {
 mod vcpu_order_tests {
     use super::restore_tests::{boot_counter, dump_memory, paused_config, tmp};
     use super::*;
-    use crate::memory::RestoreMode;
+    use snapshot::restore::RestoreMode;
 
     #[test]
     fn vcpu_states_out_of_order_are_refused() {

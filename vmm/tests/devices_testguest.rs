@@ -10,10 +10,9 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::*;
+use snapshot::restore::RestoreMode;
 use snapshot::{capture, CaptureRequest, Snapshot};
 use vmm::devices::{BlockConfig, DeviceConfig, VsockConfig};
-use vmm::memory::RestoreMode;
-use vmm::snapshots::SnapshotRestore;
 use vmm::{Console, GuestExit, Vm};
 
 const T: Duration = Duration::from_secs(60);
@@ -279,7 +278,7 @@ fn restore_with(
     devices: Option<DeviceConfig>,
 ) -> (Vm, Output) {
     let out = Output::default();
-    let vm = Vm::restore_snapshot(SnapshotRestore {
+    let vm = restore_snapshot(SnapshotRestore {
         snapshot: snap,
         kernel: Some(kernel),
         verify_contents: true,
@@ -287,7 +286,6 @@ fn restore_with(
         console: Console::Writer(Box::new(out.clone())),
         paused: false,
         devices,
-        page_server: None,
     })
     .unwrap();
     (vm, out)

@@ -9,10 +9,10 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::*;
+use snapshot::restore::RestoreMode;
 use snapshot::{
     capture, faults, sweep_leftovers, CaptureRequest, Snapshot, SnapshotError, VerifyOptions,
 };
-use vmm::memory::RestoreMode;
 
 const CHILD_DIR: &str = "MICROAGENT_TEST_CAPTURE_DIR";
 const TAG: &str = "crashy";
@@ -211,7 +211,7 @@ fn flipped_bytes_and_a_different_kernel_are_refused() {
             }
             // And the VM is not built from it.
             if let Ok(s) = Snapshot::open(&copy) {
-                let r = vmm::Vm::restore_snapshot(vmm::snapshots::SnapshotRestore {
+                let r = restore_snapshot(SnapshotRestore {
                     snapshot: &s,
                     kernel: Some(&kernel),
                     verify_contents: true,
@@ -219,7 +219,6 @@ fn flipped_bytes_and_a_different_kernel_are_refused() {
                     console: vmm::Console::Writer(Box::new(std::io::sink())),
                     paused: true,
                     devices: None,
-                    page_server: None,
                 });
                 assert!(r.is_err(), "{file} flipped at {off} restored");
             }

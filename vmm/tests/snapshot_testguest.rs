@@ -7,9 +7,9 @@ mod common;
 use std::time::Duration;
 
 use common::*;
+use snapshot::restore::RestoreMode;
 use snapshot::{capture, CaptureRequest, Snapshot, VerifyOptions};
 use vmm::component_state::Persist;
-use vmm::memory::RestoreMode;
 
 const T: Duration = Duration::from_secs(30);
 
@@ -379,12 +379,13 @@ fn a_snapshot_from_a_host_with_another_tsc_rate_continues_exactly() {
     let out = Output::default();
     let layout = vmm::memory::layout(state.mem_mib).unwrap();
     let config = vmm::vm::RestoreConfig {
-        memory: snapshot::restore::RestoredMemory::from_file(
+        memory: snapshot::restore::GuestRam::from_file(
             &layout,
             &snap.memory_path(),
             RestoreMode::Eager,
         )
-        .unwrap(),
+        .unwrap()
+        .into_restored(),
         console: vmm::vm::Console::Writer(Box::new(out.clone())),
         paused: false,
         devices: None,

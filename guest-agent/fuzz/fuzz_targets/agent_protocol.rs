@@ -16,7 +16,8 @@ use libfuzzer_sys::fuzz_target;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-#[path = "seeds.rs"]
+// One seed writer for every fuzz workspace.
+#[path = "../../../snapshot/fuzz/fuzz_targets/seeds.rs"]
 mod seeds;
 
 fn seeds() -> Vec<Vec<u8>> {

@@ -14,6 +14,8 @@ use vm_memory::bitmap::NewBitmap;
 use vm_memory::mmap::MmapRegion;
 use vm_memory::FileOffset;
 
+use snapshot_boundary::{HostRegion, KeepAlive, RegionLayout, RestoredMemory};
+
 use crate::pageserver::client::{Client, ClientOptions};
 use crate::pageserver::protocol::{Layout, Region};
 
@@ -30,24 +32,6 @@ pub enum RestoreMode {
     /// server) into huge pages before the vCPUs run: what the guest touched last time costs no
     /// fault, the rest loads on first touch. Eager when no working set was recorded.
     Hot,
-}
-
-/// One region of guest RAM as the VM lays it out.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct RegionLayout {
-    /// Where the guest sees it.
-    pub guest_addr: u64,
-    /// Bytes; a multiple of the page size.
-    pub len: u64,
-}
-
-/// One region of restored guest RAM: where the guest sees it and where it is mapped here.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct HostRegion {
-    pub guest_addr: u64,
-    /// Start of a private, readable and writable mapping of `len` bytes, page aligned.
-    pub host_addr: *mut u8,
-    pub len: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -82,53 +66,36 @@ pub const EXIT_PAGE_SERVER_GONE: i32 = 70;
 
 const PAGE: u64 = 4096;
 
-/// Guest RAM the engine built for a restore: one vm-memory mapping per region of the VM's
+/// Guest RAM the engine builds for a restore: one vm-memory mapping per region of the VM's
 /// layout (with the dirty bitmap the VM tracks device writes in, `B`), and, for a lazy
-/// restore, the page-server connection that fills first touches. The VM wraps the mappings in
-/// its own guest memory type ([`RestoredMemory::into_parts`]).
+/// restore, the page-server connection that fills first touches. Handed to the VM as the
+/// boundary's [`RestoredMemory`] ([`GuestRam::into_restored`]), the connection inside its
+/// opaque [`KeepAlive`].
 #[derive(Debug)]
-pub struct RestoredMemory<B> {
-    regions: Vec<(RegionLayout, MmapRegion<B>)>,
+pub struct GuestRam<B> {
+    ram: RestoredMemory<B>,
     page_server: Option<Client>,
 }
 
-/// What must outlive every use of restored guest memory: the page-server connection of a lazy
-/// restore (closing its userfaultfd would hand blocked vCPUs zero pages). Keep it, never drop
-/// it before the VM stops.
-#[derive(Debug)]
-pub struct KeepAlive {
-    _page_server: Option<Client>,
-}
+impl<B: NewBitmap> GuestRam<B> {
+    fn new(regions: Vec<(RegionLayout, MmapRegion<B>)>) -> Self {
+        Self {
+            ram: RestoredMemory::new(regions, KeepAlive::nothing()),
+            page_server: None,
+        }
+    }
 
-impl<B: NewBitmap> RestoredMemory<B> {
     /// The regions in layout order (which is the memory file's order).
     pub fn regions(&self) -> Vec<HostRegion> {
-        self.regions
-            .iter()
-            .map(|(l, m)| HostRegion {
-                guest_addr: l.guest_addr,
-                host_addr: m.as_ptr(),
-                len: l.len,
-            })
-            .collect()
+        self.ram.regions()
     }
 
-    /// The connection to the page server that serves this memory, for a lazy restore.
-    pub fn page_server(&self) -> Option<&Client> {
-        self.page_server.as_ref()
-    }
-
-    /// Each region's guest address and mapping, and what must be kept while they are used.
-    pub fn into_parts(self) -> (Vec<(u64, MmapRegion<B>)>, KeepAlive) {
-        (
-            self.regions
-                .into_iter()
-                .map(|(l, m)| (l.guest_addr, m))
-                .collect(),
-            KeepAlive {
-                _page_server: self.page_server,
-            },
-        )
+    /// What the VM gets: the mappings, and the page-server connection as something to keep.
+    pub fn into_restored(self) -> RestoredMemory<B> {
+        match self.page_server {
+            Some(client) => self.ram.keeping(KeepAlive::holding(client)),
+            None => self.ram,
+        }
     }
 
     /// Fresh anonymous memory for `layout`; huge pages where the host offers them on request
@@ -144,10 +111,7 @@ impl<B: NewBitmap> RestoredMemory<B> {
             }
             regions.push((*l, m));
         }
-        Ok(Self {
-            regions,
-            page_server: None,
-        })
+        Ok(Self::new(regions))
     }
 
     /// Guest RAM from a memory file laid out as `layout`'s regions back to back.
@@ -243,10 +207,7 @@ impl<B: NewBitmap> RestoredMemory<B> {
             regions.push((*l, m));
             offset += l.len;
         }
-        Ok(Self {
-            regions,
-            page_server: None,
-        })
+        Ok(Self::new(regions))
     }
 
     /// Reads a memory file (the regions back to back) into fresh memory: several threads,
@@ -569,7 +530,7 @@ mod tests {
     const GAP_START: u64 = 0xc000_0000;
     const GAP_END: u64 = 0x1_0000_0000;
 
-    type Mem = RestoredMemory<()>;
+    type Mem = GuestRam<()>;
 
     /// `len` bytes at file offset `off` (the regions back to back), read through the mappings.
     fn read(mem: &Mem, off: u64, len: usize) -> Vec<u8> {

@@ -7,9 +7,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use vmm::memory::RestoreMode;
-use vmm::snapshots::SnapshotRestore;
-use vmm::{Console, Vm, VmConfig};
+use snapshot::restore::{RestoreError, RestoreMode, RestoreOptions};
+use vmm::devices::DeviceConfig;
+use vmm::snapshots::RestoreArgs;
+use vmm::{Console, Vm, VmConfig, VmError};
 
 #[path = "../../../tests/common/require.rs"]
 pub mod require;
@@ -157,6 +158,38 @@ pub fn boot(kernel: &Path, vcpus: u8, mem_mib: u64, cmdline: &str) -> (Vm, Outpu
     (vm, out)
 }
 
+/// How a test brings a snapshot back.
+pub struct SnapshotRestore<'a> {
+    pub snapshot: &'a snapshot::Snapshot,
+    /// The kernel the guest was booted with; refused if its sha256 differs.
+    pub kernel: Option<&'a Path>,
+    /// Re-read every file and compare digests before restoring.
+    pub verify_contents: bool,
+    pub memory_mode: RestoreMode,
+    pub console: Console,
+    pub paused: bool,
+    pub devices: Option<DeviceConfig>,
+}
+
+/// The engine's restore of a `Vm` (as the CLI's VMM process does it), memory from the files.
+pub fn restore_snapshot(r: SnapshotRestore<'_>) -> Result<Vm, RestoreError<VmError>> {
+    snapshot::restore::restore::<Vm>(
+        r.snapshot,
+        &RestoreOptions {
+            kernel: r.kernel,
+            verify_contents: r.verify_contents,
+            memory_mode: r.memory_mode,
+            page_server: None,
+            label: "test",
+        },
+        RestoreArgs {
+            console: r.console,
+            paused: r.paused,
+            devices: r.devices,
+        },
+    )
+}
+
 pub fn restore(
     snap: &snapshot::Snapshot,
     kernel: &Path,
@@ -164,7 +197,7 @@ pub fn restore(
     paused: bool,
 ) -> (Vm, Output) {
     let out = Output::default();
-    let vm = Vm::restore_snapshot(SnapshotRestore {
+    let vm = restore_snapshot(SnapshotRestore {
         snapshot: snap,
         kernel: Some(kernel),
         verify_contents: true,
@@ -172,7 +205,6 @@ pub fn restore(
         console: Console::Writer(Box::new(out.clone())),
         paused,
         devices: None,
-        page_server: None,
     })
     .unwrap();
     (vm, out)
