@@ -557,6 +557,21 @@ fn a_compromised_vmms_files_do_not_turn_the_cli_against_the_host() {
         stdout(&o)
     );
 
+    // The vsock socket links to another workspace's: `exec w` (and with it secrets) does not
+    // reach v's guest; it fails at once, naming why, instead of waiting for an agent.
+    let vsock = ws.join("vsock.sock");
+    std::fs::rename(&vsock, ws.join("vsock.sock.real")).unwrap();
+    symlink(h.ws("v").join("vsock.sock"), &vsock).unwrap();
+    let o = h.run(&["exec", "w", "--", "true"]);
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("is not this workspace's VMM"),
+        "{}",
+        stderr(&o)
+    );
+    std::fs::remove_file(&vsock).unwrap();
+    std::fs::rename(ws.join("vsock.sock.real"), &vsock).unwrap();
+
     // A snapshot's memory file swapped for a link: verify and export refuse it, the archive
     // holds no host file.
     h.ok(&["snapshot", "create", "w", "--tag", "s"]);

@@ -23,10 +23,13 @@ pub const SECRETS: &str = "secrets";
 const MAX_SECRET: u64 = 256 << 10;
 
 fn connect(ws: &Workspace, policy: &RetryPolicy) -> Result<Client, Failure> {
-    Client::connect_hybrid_vsock_with_retry(
+    // Secrets and commands go through this socket: only to this workspace's own VMM, whatever
+    // the path (which its VMM can replace) leads to.
+    Client::connect_hybrid_vsock_checked(
         &ws.path(workspace::VSOCK_SOCK),
         AGENT_VSOCK_PORT,
         policy,
+        &|stream| crate::api::check_vmm_peer(stream, &ws.dir),
     )
     .map_err(|e| {
         Failure::new(

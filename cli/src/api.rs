@@ -156,13 +156,19 @@ pub fn read_msg<T: for<'de> Deserialize<'de>>(r: &mut impl BufRead) -> Result<Op
 /// workspace's socket in place of its own, and a `halt` of it would stop another tenant's VM.
 pub fn connect_vmm(sock: &Path) -> std::io::Result<UnixStream> {
     let stream = UnixStream::connect(sock)?;
-    let peer = rustix::net::sockopt::socket_peercred(&stream)?
+    check_vmm_peer(&stream, sock.parent().unwrap_or(Path::new(".")))?;
+    Ok(stream)
+}
+
+/// Refuses a connected `stream` whose peer is not the VMM that workspace directory `dir`'s
+/// record names (a socket path there may be a link to another workspace's socket).
+pub fn check_vmm_peer(stream: &UnixStream, dir: &Path) -> std::io::Result<()> {
+    let peer = rustix::net::sockopt::socket_peercred(stream)?
         .pid
         .as_raw_nonzero()
         .get();
-    let dir = sock.parent().unwrap_or(Path::new("."));
     match crate::sandbox::record(dir) {
-        Some(r) if i64::from(r.pid) == i64::from(peer) => Ok(stream),
+        Some(r) if i64::from(r.pid) == i64::from(peer) => Ok(()),
         _ => Err(std::io::Error::new(
             std::io::ErrorKind::PermissionDenied,
             format!("the process listening there (pid {peer}) is not this workspace's VMM"),

@@ -714,8 +714,7 @@ const RESUME_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 fn send_resume(ws: &Workspace) -> Result<std::os::unix::net::UnixStream, Failure> {
     let fail = |e: std::io::Error| Failure::new(Code::Error, format!("cannot resume it: {e}"));
-    let mut stream =
-        std::os::unix::net::UnixStream::connect(ws.path(workspace::API_SOCK)).map_err(fail)?;
+    let mut stream = crate::api::connect_vmm(&ws.path(workspace::API_SOCK)).map_err(fail)?;
     stream
         .set_read_timeout(Some(RESUME_TIMEOUT))
         .map_err(fail)?;

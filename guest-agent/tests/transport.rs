@@ -33,6 +33,8 @@ struct FakeVmm {
     _dir: TempDir,
     socket: PathBuf,
     connects: Arc<AtomicUsize>,
+    /// Connections closed before a `CONNECT` line.
+    silent: Arc<AtomicUsize>,
     refuse_first: Arc<AtomicUsize>,
     answer: Arc<Mutex<Answer>>,
     live: Arc<Mutex<Vec<UnixStream>>>,
@@ -56,12 +58,14 @@ impl FakeVmm {
             _dir: dir,
             socket,
             connects: Arc::default(),
+            silent: Arc::default(),
             refuse_first: Arc::new(AtomicUsize::new(refuse_first)),
             answer: Arc::new(Mutex::new(Answer::Accept)),
             live: Arc::default(),
         };
-        let (connects, refuse_first, answer, live) = (
+        let (connects, silent, refuse_first, answer, live) = (
             Arc::clone(&vmm.connects),
+            Arc::clone(&vmm.silent),
             Arc::clone(&vmm.refuse_first),
             Arc::clone(&vmm.answer),
             Arc::clone(&vmm.live),
@@ -72,8 +76,17 @@ impl FakeVmm {
                 connects.fetch_add(1, Ordering::SeqCst);
                 let mut line = Vec::new();
                 let mut byte = [0u8; 1];
-                while stream.read_exact(&mut byte).is_ok() && byte[0] != b'\n' {
+                let mut ended = true;
+                while stream.read_exact(&mut byte).is_ok() {
+                    if byte[0] == b'\n' {
+                        ended = false;
+                        break;
+                    }
                     line.push(byte[0]);
+                }
+                if ended && line.is_empty() {
+                    silent.fetch_add(1, Ordering::SeqCst);
+                    continue;
                 }
                 assert_eq!(line, format!("CONNECT {AGENT_VSOCK_PORT}").into_bytes());
                 let refuse = refuse_first
@@ -178,6 +191,60 @@ fn a_bad_vmm_answer_is_not_retried() {
         other => panic!("unexpected {:?}", other.map(|_| ())),
     }
     assert_eq!(vmm.connects.load(Ordering::SeqCst), 1);
+}
+
+/// A listener the caller's check refuses (a linked socket of another VMM) fails at once, is not
+/// retried, and the check sees the connected stream: one that accepts it connects as before.
+#[test]
+fn a_refused_peer_is_not_retried() {
+    let vmm = FakeVmm::start(0);
+    let seen = AtomicUsize::new(0);
+    let refuse = |s: &UnixStream| {
+        assert!(s.peer_addr().is_ok());
+        seen.fetch_add(1, Ordering::SeqCst);
+        Err(std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            "not this workspace's VMM",
+        ))
+    };
+    let err = Client::connect_hybrid_vsock_checked(
+        &vmm.socket,
+        AGENT_VSOCK_PORT,
+        &quick_policy(5),
+        &refuse,
+    )
+    .map(|_| ())
+    .unwrap_err();
+    assert!(
+        matches!(err, ClientError::Hybrid(HybridError::Peer { .. })),
+        "{err}"
+    );
+    assert!(
+        err.to_string().contains("not this workspace's VMM"),
+        "{err}"
+    );
+    assert!(!err.is_transient());
+    assert_eq!(seen.load(Ordering::SeqCst), 1);
+    // Nothing was sent to the refused listener.
+    while vmm.connects.load(Ordering::SeqCst) < 1 {
+        thread::sleep(Duration::from_millis(5));
+    }
+    let t = Instant::now();
+    while vmm.silent.load(Ordering::SeqCst) < 1 && t.elapsed() < Duration::from_secs(5) {
+        thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(vmm.silent.load(Ordering::SeqCst), 1);
+    let client = Client::connect_hybrid_vsock_checked(
+        &vmm.socket,
+        AGENT_VSOCK_PORT,
+        &quick_policy(5),
+        &|_| Ok(()),
+    )
+    .unwrap();
+    assert_eq!(
+        client.exec_output(cmd(&["echo", "ok"])).unwrap().stdout,
+        b"ok\n"
+    );
 }
 
 #[test]

@@ -73,7 +73,7 @@ impl ClientError {
     /// there, a connection reset by a restore or fork.
     pub fn is_transient(&self) -> bool {
         match self {
-            ClientError::Hybrid(HybridError::BadReply { .. }) => false,
+            ClientError::Hybrid(HybridError::BadReply { .. } | HybridError::Peer { .. }) => false,
             ClientError::Hybrid(_) => true,
             ClientError::Io(e) => io_transient(e),
             ClientError::Protocol(ProtocolError::Frame(FrameError::Io(e))) => io_transient(e),

@@ -161,6 +161,21 @@ impl Client {
         policy.retry(|| Self::connect_hybrid_vsock(socket, port))
     }
 
+    /// [`Client::connect_hybrid_vsock_with_retry`], refusing (at once, without retrying) a
+    /// listener that `check` refuses: see [`hybrid::PeerCheck`].
+    pub fn connect_hybrid_vsock_checked(
+        socket: &Path,
+        port: u32,
+        policy: &RetryPolicy,
+        check: hybrid::PeerCheck<'_>,
+    ) -> Result<Self, ClientError> {
+        policy.retry(|| {
+            let (stream, _host_port) =
+                hybrid::connect_checked(socket, port, HANDSHAKE_TIMEOUT, check)?;
+            Self::new(stream)
+        })
+    }
+
     /// Connects over AF_VSOCK directly (from a guest, or through vsock loopback).
     pub fn connect_vsock(cid: u32, port: u32) -> Result<Self, ClientError> {
         Self::new(VsockStream::connect(cid, port)?)

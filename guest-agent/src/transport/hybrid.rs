@@ -27,6 +27,15 @@ pub enum HybridError {
         /// The cause.
         source: io::Error,
     },
+    /// The process listening on the socket is not the one the caller expects (its check of the
+    /// connected peer failed): nothing was sent to it.
+    #[error("{path}: {source}")]
+    Peer {
+        /// The socket path.
+        path: PathBuf,
+        /// Why the peer was refused.
+        source: io::Error,
+    },
     /// The connection failed during the handshake.
     #[error("vsock handshake with {path}: {source}")]
     Io {
@@ -67,7 +76,27 @@ pub fn connect(
     port: u32,
     timeout: Duration,
 ) -> Result<(UnixStream, u32), HybridError> {
+    connect_checked(path, port, timeout, &|_| Ok(()))
+}
+
+/// Who may be at the other end of the socket: checked on the connected stream (for example its
+/// `SO_PEERCRED`) before anything is sent. The socket's path lies in a directory another,
+/// less trusted, process can write: it could be a link to someone else's socket.
+pub type PeerCheck<'a> = &'a dyn Fn(&UnixStream) -> io::Result<()>;
+
+/// [`connect`], refusing a peer that `check` refuses ([`HybridError::Peer`]) before the
+/// `CONNECT` line is written.
+pub fn connect_checked(
+    path: &Path,
+    port: u32,
+    timeout: Duration,
+    check: PeerCheck<'_>,
+) -> Result<(UnixStream, u32), HybridError> {
     let mut stream = UnixStream::connect(path).map_err(|source| HybridError::Connect {
+        path: path.to_owned(),
+        source,
+    })?;
+    check(&stream).map_err(|source| HybridError::Peer {
         path: path.to_owned(),
         source,
     })?;
