@@ -6,6 +6,15 @@
 //! The round trip: a host client on the workspace's `vsock.sock` (`CONNECT 5000`), through the
 //! VMM's vsock device, to the test guest's echo service (`mode=vsock`) and back, 64 bytes at a
 //! time; the median of many per round.
+//!
+//! `MICROAGENT_BENCH_BASELINE=/path/to/an/older/microagent` also measures this build against
+//! that binary, side by side in the same run, both with the default jail + seccomp, rounds
+//! alternating which binary goes first, each binary in its own `MICROAGENT_HOME` (an older
+//! state layout may differ): boot to ready, snapshot capture, rollback (`start NAME
+//! --from-snapshot TAG` of the halted workspace, `--memory eager` and `--memory mmap`, to the
+//! first count line of the restored guest's fresh console) and a fork of 10 (until every fork
+//! counts). Prints a second table: medians (with the rounds' range) and the ratio this /
+//! baseline. Only flags both binaries have are used.
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
@@ -14,7 +23,12 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 fn ma(home: &Path, args: &[&str]) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_microagent"))
+    ma_with(Path::new(env!("CARGO_BIN_EXE_microagent")), home, args)
+}
+
+/// `ma` with the binary `bin` (this build or the baseline).
+fn ma_with(bin: &Path, home: &Path, args: &[&str]) -> String {
+    let out = Command::new(bin)
         .env("MICROAGENT_HOME", home)
         .args(args)
         .output()
@@ -247,4 +261,158 @@ fn main() {
         );
     }
     let _ = std::fs::remove_dir_all(&home);
+    let baseline = std::env::var_os("MICROAGENT_BENCH_BASELINE")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from);
+    if let Some(b) = baseline {
+        against_baseline(&b, rounds, forks, &mem);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// This build against an older binary (`MICROAGENT_BENCH_BASELINE`).
+
+/// The memory modes a rollback is timed in (both binaries have `--memory`; their defaults
+/// differ, so each is given explicitly).
+const ROLLBACK_MODES: [&str; 2] = ["eager", "mmap"];
+
+#[derive(Default)]
+struct Versus {
+    boot: Vec<f64>,
+    capture: Vec<f64>,
+    rollback: [Vec<f64>; ROLLBACK_MODES.len()],
+    fork: Vec<f64>,
+}
+
+/// One round with `bin` in `home`, jail + seccomp (the default): boot to ready, capture, a fork
+/// of `forks` until all count, then rollbacks of the halted workspace to the capture, one per
+/// mode, each to its first count line. Everything is deleted afterwards.
+fn versus_round(bin: &Path, home: &Path, label: &str, mem: &str, forks: usize, t: &mut Versus) {
+    let name = format!("r{label}");
+    ma_with(
+        bin,
+        home,
+        &[
+            "create",
+            &name,
+            "--kernel",
+            "builtin:testguest",
+            "--mem",
+            mem,
+            "--cmdline",
+            "mode=counter mem=8 tick_ms=5",
+        ],
+    );
+    let t0 = Instant::now();
+    ma_with(bin, home, &["start", &name]);
+    t.boot
+        .push(wait_counting(home, std::slice::from_ref(&name), t0).as_secs_f64());
+    let t0 = Instant::now();
+    ma_with(bin, home, &["snapshot", "create", &name, "--tag", "s"]);
+    t.capture.push(t0.elapsed().as_secs_f64());
+    let src = format!("{name}:s");
+    let prefix = format!("g{label}");
+    let n = forks.to_string();
+    let t0 = Instant::now();
+    ma_with(
+        bin,
+        home,
+        &["create", &prefix, "--from-snapshot", &src, "--count", &n],
+    );
+    let names: Vec<String> = (1..=forks).map(|i| format!("{prefix}-{i}")).collect();
+    t.fork.push(wait_counting(home, &names, t0).as_secs_f64());
+    for f in &names {
+        ma_with(bin, home, &["delete", f, "--yes"]);
+    }
+    ma_with(bin, home, &["halt", &name]);
+    for (i, mode) in ROLLBACK_MODES.iter().enumerate() {
+        // A fresh console: its first count line is the restored guest's (the VMM is halted,
+        // nothing writes the old one).
+        let _ = std::fs::remove_file(ws(home, &name).join("console.log"));
+        let t0 = Instant::now();
+        ma_with(
+            bin,
+            home,
+            &["start", &name, "--from-snapshot", "s", "--memory", mode],
+        );
+        t.rollback[i].push(wait_counting(home, std::slice::from_ref(&name), t0).as_secs_f64());
+        ma_with(bin, home, &["halt", &name]);
+    }
+    ma_with(bin, home, &["delete", &name, "--yes"]);
+}
+
+/// The median and the rounds' range, scaled.
+fn cell(v: &[f64], scale: f64) -> (f64, String) {
+    let m = median(v.to_vec());
+    let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
+    let hi = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    (
+        m,
+        format!("{:.3} ({:.3}-{:.3})", m * scale, lo * scale, hi * scale),
+    )
+}
+
+fn against_baseline(baseline: &Path, rounds: usize, forks: usize, mem: &str) {
+    let this = PathBuf::from(env!("CARGO_BIN_EXE_microagent"));
+    let pid = std::process::id();
+    let homes = [
+        std::env::temp_dir().join(format!("ma-sandbox-bench-{pid}-this")),
+        std::env::temp_dir().join(format!("ma-sandbox-bench-{pid}-baseline")),
+    ];
+    for h in &homes {
+        let _ = std::fs::remove_dir_all(h);
+        std::fs::create_dir_all(h).unwrap();
+    }
+    let bins = [("t", this.as_path()), ("o", baseline)];
+    let mut times = [Versus::default(), Versus::default()];
+    // One warm-up of each, not counted.
+    for (i, (label, bin)) in bins.iter().enumerate() {
+        let l = format!("w{label}");
+        versus_round(bin, &homes[i], &l, mem, 2, &mut Versus::default());
+    }
+    for r in 0..rounds {
+        // Alternate which binary goes first.
+        let order: [usize; 2] = if r % 2 == 0 { [0, 1] } else { [1, 0] };
+        for i in order {
+            let (label, bin) = bins[i];
+            versus_round(bin, &homes[i], label, mem, forks, &mut times[i]);
+        }
+    }
+    let [a, b] = times;
+    println!();
+    println!(
+        "this build against the baseline ({}): {mem} MiB test guest, 1 vCPU, jail + seccomp, median of {rounds} alternating rounds (range in brackets)",
+        baseline.display()
+    );
+    println!(
+        "| measured                        | this build            | baseline              | ratio |"
+    );
+    println!(
+        "|---------------------------------|----------------------:|----------------------:|------:|"
+    );
+    let mut rows = vec![
+        ("boot to ready (s)".to_string(), &a.boot, &b.boot),
+        ("snapshot capture (s)".to_string(), &a.capture, &b.capture),
+    ];
+    for (i, mode) in ROLLBACK_MODES.iter().enumerate() {
+        rows.push((
+            format!("rollback, --memory {mode} (s)"),
+            &a.rollback[i],
+            &b.rollback[i],
+        ));
+    }
+    rows.push((
+        format!("fork of {forks}, all counting (s)"),
+        &a.fork,
+        &b.fork,
+    ));
+    for (what, x, y) in rows {
+        let (mx, cx) = cell(x, 1.0);
+        let (my, cy) = cell(y, 1.0);
+        println!("| {what:<31} | {cx:>21} | {cy:>21} | {:>5.2} |", mx / my);
+    }
+    println!("(boot: `start` to the first count line; rollback: `start --from-snapshot` of the halted workspace to its first count line; ratio: this / baseline)");
+    for h in &homes {
+        let _ = std::fs::remove_dir_all(h);
+    }
 }
