@@ -7,9 +7,11 @@ use std::fs::File;
 use std::io::{BufReader, BufWriter, Read, Write};
 use std::path::Path;
 
+use crate::digest::FileDigest;
 use crate::error::{io, Refusal, SnapshotError};
 use crate::manifest::{Manifest, ManifestError, MANIFEST};
 use crate::open::{Snapshot, VerifyOptions};
+use crate::stamp::{FileId, Stamps};
 
 const ZSTD_LEVEL: i32 = 3;
 /// A manifest entry larger than this is not a manifest.
@@ -102,11 +104,17 @@ pub fn import(
 /// before it may become visible: a valid manifest, every file's size and digest, the state's
 /// format and CRC.
 pub fn verify_staged(dir: &Path) -> Result<Snapshot, SnapshotError> {
+    staged(dir, true)
+}
+
+/// [`verify_staged`]; with `recheck` false, a file whose verified stamp (recorded from the bytes
+/// as they were written) still matches is not hashed again.
+fn staged(dir: &Path, recheck: bool) -> Result<Snapshot, SnapshotError> {
     let snap = Snapshot::open(dir)?;
     snap.verify(&VerifyOptions {
         kernel: None,
         contents: true,
-        recheck: true,
+        recheck,
     })?;
     // A disk snapshot has no state to check (the manifest already insists on it for the others).
     if snap.manifest.file(crate::manifest::VMSTATE).is_some() {
@@ -132,6 +140,7 @@ fn extract_verified(
     let manifest = manifest_entry(&mut first)?;
     std::fs::write(tmp.join(MANIFEST), manifest.to_json()).map_err(io("cannot write", tmp))?;
     let mut seen = std::collections::HashSet::new();
+    let mut stamps = Stamps::default();
     for e in entries {
         let mut e = e.map_err(|err| refused(format!("the archive is damaged: {err}")))?;
         let name = e
@@ -164,21 +173,34 @@ fn extract_verified(
         }
         let dst = tmp.join(&name);
         let out = File::create(&dst).map_err(io("cannot create", &dst))?;
-        let copied = copy_sparse(&mut e, &out).map_err(|err| match err {
+        let (copied, digest) = copy_sparse(&mut e, &out).map_err(|err| match err {
             CopyError::Read(err) => refused(format!("{name} is truncated: {err}")),
             CopyError::Write(err) => io("cannot write", &dst)(err),
         })?;
         if copied != listed.size {
             return Err(refused(format!("{name} is truncated")));
         }
+        // Hashed on the way in: a tampered file is refused here, and not read back to check.
+        if digest != listed.digest {
+            return Err(Refusal::Digest {
+                file: name,
+                expected: listed.digest.clone(),
+                actual: digest,
+            }
+            .into());
+        }
         out.sync_all().map_err(io("cannot fsync", &dst))?;
+        let meta = out.metadata().map_err(io("cannot stat", &dst))?;
+        stamps.record(&name, FileId::of(&meta), &digest);
     }
+    // A cache: if it cannot be written, the check below hashes the files again.
+    let _ = stamps.save(tmp);
     for f in &manifest.files {
         if !seen.contains(&f.name) {
             return Err(Refusal::MissingFile(f.name.clone()).into());
         }
     }
-    let snap = verify_staged(tmp)?;
+    let snap = staged(tmp, false)?;
     let tag = tag.unwrap_or(&manifest.tag).to_string();
     let target = snapshots_dir.join(&tag);
     if target.exists() {
@@ -200,10 +222,12 @@ enum CopyError {
 }
 
 /// Copies `from` into the empty file `to`, leaving its zero pages as holes (a memory file is
-/// mostly zeros, whether or not the archive entry was sparse). Returns the bytes copied.
-fn copy_sparse(from: &mut impl Read, to: &File) -> Result<u64, CopyError> {
+/// mostly zeros, whether or not the archive entry was sparse). Returns the bytes copied and
+/// their digest.
+fn copy_sparse(from: &mut impl Read, to: &File) -> Result<(u64, String), CopyError> {
     use std::os::unix::fs::FileExt;
     let mut buf = vec![0u8; 1 << 20];
+    let mut digest = FileDigest::new();
     let mut at = 0u64;
     loop {
         // Fill the buffer (a short read is not the end), so pages stay aligned to the file.
@@ -219,6 +243,7 @@ fn copy_sparse(from: &mut impl Read, to: &File) -> Result<u64, CopyError> {
         if n == 0 {
             break;
         }
+        digest.update(&buf[..n]);
         for (off, start, end) in crate::memfile::nonzero_runs(&buf[..n], at) {
             to.write_all_at(&buf[start..end], off)
                 .map_err(CopyError::Write)?;
@@ -230,7 +255,7 @@ fn copy_sparse(from: &mut impl Read, to: &File) -> Result<u64, CopyError> {
     }
     // A trailing hole is the file's length, not a write.
     to.set_len(at).map_err(CopyError::Write)?;
-    Ok(at)
+    Ok((at, digest.finish()))
 }
 
 #[cfg(test)]
@@ -403,6 +428,52 @@ mod tests {
         let snap = import(&archive(SIZE), &snaps, Some("listed")).unwrap();
         assert_eq!(std::fs::metadata(snap.path(MEMORY)).unwrap().len(), SIZE);
         assert!(allocated(&snap.path(MEMORY)) < 1 << 20);
+    }
+
+    /// An entry whose bytes differ from the manifest's digest (same size, valid compression) is
+    /// refused, naming the file, and nothing stays behind; the untouched archive imports, and
+    /// its files carry verified stamps from the import's own hashing.
+    #[test]
+    fn a_tampered_entry_is_refused_as_it_is_written() {
+        let dir = Scratch::new("tampered");
+        let state = crate::vmstate::encode(&1u32).unwrap();
+        let page = [0x11u8; 4096];
+        let m = vm_manifest(&state, 3 * 4096, 4096, &page);
+        let archive = |data: &[u8], name: &str| {
+            let mut mem = vec![0u8; 3 * 4096];
+            mem[4096..8192].copy_from_slice(data);
+            let mut tar = tar::Builder::new(Vec::new());
+            regular(&mut tar, MANIFEST, &m.to_json());
+            regular(&mut tar, VMSTATE, &state);
+            regular(&mut tar, MEMORY, &mem);
+            let path = dir.0.join(name);
+            std::fs::write(
+                &path,
+                zstd::encode_all(&tar.into_inner().unwrap()[..], 3).unwrap(),
+            )
+            .unwrap();
+            path
+        };
+        let mut bad = page;
+        bad[100] ^= 1;
+        let snaps = dir.0.join("snaps");
+        let err = import(&archive(&bad, "bad.tar.zst"), &snaps, Some("t")).unwrap_err();
+        assert!(
+            matches!(
+                &err,
+                SnapshotError::Refused {
+                    refusal: Refusal::Digest { file, .. }
+                } if file == MEMORY
+            ),
+            "{err}"
+        );
+        assert_eq!(std::fs::read_dir(&snaps).unwrap().count(), 0);
+        let snap = import(&archive(&page, "good.tar.zst"), &snaps, Some("t")).unwrap();
+        let stamps = Stamps::load(&snap.dir);
+        for f in &snap.manifest.files {
+            let id = FileId::of(&std::fs::metadata(snap.path(&f.name)).unwrap());
+            assert!(stamps.vouches(&f.name, &id, &f.digest), "{}", f.name);
+        }
     }
 
     /// Seen writing the `archive_import` seeds: a disk snapshot (a rootfs, no VM state) was
