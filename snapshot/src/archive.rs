@@ -49,7 +49,7 @@ fn refused(why: String) -> SnapshotError {
 pub fn read_manifest(archive: &Path) -> Result<Manifest, SnapshotError> {
     let file = File::open(archive).map_err(io("cannot open", archive))?;
     let dec = zstd::Decoder::new(BufReader::new(file)).map_err(io("cannot decompress", archive))?;
-    let mut tar = tar::Archive::new(dec);
+    let mut tar = tar::Archive::new(Ahead::spawn(dec).map_err(io("cannot decompress", archive))?);
     let mut entries = tar.entries().map_err(io("cannot read", archive))?;
     let mut first = entries
         .next()
@@ -131,7 +131,7 @@ fn extract_verified(
 ) -> Result<Snapshot, SnapshotError> {
     let file = File::open(archive).map_err(io("cannot open", archive))?;
     let dec = zstd::Decoder::new(BufReader::new(file)).map_err(io("cannot decompress", archive))?;
-    let mut tar = tar::Archive::new(dec);
+    let mut tar = tar::Archive::new(Ahead::spawn(dec).map_err(io("cannot decompress", archive))?);
     let mut entries = tar.entries().map_err(io("cannot read", archive))?;
     let mut first = entries
         .next()
@@ -216,6 +216,66 @@ fn extract_verified(
     Snapshot::open(&target)
 }
 
+/// A reader that runs its source (the decompressor) on a thread of its own, a few buffers
+/// ahead: decompression overlaps with hashing and writing, as in a `zstd -d | tar -x` pipe.
+struct Ahead {
+    rx: std::sync::mpsc::Receiver<std::io::Result<Vec<u8>>>,
+    buf: Vec<u8>,
+    at: usize,
+}
+
+impl Ahead {
+    const CHUNK: usize = 1 << 20;
+    const DEPTH: usize = 4;
+
+    fn spawn(mut source: impl Read + Send + 'static) -> std::io::Result<Self> {
+        let (tx, rx) = std::sync::mpsc::sync_channel(Self::DEPTH);
+        std::thread::Builder::new()
+            .name("import-decompress".into())
+            .spawn(move || loop {
+                let mut buf = vec![0u8; Self::CHUNK];
+                let n = match source.read(&mut buf) {
+                    Ok(n) => n,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                    Err(e) => {
+                        let _ = tx.send(Err(e));
+                        return;
+                    }
+                };
+                buf.truncate(n);
+                // The reader is gone (the import stopped): so is the reason to go on.
+                if tx.send(Ok(buf)).is_err() || n == 0 {
+                    return;
+                }
+            })?;
+        Ok(Self {
+            rx,
+            buf: Vec::new(),
+            at: 0,
+        })
+    }
+}
+
+impl Read for Ahead {
+    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        if self.at == self.buf.len() {
+            // A closed channel after an end or an error: the end.
+            match self.rx.recv() {
+                Ok(Ok(buf)) => {
+                    self.buf = buf;
+                    self.at = 0;
+                }
+                Ok(Err(e)) => return Err(e),
+                Err(_) => return Ok(0),
+            }
+        }
+        let n = out.len().min(self.buf.len() - self.at);
+        out[..n].copy_from_slice(&self.buf[self.at..self.at + n]);
+        self.at += n;
+        Ok(n)
+    }
+}
+
 enum CopyError {
     Read(std::io::Error),
     Write(std::io::Error),
@@ -244,9 +304,15 @@ fn copy_sparse(from: &mut impl Read, to: &File) -> Result<(u64, String), CopyErr
             break;
         }
         digest.update(&buf[..n]);
-        for (off, start, end) in crate::memfile::nonzero_runs(&buf[..n], at) {
-            to.write_all_at(&buf[start..end], off)
+        let runs = crate::memfile::nonzero_runs(&buf[..n], at);
+        for (off, start, end) in &runs {
+            to.write_all_at(&buf[*start..*end], *off)
                 .map_err(CopyError::Write)?;
+        }
+        if !runs.is_empty() {
+            // The disk writes while the next megabyte is decompressed: the fsync at the end
+            // finds little left.
+            crate::memfile::start_writeback(to, at, n as u64);
         }
         at += n as u64;
         if n < buf.len() {

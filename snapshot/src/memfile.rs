@@ -117,7 +117,7 @@ fn write_job(file: &File, job: &Job<'_>) -> std::io::Result<()> {
 /// device writes while the next chunks are hashed and written, and the caller's one fsync at the
 /// end finds little left to do (it was a third of a capture: the kernel starts writeback on its
 /// own only once a tenth of RAM is dirty).
-fn start_writeback(file: &File, at: u64, len: u64) {
+pub(crate) fn start_writeback(file: &File, at: u64, len: u64) {
     let (Ok(at), Ok(len)) = (i64::try_from(at), i64::try_from(len)) else {
         return;
     };
