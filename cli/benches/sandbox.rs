@@ -154,18 +154,23 @@ fn vsock_rtt(home: &Path, label: &str, extra: &[&str], mem: &str) -> f64 {
     median(times)
 }
 
-fn round(home: &Path, label: &str, extra: &[&str], mem: &str, forks: usize, t: &mut Times) {
-    let name = format!("b{label}");
-    let mut create = vec![
+/// `create NAME` of the counting test guest with `mem` MiB.
+fn counter_create<'a>(name: &'a str, mem: &'a str) -> Vec<&'a str> {
+    vec![
         "create",
-        &name,
+        name,
         "--kernel",
         "builtin:testguest",
         "--mem",
         mem,
         "--cmdline",
         "mode=counter mem=8 tick_ms=5",
-    ];
+    ]
+}
+
+fn round(home: &Path, label: &str, extra: &[&str], mem: &str, forks: usize, t: &mut Times) {
+    let name = format!("b{label}");
+    let mut create = counter_create(&name, mem);
     create.extend_from_slice(extra);
     ma(home, &create);
     // Boot to ready: `start` until the guest's first count line.
@@ -289,20 +294,7 @@ struct Versus {
 /// mode, each to its first count line. Everything is deleted afterwards.
 fn versus_round(bin: &Path, home: &Path, label: &str, mem: &str, forks: usize, t: &mut Versus) {
     let name = format!("r{label}");
-    ma_with(
-        bin,
-        home,
-        &[
-            "create",
-            &name,
-            "--kernel",
-            "builtin:testguest",
-            "--mem",
-            mem,
-            "--cmdline",
-            "mode=counter mem=8 tick_ms=5",
-        ],
-    );
+    ma_with(bin, home, &counter_create(&name, mem));
     let t0 = Instant::now();
     ma_with(bin, home, &["start", &name]);
     t.boot
