@@ -611,4 +611,25 @@ fn a_compromised_vmms_files_do_not_turn_the_cli_against_the_host() {
     let st = h.ok(&["--json", "status", "w"]);
     assert!(!st.contains("7f3a9c"), "status showed the host file: {st}");
     h.ok(&["halt", "v"]);
+
+    // The halted workspace's disk (the VMM's file) linked to a host file: a disk snapshot, which
+    // root takes, refuses it, so no later rollback hands that file to the guest as its disk.
+    let image = h.dir.join("disk.img");
+    std::fs::write(&image, vec![0u8; 1 << 20]).unwrap();
+    h.ok(&[
+        "create",
+        "d",
+        "--kernel",
+        "builtin:testguest",
+        "--cmdline",
+        CMDLINE,
+        "--rootfs",
+        image.to_str().unwrap(),
+    ]);
+    let disk = h.ws("d").join("rootfs.ext4");
+    std::fs::remove_file(&disk).unwrap();
+    symlink(&secret, &disk).unwrap();
+    let o = h.run(&["snapshot", "create", "d", "--tag", "x", "--type", "disk"]);
+    assert!(!o.status.success(), "a disk snapshot copied a linked disk");
+    assert!(!h.ws("d").join("snapshots/x").exists());
 }

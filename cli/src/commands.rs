@@ -406,7 +406,7 @@ fn fork(root: &Path, args: &CreateArgs, src: &str, out: Out) -> Result<(), Failu
                 let rootfs = match snap.rootfs_path() {
                     Some(r) => {
                         let dst = dir.join(workspace::ROOTFS);
-                        snapshot::rootfs::copy_image(&r, &dst)
+                        snapshot::rootfs::copy_image_untrusted(&r, &dst)
                             .map_err(|e| io_fail("cannot copy rootfs to", &dst, e))?;
                         Some(Workspace::dir_for(root, n).join(workspace::ROOTFS))
                     }
@@ -907,7 +907,7 @@ pub fn start(root: &Path, args: StartArgs, out: Out) -> Result<(), Failure> {
                 // The disk goes back too: copy beside, then replace in one rename.
                 let tmp = ws.path(".rootfs.restoring");
                 let _ = std::fs::remove_file(&tmp);
-                snapshot::rootfs::copy_image(&src, &tmp)
+                snapshot::rootfs::copy_image_untrusted(&src, &tmp)
                     .map_err(|e| io_fail("cannot copy rootfs to", &tmp, e))?;
                 std::fs::rename(&tmp, dst).map_err(|e| io_fail("cannot replace", dst, e))?;
             }

@@ -17,7 +17,28 @@ pub enum CopyMethod {
 
 /// Copies `src` to a new file `dst` (which must not exist).
 pub fn copy_image(src: &Path, dst: &Path) -> std::io::Result<CopyMethod> {
-    let input = File::open(src)?;
+    copy_from(&File::open(src)?, dst)
+}
+
+/// [`copy_image`] of a file a less trusted process can replace (a workspace's disk, a snapshot's
+/// copy of it: the jailed VMM writes both): never through a link, only a regular file, so the
+/// copy cannot be led to another host file (which a guest would then read as its disk).
+pub fn copy_image_untrusted(src: &Path, dst: &Path) -> std::io::Result<CopyMethod> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let input = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(src)?;
+    if !input.metadata()?.is_file() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("{} is not a regular file", src.display()),
+        ));
+    }
+    copy_from(&input, dst)
+}
+
+fn copy_from(input: &File, dst: &Path) -> std::io::Result<CopyMethod> {
     let output = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -26,7 +47,7 @@ pub fn copy_image(src: &Path, dst: &Path) -> std::io::Result<CopyMethod> {
     if unsafe { libc::ioctl(output.as_raw_fd(), FICLONE as _, input.as_raw_fd()) } == 0 {
         return Ok(CopyMethod::Reflink);
     }
-    sparse_copy(&input, &output)?;
+    sparse_copy(input, &output)?;
     Ok(CopyMethod::Sparse)
 }
 
@@ -85,6 +106,23 @@ mod tests {
             "{how:?}"
         );
         assert!(copy_image(&src, &dst).is_err(), "never overwrites");
+        // A link (to a readable image) or a FIFO is refused by the untrusted copy, and no
+        // destination is made.
+        let link = dir.join("link.img");
+        std::os::unix::fs::symlink(&src, &link).unwrap();
+        let out = dir.join("from-link.img");
+        assert!(copy_image_untrusted(&link, &out).is_err());
+        assert!(!out.exists());
+        let fifo = dir.join("fifo.img");
+        let c = std::ffi::CString::new(fifo.clone().into_os_string().into_encoded_bytes()).unwrap();
+        // SAFETY: mkfifo with a valid path string.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        assert!(copy_image_untrusted(&fifo, &out).is_err());
+        assert!(!out.exists());
+        assert_eq!(
+            copy_image_untrusted(&src, &out).unwrap(),
+            copy_image(&src, &dir.join("again.img")).unwrap()
+        );
         std::fs::remove_dir_all(dir).unwrap();
     }
 }
