@@ -588,6 +588,21 @@ fn second_host_forks_from_the_remote() {
     }
     a.ok(&["snapshot", "push", "w", "t", "r"]);
     assert!(s3.exists("fleet/snapshots/w/t.workingset"));
+    // The recorded working set swapped for a link to a host file (the jailed page server and
+    // VMM write that directory): a push does not upload the file.
+    let secret = a.home.dir.join("host-secret");
+    std::fs::write(&secret, "host secret 7f3a9c").unwrap();
+    let real = recorded.with_extension("real");
+    std::fs::rename(&recorded, &real).unwrap();
+    std::os::unix::fs::symlink(&secret, &recorded).unwrap();
+    a.ok(&["snapshot", "push", "w", "t", "r"]);
+    let up = s3.get("fleet/snapshots/w/t.workingset");
+    assert!(
+        !String::from_utf8_lossy(&up).contains("7f3a9c"),
+        "push uploaded the host file"
+    );
+    std::fs::remove_file(&recorded).unwrap();
+    std::fs::rename(&real, &recorded).unwrap();
     let e = Host::new("remote-host-e", &s3);
     e.add_remote(&s3, "r", "fleet");
     // With the chunk cache bounded to nothing, the jailed page server evicts as it fetches

@@ -398,11 +398,7 @@ fn push_one(
     // The working set recorded here (by forks served through the page server), if any: a host
     // forking from the remote prefetches what it names first. Advisory, so it may change
     // after the index is up (a push run again sends the latest).
-    let ws_path = snap.path(snapshot::pageserver::workingset::FILE_NAME);
-    let working_set = std::fs::metadata(&ws_path)
-        .ok()
-        .filter(|m| m.len() <= index::MAX_INDEX_BYTES)
-        .and_then(|_| std::fs::read(&ws_path).ok());
+    let working_set = recorded_working_set(snap);
     let ws_key = store.key(&lazy::workingset_rel(name, &tag));
     let result: Result<Stats, RemoteError> = store.block_on(async {
         match store.get_bounded(&index_key, index::MAX_INDEX_BYTES).await {
@@ -900,4 +896,22 @@ fn name_lock(cache_root: &Path, name: &str) -> Result<snapshot::file_lock::FileL
     std::fs::create_dir_all(&locks).map_err(io_err("cannot create", &locks))?;
     snapshot::file_lock::FileLock::acquire(&locks.join(format!("{name}.lock")))
         .map_err(|e| Failure::new(Code::Error, e.to_string()))
+}
+
+/// The working set a page server recorded beside `snap`'s memory, to push: only a regular file
+/// (the jailed page server and VMM write this directory, and root must not be led to upload a
+/// host file through a link), bounded, and only if it decodes as a working set for this memory.
+fn recorded_working_set(snap: &snapshot::Snapshot) -> Option<Vec<u8>> {
+    use snapshot::pageserver::workingset::{WorkingSet, FILE_NAME};
+    use std::io::Read;
+    let memory_bytes = snap.manifest.file(snapshot::manifest::MEMORY)?.size;
+    let mut bytes = Vec::new();
+    snap.open_member(FILE_NAME)
+        .ok()?
+        .take(index::MAX_INDEX_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .ok()?;
+    (bytes.len() as u64 <= index::MAX_INDEX_BYTES
+        && WorkingSet::decode(&bytes, memory_bytes).is_ok())
+    .then_some(bytes)
 }
