@@ -1062,8 +1062,11 @@ pub(crate) fn summary(ws: &Workspace) -> serde_json::Value {
         "failure": match state {
             State::Failed => crate::sandbox::failure(&ws.dir),
             // A VMM that died on its own says why in its log (bounded: rotated at 1 MiB).
-            State::Crashed => std::fs::read_to_string(ws.path(crate::workspace::VMM_LOG))
-                .ok()
+            State::Crashed => crate::workspace::read_tail_untrusted(
+                &ws.path(crate::workspace::VMM_LOG),
+                crate::vmm_jail::VMM_LOG_MAX,
+            )
+            .ok()
                 .and_then(|log| crate::logging::last_error(&log)),
             _ => None,
         },

@@ -159,7 +159,9 @@ pub fn wait_ready(ws: &Workspace, child: &mut Child) -> Result<u32, Failure> {
 }
 
 fn last_log_line(ws: &Workspace) -> Option<String> {
-    let text = std::fs::read_to_string(ws.path(workspace::VMM_LOG)).ok()?;
+    let text =
+        workspace::read_tail_untrusted(&ws.path(workspace::VMM_LOG), crate::vmm_jail::VMM_LOG_MAX)
+            .ok()?;
     crate::logging::last_problem(&text)
 }
 
