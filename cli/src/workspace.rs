@@ -259,65 +259,9 @@ pub fn save_config(dir: &Path, config: &Config) -> Result<(), Failure> {
         .map_err(|e| Failure::new(Code::Error, format!("cannot write config: {e}")))
 }
 
-/// Opens a file the jailed VMM may have written (its pid file, its console log) for reading:
+/// Files the jailed VMM may have written (its console log, its failure note) are opened and read
 /// never through a link (a hostile VMM could point one at any host file, and the reader is
-/// root), and only a regular file (not a FIFO that would block the reader).
-pub fn open_untrusted(p: &Path) -> std::io::Result<std::fs::File> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-        .open(p)?;
-    if !f.metadata()?.is_file() {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::InvalidData,
-            format!("{} is not a regular file", p.display()),
-        ));
-    }
-    Ok(f)
-}
-
-/// The last `max` bytes (at most) of a log the jailed VMM writes to ([`open_untrusted`]), as
-/// text: where its latest lines are.
-pub fn read_tail_untrusted(p: &Path, max: u64) -> std::io::Result<String> {
-    use std::io::{Read, Seek, SeekFrom};
-    let mut f = open_untrusted(p)?;
-    let len = f.metadata()?.len();
-    f.seek(SeekFrom::Start(len.saturating_sub(max)))?;
-    let mut bytes = Vec::new();
-    f.take(max).read_to_end(&mut bytes)?;
-    Ok(String::from_utf8_lossy(&bytes).into_owned())
-}
-
-/// Reads at most `max` bytes of a file the jailed VMM may have written ([`open_untrusted`]).
-pub fn read_untrusted(p: &Path, max: u64) -> std::io::Result<Vec<u8>> {
-    use std::io::Read;
-    let mut bytes = Vec::new();
-    open_untrusted(p)?.take(max).read_to_end(&mut bytes)?;
-    Ok(bytes)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// The tail of a log comes back as its last bytes; a link to a log (or any host file) is
-    /// refused.
-    #[test]
-    fn a_log_tail_is_its_last_bytes_and_never_through_a_link() {
-        let dir = std::env::temp_dir().join(format!("ws-tail-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let log = dir.join("vmm.log");
-        let text: String = (0..500).map(|i| format!("line {i}\n")).collect();
-        std::fs::write(&log, &text).unwrap();
-        let tail = read_tail_untrusted(&log, 20).unwrap();
-        assert_eq!(tail, text[text.len() - 20..]);
-        assert!(tail.ends_with("line 499\n"));
-        assert_eq!(read_tail_untrusted(&log, 1 << 20).unwrap(), text);
-        let link = dir.join("linked.log");
-        std::os::unix::fs::symlink(&log, &link).unwrap();
-        assert!(read_tail_untrusted(&link, 1 << 20).is_err());
-        let _ = std::fs::remove_dir_all(&dir);
-    }
-}
+/// root), and only as regular files (not a FIFO that would block the reader).
+pub use snapshot::untrusted::{
+    open as open_untrusted, read as read_untrusted, tail as read_tail_untrusted,
+};

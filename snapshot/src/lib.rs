@@ -26,6 +26,7 @@ pub mod residue;
 pub mod restore;
 pub mod rootfs;
 pub mod stamp;
+pub mod untrusted;
 pub mod vmstate;
 
 pub use capture::{capture, capture_disk, sweep_leftovers, CaptureRequest, Progress, SecretCheck};

@@ -55,18 +55,7 @@ impl Snapshot {
     /// link, only a regular file. A jailed VMM writes its snapshots; what reads them whole to
     /// send elsewhere (export, push) runs as root and must not be led to another host file.
     pub fn open_member(&self, name: &str) -> std::io::Result<std::fs::File> {
-        use std::os::unix::fs::OpenOptionsExt;
-        let f = std::fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-            .open(self.path(name))?;
-        if !f.metadata()?.is_file() {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::InvalidData,
-                format!("{name} is not a regular file"),
-            ));
-        }
-        Ok(f)
+        crate::untrusted::open(&self.path(name))
     }
 
     pub fn memory_path(&self) -> PathBuf {

@@ -24,18 +24,7 @@ pub fn copy_image(src: &Path, dst: &Path) -> std::io::Result<CopyMethod> {
 /// copy of it: the jailed VMM writes both): never through a link, only a regular file, so the
 /// copy cannot be led to another host file (which a guest would then read as its disk).
 pub fn copy_image_untrusted(src: &Path, dst: &Path) -> std::io::Result<CopyMethod> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let input = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-        .open(src)?;
-    if !input.metadata()?.is_file() {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::InvalidData,
-            format!("{} is not a regular file", src.display()),
-        ));
-    }
-    copy_from(&input, dst)
+    copy_from(&crate::untrusted::open(src)?, dst)
 }
 
 fn copy_from(input: &File, dst: &Path) -> std::io::Result<CopyMethod> {

@@ -310,12 +310,7 @@ struct Source {
 /// remote keys chunks by digest, and a file changed (or swapped for a link, see
 /// `Snapshot::open_member`) since the index was made must not put other bytes under that name.
 fn read_at(path: &Path, offset: u64, len: u64, digest: &str) -> Result<Vec<u8>, RemoteError> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-        .open(path)
-        .map_err(io_err("cannot open", path))?;
+    let f = snapshot::untrusted::open(path).map_err(io_err("cannot open", path))?;
     let mut buf = vec![0u8; len.min(CHUNK_SIZE) as usize];
     f.read_exact_at(&mut buf, offset)
         .map_err(io_err("cannot read", path))?;
