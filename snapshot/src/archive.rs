@@ -500,7 +500,7 @@ mod tests {
     /// refused, naming the file, and nothing stays behind; the untouched archive imports, and
     /// its files carry verified stamps from the import's own hashing.
     #[test]
-    fn a_tampered_entry_is_refused_as_it_is_written() {
+    fn a_tampered_entry_is_refused_and_a_good_import_is_stamped() {
         let dir = Scratch::new("tampered");
         let state = crate::vmstate::encode(&1u32).unwrap();
         let page = [0x11u8; 4096];
